@@ -1,0 +1,59 @@
+"""Arguments shared by the commands, and turning them into a config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+# Quiet TensorFlow's C++ start-up chatter before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from mnist_ablation.config import BASELINE, ConfigError, TrainConfig, parse_set_arguments, with_overrides  # noqa: E402
+from mnist_ablation.data import DATA_DIR_ENV, DataError  # noqa: E402
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any config field (repeatable), e.g. --set batch_norm=false")
+    parser.add_argument("--epochs", type=int, help="number of epochs (config field epochs; seed: 15)")
+    parser.add_argument("--train-subset", type=int, metavar="N",
+                        help="train on N images (stratified), for quick runs")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None,
+                        help=f"directory with the MNIST IDX files or mnist.npz (also ${DATA_DIR_ENV}); "
+                             "unset: Keras downloads MNIST")
+
+
+def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (also $MLFLOW_TRACKING_URI); default sqlite:///mlruns/mlflow.db")
+
+
+def config_from_arguments(args: argparse.Namespace, base: TrainConfig = BASELINE) -> TrainConfig:
+    """``base`` with --set overrides, then the dedicated flags (which win)."""
+    overrides = parse_set_arguments(args.overrides)
+    for flag, field in (("epochs", "epochs"), ("seed", "seed"), ("train_subset", "train_subset")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[field] = value
+    return with_overrides(base, overrides)
+
+
+def run_command(main: Callable[[], int]) -> None:
+    """Run a command's main; known user errors print one clear line and exit 2, not a traceback."""
+    from mnist_ablation.tracking import TrackingError
+
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, TrackingError, ValueError)
+    try:
+        sys.exit(main())
+    except user_errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the current run was marked KILLED in MLflow; rerun the same command to resume.",
+              file=sys.stderr)
+        sys.exit(130)

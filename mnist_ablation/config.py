@@ -1,0 +1,273 @@
+"""One frozen config holds every knob of a run; its defaults are the seed's recipe.
+
+"Off" is a value of a field (``augmentation=False``, ``lr_schedule="constant"``), never a separate code
+path, and a variant is a diff: ``dataclasses.replace(BASELINE, batch_norm=False)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+
+class ConfigError(ValueError):
+    """A config field has a value outside what is allowed."""
+
+
+# Names known to the registries in schedules.py, model.py and train.py. Kept here so that validation
+# fails before any heavy import or any run is created.
+LR_SCHEDULES = ("step", "constant", "cosine", "onecycle", "exponential")
+ARCHITECTURES = ("seed", "extra_block")
+OPTIMIZERS = ("adam", "adamw", "nadam", "sgd")
+VALIDATION_PROTOCOLS = ("split", "test")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of one training run. Defaults reproduce the seed exactly (except ``validation``)."""
+
+    # Run identity.
+    seed: int = 0  # seeds Python, NumPy, TensorFlow, weight init, shuffling and augmentation
+    epochs: int = 15  # seed: 15
+    batch_size: int = 32  # seed: datagen.flow(..., batch_size=32)
+
+    # Data protocol.
+    validation: str = "split"  # "split": stratified hold-out from train; "test": the seed's own protocol
+    validation_size: int = 5000  # images held out of the 60,000 when validation="split"
+    split_seed: int = 0  # fixes the hold-out split independently of `seed`, so arms share it
+    train_subset: int | None = None  # train on the first N (stratified) images; None = all
+
+    # Augmentation: ImageDataGenerator semantics (shear in degrees, zoom independent per axis).
+    augmentation: bool = True
+    rotation_range: float = 10.0  # degrees
+    width_shift_range: float = 0.1  # fraction of width
+    height_shift_range: float = 0.1  # fraction of height
+    zoom_range: float = 0.1  # zoom factor drawn from [1 - z, 1 + z] per axis
+    shear_range: float = 0.1  # degrees, as ImageDataGenerator reads it
+
+    # Model.
+    architecture: str = "seed"  # registry name in model.py
+    conv_filters: tuple[int, ...] = (32, 64, 64)  # seed: Conv2D 32, 64, 64
+    dense_units: int = 256  # seed: Dense(256)
+    batch_norm: bool = True
+    dropout: bool = True
+    conv_dropout_rate: float = 0.25  # seed: Dropout(0.25) after each pooling
+    dense_dropout_rate: float = 0.5  # seed: Dropout(0.5) before the classifier
+
+    # Optimisation.
+    optimizer: str = "adam"  # seed: optimizer='adam'
+    learning_rate: float = 1e-3  # initial (peak for onecycle) learning rate; seed: 1e-3
+    lr_schedule: str = "step"  # seed: 1e-3, 5e-4 at epoch 5, 1e-4 at epoch 10
+    lr_step_boundaries: tuple[int, ...] = (5, 10)  # epochs where the step schedule drops
+    lr_step_factors: tuple[float, ...] = (1.0, 0.5, 0.1)  # multiples of learning_rate per step
+    min_learning_rate: float = 0.0  # floor for cosine/exponential; start/end scale for onecycle
+    weight_decay: float = 0.0  # decoupled decay for adamw
+    label_smoothing: float = 0.0
+
+    # Evaluation.
+    tta_views: int = 0  # test-time augmentation: extra augmented views averaged at test; 0 = off
+
+    # Speed (do not change what is computed, only how fast).
+    steps_per_execution: int = 1  # Keras steps per compiled call
+    threads: int = 0  # TensorFlow intra-op threads; 0 = TensorFlow's default
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    def hash(self, extra: Mapping[str, Any] | None = None) -> str:
+        """Stable short hash of the full config (and ``extra``, e.g. data checksums)."""
+        payload = {"config": self.to_dict(), "extra": dict(extra or {})}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return with_overrides(self, changes)
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _unknown_field_error(name: str) -> ConfigError:
+    import difflib
+
+    close = difflib.get_close_matches(name, FIELD_NAMES, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(
+        f"unknown config field {name!r}.{hint} Known fields: {', '.join(FIELD_NAMES)}."
+    )
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={text!r} is not a boolean; use true/false (or on/off, 1/0).")
+
+
+def _parse_scalar(name: str, text: str, kind: type) -> Any:
+    if kind is bool:
+        return _parse_bool(name, text)
+    try:
+        if kind is int:
+            as_float = float(text)
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float)
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a valid {kind.__name__}.") from None
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Parse the text of ``--set name=text`` into the field's type."""
+    types_by_name = _field_types()
+    if name not in types_by_name:
+        raise _unknown_field_error(name)
+    hint = types_by_name[name]
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+        return tuple(_parse_scalar(name, p.strip(), args[0]) for p in parts)
+    return _parse_scalar(name, text, hint)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Accept JSON-ish values (lists for tuples, ints for floats, strings from the CLI)."""
+    if isinstance(value, str) and _field_types()[name] is not str:
+        return parse_value(name, value)
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool) and _field_types()[name] is float:
+        return float(value)
+    return value
+
+
+def with_overrides(base: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
+    """``base`` with ``overrides`` applied; unknown fields and bad values raise ConfigError."""
+    for name in overrides:
+        if name not in FIELD_NAMES:
+            raise _unknown_field_error(name)
+    return dataclasses.replace(base, **{k: _coerce(k, v) for k, v in overrides.items()})
+
+
+def parse_set_arguments(pairs: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["batch_norm=false", "learning_rate=3e-4"]`` into typed overrides."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(
+                f"--set {pair!r} is not FIELD=VALUE; for example --set batch_norm=false."
+            )
+        name, text = pair.split("=", 1)
+        overrides[name.strip()] = parse_value(name.strip(), text.strip())
+    return overrides
+
+
+def from_dict(values: Mapping[str, Any]) -> TrainConfig:
+    """Re-create a config from ``to_dict()`` output (e.g. a logged ``config.json``)."""
+    return with_overrides(BASELINE, values)
+
+
+def _check(condition: bool, name: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {allowed}.")
+
+
+def _check_type(config: TrainConfig, name: str, hint: Any) -> None:
+    value = getattr(config, name)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        ok = isinstance(value, tuple) and all(
+            isinstance(v, args[0]) and not isinstance(v, bool) or (args[0] is float and isinstance(v, int))
+            for v in value
+        )
+        _check(ok, name, value, f"a tuple of {args[0].__name__}")
+        return
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint)
+    _check(ok, name, value, f"a value of type {hint.__name__}")
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise ConfigError naming the field, the value and what is allowed."""
+    for name, hint in _field_types().items():
+        _check_type(config, name, hint)
+    c = config
+    _check(c.epochs >= 1, "epochs", c.epochs, "an integer >= 1")
+    _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
+    _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
+    _check(c.split_seed >= 0, "split_seed", c.split_seed, "an integer >= 0")
+    _check(c.validation in VALIDATION_PROTOCOLS, "validation", c.validation, f"one of {VALIDATION_PROTOCOLS}")
+    _check(0 < c.validation_size < 60000, "validation_size", c.validation_size, "an integer in (0, 60000)")
+    _check(
+        c.train_subset is None or c.train_subset >= 10,
+        "train_subset", c.train_subset, "None (all images) or an integer >= 10 (one per class)",
+    )
+    for name in ("rotation_range", "shear_range"):
+        _check(0 <= getattr(c, name) <= 180, name, getattr(c, name), "degrees in [0, 180]")
+    for name in ("width_shift_range", "height_shift_range", "zoom_range"):
+        _check(0 <= getattr(c, name) < 1, name, getattr(c, name), "a fraction in [0, 1)")
+    for name in ("conv_dropout_rate", "dense_dropout_rate", "label_smoothing"):
+        _check(0 <= getattr(c, name) < 1, name, getattr(c, name), "a rate in [0, 1)")
+    _check(c.architecture in ARCHITECTURES, "architecture", c.architecture, f"one of {ARCHITECTURES}")
+    _check(
+        len(c.conv_filters) == 3 and all(f >= 1 for f in c.conv_filters),
+        "conv_filters", c.conv_filters, "three positive integers, e.g. 32,64,64",
+    )
+    _check(c.dense_units >= 1, "dense_units", c.dense_units, "an integer >= 1")
+    _check(c.optimizer in OPTIMIZERS, "optimizer", c.optimizer, f"one of {OPTIMIZERS}")
+    _check(0 < c.learning_rate <= 10, "learning_rate", c.learning_rate, "a float in (0, 10]")
+    _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule", c.lr_schedule, f"one of {LR_SCHEDULES}")
+    _check(
+        list(c.lr_step_boundaries) == sorted(set(c.lr_step_boundaries)) and all(b > 0 for b in c.lr_step_boundaries),
+        "lr_step_boundaries", c.lr_step_boundaries, "strictly increasing positive epochs, e.g. 5,10",
+    )
+    _check(
+        len(c.lr_step_factors) == len(c.lr_step_boundaries) + 1 and all(f > 0 for f in c.lr_step_factors),
+        "lr_step_factors", c.lr_step_factors,
+        f"{len(c.lr_step_boundaries) + 1} positive factors (one more than lr_step_boundaries)",
+    )
+    _check(
+        0 <= c.min_learning_rate < c.learning_rate,
+        "min_learning_rate", c.min_learning_rate, f"a float in [0, learning_rate={c.learning_rate})",
+    )
+    _check(0 <= c.weight_decay < 1, "weight_decay", c.weight_decay, "a float in [0, 1)")
+    _check(c.tta_views >= 0, "tta_views", c.tta_views, "an integer >= 0 (0 = off)")
+    _check(c.steps_per_execution >= 1, "steps_per_execution", c.steps_per_execution, "an integer >= 1")
+    _check(c.threads >= 0, "threads", c.threads, "an integer >= 0 (0 = TensorFlow's default)")
+
+
+BASELINE = TrainConfig()  # the seed's recipe

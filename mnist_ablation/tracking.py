@@ -1,0 +1,274 @@
+"""Everything MLflow: where runs go, and logging one training run completely.
+
+The only module of the library that imports ``mlflow``. A run logs every config field as a param,
+per-epoch metrics, final metrics, the seed's two figures, per-example test predictions, config.json, an
+environment record and the model. A run that fails is ended FAILED (with ``failure_reason``), one that
+is interrupted KILLED; only a run whose every artifact landed is FINISHED.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+from urllib.parse import urlparse
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from .config import TrainConfig
+from .data import Mnist
+from .environment import environment_record
+from .plots import confusion_matrix_figure, training_curves_figure
+from .train import EPOCH_METRICS, RunResult, train
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_STORE_DIR = Path("mlruns")
+DEFAULT_EXPERIMENT = "mnist_ablation"
+PREDICTIONS_ARTIFACT = "predictions/test_predictions.parquet"
+TTA_PREDICTIONS_ARTIFACT = "predictions/test_predictions_tta.parquet"
+FINAL_METRICS = ("test_loss", "test_accuracy", "train_seconds", "train_images_per_second")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable server, bad URI)."""
+
+
+def default_tracking_uri() -> str:
+    """``sqlite:///<cwd>/mlruns/mlflow.db``: database and artifacts together under ./mlruns."""
+    return f"sqlite:///{(Path.cwd() / DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The URI given, else $MLFLOW_TRACKING_URI, else the local ./mlruns store."""
+    return uri or os.environ.get(TRACKING_URI_ENV) or default_tracking_uri()
+
+
+def store_directory(uri: str) -> Path | None:
+    """The local directory a ``sqlite:///`` or file store lives in (None for servers)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///"):]
+        if not path or path == ":memory:":
+            return None
+        return Path("/" + path.lstrip("/") if uri.startswith("sqlite:////") else path).resolve().parent
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path or uri).resolve()
+    return None
+
+
+def local_state_directory(uri: str) -> Path:
+    """Where this machine keeps per-run state (checkpoints) for ``uri``: beside a local store."""
+    directory = store_directory(uri)
+    return directory if directory is not None else (Path.cwd() / DEFAULT_STORE_DIR).resolve()
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, if the store cannot be reached or created."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        import requests
+
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            response.raise_for_status()
+        except requests.RequestException as error:
+            raise TrackingError(
+                f"MLflow tracking server at {uri} is not reachable ({type(error).__name__}: {error}). "
+                f"Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another --tracking-uri."
+            ) from None
+    elif parsed.scheme == "sqlite":
+        directory = store_directory(uri)
+        if directory is not None:
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise TrackingError(f"cannot create the tracking store directory {directory}: {error}") from None
+    elif parsed.scheme not in ("", "file", "postgresql", "mysql", "mssql", "databricks"):
+        raise TrackingError(
+            f"tracking URI {uri!r} has an unknown scheme {parsed.scheme!r}; expected sqlite:///PATH.db, "
+            "http://HOST:PORT, a SQLAlchemy database URL or a directory."
+        )
+
+
+def use_tracking_uri(uri: str | None) -> str:
+    """Resolve, check and activate a tracking URI; returns it."""
+    resolved = resolve_tracking_uri(uri)
+    check_tracking_uri(resolved)
+    mlflow.set_tracking_uri(resolved)
+    return resolved
+
+
+def get_or_create_experiment(name: str, tags: Mapping[str, str] | None = None) -> str:
+    """Experiment id by name, creating it (artifacts beside a local database) if needed; race-safe."""
+    client = MlflowClient()
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    directory = store_directory(mlflow.get_tracking_uri())
+    location = (directory / "artifacts" / name.replace("/", "_")).as_uri() if directory else None
+    try:
+        return client.create_experiment(name, artifact_location=location, tags=dict(tags or {}))
+    except mlflow.exceptions.MlflowException:
+        # Another worker created it between our look-up and create.
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
+def flatten_params(config: TrainConfig) -> dict[str, str]:
+    """Every config field as an MLflow param (tuples as comma lists, None as 'None')."""
+    return {
+        name: ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+        for name, value in config.to_dict().items()
+    }
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Logs the per-epoch metrics of a run as MLflow metrics with ``step=epoch``."""
+
+    def __init__(self, run_id: str):
+        super().__init__()
+        self.run_id = run_id
+        self.client = MlflowClient()
+
+    def on_epoch_end(self, epoch, logs=None):
+        log_epoch_metrics(self.client, self.run_id, epoch, logs or {})
+
+
+def log_epoch_metrics(client: MlflowClient, run_id: str, epoch: int, values: Mapping[str, float]) -> None:
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(values[key]), now, epoch) for key in EPOCH_METRICS if key in values]
+    client.log_batch(run_id, metrics=metrics)
+
+
+def predictions_frame(labels: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
+    """One row per test image: its index, true label, predicted class and ten probabilities."""
+    frame = pd.DataFrame(probabilities.astype(np.float32), columns=[f"prob_{k}" for k in range(10)])
+    frame.insert(0, "predicted", probabilities.argmax(axis=1).astype(np.int64))
+    frame.insert(0, "label", labels.astype(np.int64))
+    frame.insert(0, "index", np.arange(len(labels), dtype=np.int64))
+    return frame
+
+
+def read_predictions(run_id: str, artifact: str = PREDICTIONS_ARTIFACT) -> pd.DataFrame:
+    """The per-example test predictions a run logged."""
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)
+    return pd.read_parquet(path)
+
+
+def log_result_artifacts(result: RunResult, title: str) -> None:
+    """Final metrics, figures, predictions and the model, into the active run."""
+    import matplotlib.pyplot as plt
+
+    metrics = {
+        "test_loss": result.test_loss,
+        "test_accuracy": result.test_accuracy,
+        "train_seconds": result.train_seconds,
+        "train_images_per_second": result.train_images_per_second,
+        **result.extra_metrics,
+    }
+    mlflow.log_metrics(metrics)
+    for name, figure in (
+        ("plots/training_curves.png", training_curves_figure(result.history, title)),
+        ("plots/confusion_matrix.png", confusion_matrix_figure(result.test_labels, result.test_probabilities.argmax(1))),
+    ):
+        mlflow.log_figure(figure, name)
+        plt.close(figure)
+    log_predictions(result.test_labels, result.test_probabilities, PREDICTIONS_ARTIFACT)
+    if result.tta_probabilities is not None:
+        log_predictions(result.test_labels, result.tta_probabilities, TTA_PREDICTIONS_ARTIFACT)
+    log_keras_model(result.model)
+
+
+def log_predictions(labels: np.ndarray, probabilities: np.ndarray, artifact: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact).name
+        predictions_frame(labels, probabilities).to_parquet(path, index=False)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact).parent))
+
+
+def log_keras_model(model: keras.Model) -> None:
+    """Log the model so ``mlflow.keras.load_model(f"runs:/{run_id}/model")`` returns it."""
+    from mlflow.models import infer_signature
+
+    example = np.zeros((1, 28, 28, 1), dtype=np.float32)
+    signature = infer_signature(example, np.zeros((1, 10), dtype=np.float32))
+    mlflow.keras.log_model(model, name="model", signature=signature)
+
+
+@dataclass
+class TrackedRun:
+    run_id: str
+    result: RunResult
+
+
+def _end_failed(run_id: str, status: str, reason: str) -> None:
+    """End the active run with ``status`` (never FINISHED), recording why."""
+    try:
+        MlflowClient().set_tag(run_id, "failure_reason", reason[:4900])
+    finally:
+        mlflow.end_run(status)
+
+
+def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEFAULT_EXPERIMENT,
+                 run_name: str | None = None, tags: Mapping[str, str] | None = None,
+                 parent_run_id: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
+                 callbacks: Sequence[keras.callbacks.Callback] = (), verbose: int | str = 2,
+                 on_run_created=None) -> TrackedRun:
+    """Train ``config`` on ``data`` inside a new MLflow run and log everything.
+
+    Any exception ends the run FAILED with a ``failure_reason`` tag, and an interrupt ends it KILLED;
+    the exception propagates. The checkpoint directory is removed only after the run is FINISHED.
+    """
+    experiment_id = get_or_create_experiment(experiment_name)
+    all_tags = {"config_hash": config.hash(data.checksums), "seed": str(config.seed), **dict(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    if on_run_created is not None:
+        on_run_created(run_id)
+    try:
+        client = MlflowClient()
+        client.log_batch(run_id, params=[Param(k, v) for k, v in flatten_params(config).items()])
+        mlflow.log_dict(config.to_dict(), "config.json")
+        mlflow.log_dict(environment_record(data.checksums, data.source), "environment.json")
+        result = train(config, data, callbacks=[MlflowEpochLogger(run_id), *callbacks],
+                       checkpoint_dir=checkpoint_dir, verbose=verbose)
+        # Epochs trained before a resume come from the checkpoint's history, so the curve is whole.
+        for epoch in range(result.initial_epoch):
+            log_epoch_metrics(client, run_id, epoch, {k: v[epoch] for k, v in result.history.items()})
+        if result.initial_epoch:
+            mlflow.set_tag("resumed_from_epoch", str(result.initial_epoch))
+        log_result_artifacts(result, run_name or "")
+    except KeyboardInterrupt:
+        _end_failed(run_id, "KILLED", "interrupted (KeyboardInterrupt / SIGINT)")
+        raise
+    except BaseException as error:
+        _end_failed(run_id, "FAILED", f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}")
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return TrackedRun(run_id, result)
+
+
+def runs_frame(experiment_name: str, filter_string: str = "", finished_only: bool = True) -> pd.DataFrame:
+    """``mlflow.search_runs`` of one experiment as a DataFrame (empty if the experiment does not exist)."""
+    experiment = MlflowClient().get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return pd.DataFrame()
+    clauses = [c for c in (filter_string, "attributes.status = 'FINISHED'" if finished_only else "") if c]
+    return mlflow.search_runs([experiment.experiment_id], filter_string=" and ".join(clauses),
+                              max_results=50_000)

@@ -1,0 +1,285 @@
+"""One readable trainer: ``train(config, data) -> RunResult``. It knows nothing about MLflow or Optuna.
+
+The pipeline is the seed's: augmented batches of 32 from the training images, Adam, categorical
+cross-entropy, per-epoch validation and the step learning-rate schedule, then one evaluation on the
+test set. Callers observe it through Keras callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .augment import AugmentationParams, augment_batch
+from .config import TrainConfig
+from .data import NUM_CLASSES, Mnist, Split, build_split
+from .model import build_model
+from .schedules import build_schedule
+
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds")
+EVAL_BATCH_SIZE = 1000  # inference only: BN and dropout are in inference mode, so batch size changes nothing
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class RunResult:
+    """What one training run produced."""
+
+    config: TrainConfig
+    model: keras.Model
+    history: dict[str, list[float]]  # per-epoch metrics, EPOCH_METRICS keys, whole even when resumed
+    test_loss: float
+    test_accuracy: float
+    test_labels: np.ndarray  # (10000,)
+    test_probabilities: np.ndarray  # (10000, 10) float32
+    train_seconds: float  # wall time of the epochs trained in this process (incl. validation)
+    train_images_per_second: float
+    num_train_images: int
+    initial_epoch: int = 0  # > 0 when resumed from a checkpoint
+    tta_probabilities: np.ndarray | None = None  # when config.tta_views > 0
+    extra_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def configure_runtime(config: TrainConfig) -> None:
+    """Seed Python, NumPy and TensorFlow; set TensorFlow's thread pools when asked."""
+    keras.utils.set_random_seed(config.seed)
+    if config.threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(config.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, config.threads))
+        except RuntimeError:
+            pass  # TensorFlow already started in this process: its pools are fixed from then on
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    return math.ceil(num_images / batch_size)
+
+
+def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray,
+                  initial_epoch: int = 0) -> tf.data.Dataset:
+    """Shuffled, augmented, one-hot batches for epochs ``initial_epoch..epochs-1``.
+
+    Shuffling and augmentation draw from stateless seeds derived from (seed, epoch, batch), so the
+    stream of batches for epoch k is the same whether or not the run was resumed.
+    """
+    n = len(labels)
+    images_t = tf.constant(images, dtype=tf.float32)
+    labels_t = tf.one_hot(tf.constant(labels, dtype=tf.int32), NUM_CLASSES)
+    params = AugmentationParams.from_config(config)
+    seed = tf.constant(config.seed, tf.int64)
+
+    def one_epoch(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([seed, epoch]))
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(config.batch_size).enumerate()
+
+        def gather(step, index):
+            x = tf.gather(images_t, index)
+            if config.augmentation:
+                x = augment_batch(x, tf.stack([seed + 7919, epoch * 100_003 + step]), params)
+            return x, tf.gather(labels_t, index)
+
+        return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    epochs = tf.data.Dataset.range(initial_epoch, config.epochs)
+    return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
+def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
+    factories = {
+        "adam": lambda: keras.optimizers.Adam(config.learning_rate),
+        "adamw": lambda: keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
+        "nadam": lambda: keras.optimizers.Nadam(config.learning_rate),
+        "sgd": lambda: keras.optimizers.SGD(config.learning_rate, momentum=0.9, nesterov=True),
+    }
+    if config.optimizer not in factories:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; known optimizers: {', '.join(factories)}.")
+    return factories[config.optimizer]()
+
+
+def compile_model(model: keras.Model, config: TrainConfig) -> keras.Model:
+    model.compile(
+        optimizer=build_optimizer(config),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+        steps_per_execution=config.steps_per_execution,
+    )
+    return model
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds ``epoch_seconds`` to each epoch's logs (listed first, so later callbacks see it)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self._start
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stop at the first non-finite training loss by raising TrainingDiverged (not a silent stop)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingDiverged(
+                f"training loss became {float(loss)} at batch {batch} of epoch {self._epoch}; "
+                f"lower learning_rate (now {self._learning_rate}) or check the config."
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+class _HistoryRecorder(keras.callbacks.Callback):
+    """Appends each epoch's EPOCH_METRICS to ``history`` (which may hold earlier, resumed epochs)."""
+
+    def __init__(self, history: dict[str, list[float]]):
+        super().__init__()
+        self.history = history
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key in EPOCH_METRICS:
+            self.history.setdefault(key, []).append(float((logs or {}).get(key, float("nan"))))
+
+
+class EpochCheckpoint(_HistoryRecorder):
+    """After every epoch, atomically save the model (with optimizer state) and the history so far."""
+
+    def __init__(self, directory: Path, config: TrainConfig, history: dict[str, list[float]]):
+        super().__init__(history)
+        self.directory = directory
+        self.config = config
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        model_tmp = self.directory / "model.tmp.keras"
+        self.model.save(model_tmp)
+        os.replace(model_tmp, self.directory / "model.keras")
+        state = {"epochs_completed": epoch + 1, "config": self.config.to_dict(), "history": self.history}
+        state_tmp = self.directory / "state.tmp.json"
+        state_tmp.write_text(json.dumps(state))
+        os.replace(state_tmp, self.directory / "state.json")
+
+
+def load_checkpoint(directory: Path | None, config: TrainConfig):
+    """(model, epochs_completed, history) from a checkpoint of the same config, else None."""
+    if directory is None or not (directory / "state.json").is_file():
+        return None
+    state = json.loads((directory / "state.json").read_text())
+    if state.get("config") != config.to_dict() or not (directory / "model.keras").is_file():
+        return None
+    model = keras.models.load_model(directory / "model.keras")
+    return model, int(state["epochs_completed"]), state["history"]
+
+
+def _categorical_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    # Keras' categorical cross-entropy on probabilities: clip to [eps, 1 - eps], mean of -log p(true).
+    eps = keras.config.epsilon()
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], eps, 1 - eps)
+    return float(-np.mean(np.log(picked)))
+
+
+def predict_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    return np.asarray(model.predict(images, batch_size=EVAL_BATCH_SIZE, verbose=0), dtype=np.float32)
+
+
+def tta_probabilities(model: keras.Model, images: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """Mean probabilities over the plain images and ``config.tta_views`` augmented views."""
+    params = AugmentationParams.from_config(config)
+    total = predict_probabilities(model, images)
+    for view in range(config.tta_views):
+        seed = tf.constant([config.seed + 104_729, view], tf.int64)
+        augmented = augment_batch(tf.constant(images), seed, params).numpy()
+        total += predict_probabilities(model, augmented)
+    return total / (config.tta_views + 1)
+
+
+def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.Callback] = (),
+          checkpoint_dir: str | os.PathLike | None = None, verbose: int | str = 2) -> RunResult:
+    """Train and evaluate one run of ``config`` on ``data``.
+
+    ``callbacks`` observe training (they run after the trainer's own, so their logs include
+    ``learning_rate`` and ``epoch_seconds``). With ``checkpoint_dir``, every epoch is checkpointed
+    there and a later call with the same config continues from the last completed epoch.
+    """
+    configure_runtime(config)
+    split: Split = build_split(data, config.validation, config.validation_size, config.split_seed,
+                               config.train_subset)
+    checkpoint_path = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    resumed = load_checkpoint(checkpoint_path, config)
+    if resumed is not None:
+        model, initial_epoch, history = resumed
+    else:
+        model = compile_model(build_model(config), config)
+        initial_epoch, history = 0, {}
+    history = {key: list(history.get(key, [])) for key in EPOCH_METRICS}
+    if initial_epoch >= config.epochs:
+        return _evaluate(config, model, split, history, 0.0, initial_epoch)
+    recorder = EpochCheckpoint(checkpoint_path, config, history) if checkpoint_path else _HistoryRecorder(history)
+    n_train = len(split.y_train)
+    validation = tf.data.Dataset.from_tensor_slices(
+        (split.x_val, tf.one_hot(split.y_val, NUM_CLASSES))
+    ).batch(EVAL_BATCH_SIZE).cache()
+    own_callbacks = [
+        EpochTimer(),
+        keras.callbacks.LearningRateScheduler(build_schedule(config)),
+        DivergenceGuard(),
+        recorder,
+    ]
+    start = time.perf_counter()
+    model.fit(
+        build_dataset(config, split.x_train, split.y_train, initial_epoch),
+        epochs=config.epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps_per_epoch(n_train, config.batch_size),
+        validation_data=validation,
+        callbacks=own_callbacks + list(callbacks),
+        shuffle=False,  # the dataset shuffles itself, reproducibly per epoch
+        verbose=verbose,
+    )
+    train_seconds = time.perf_counter() - start
+    return _evaluate(config, model, split, history, train_seconds, initial_epoch)
+
+
+def _evaluate(config: TrainConfig, model: keras.Model, split: Split, history: dict[str, list[float]],
+              train_seconds: float, initial_epoch: int) -> RunResult:
+    """The one evaluation on the test set."""
+    probabilities = predict_probabilities(model, split.x_test)
+    n_train = len(split.y_train)
+    epochs_trained = config.epochs - initial_epoch
+    result = RunResult(
+        config=config,
+        model=model,
+        history=history,
+        test_loss=_categorical_loss(split.y_test, probabilities),
+        test_accuracy=float(np.mean(probabilities.argmax(axis=1) == split.y_test)),
+        test_labels=split.y_test,
+        test_probabilities=probabilities,
+        train_seconds=train_seconds,
+        train_images_per_second=n_train * epochs_trained / train_seconds if train_seconds > 0 else 0.0,
+        num_train_images=n_train,
+        initial_epoch=initial_epoch,
+    )
+    if config.tta_views:
+        result.tta_probabilities = tta_probabilities(model, split.x_test, config)
+        result.extra_metrics["test_accuracy_tta"] = float(
+            np.mean(result.tta_probabilities.argmax(axis=1) == split.y_test)
+        )
+        result.extra_metrics["test_loss_tta"] = _categorical_loss(split.y_test, result.tta_probabilities)
+    return result
