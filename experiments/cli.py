@@ -9,6 +9,7 @@ from typing import Callable
 
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mnist_ablation.config import BASELINE, ConfigError, TrainConfig, parse_set_arguments, with_overrides  # noqa: E402
 from mnist_ablation.data import DATA_DIR_ENV, DataError  # noqa: E402

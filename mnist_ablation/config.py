@@ -25,6 +25,7 @@ LR_SCHEDULES = ("step", "constant", "cosine", "onecycle", "exponential")
 ARCHITECTURES = ("seed", "extra_block")
 OPTIMIZERS = ("adam", "adamw", "nadam", "sgd")
 VALIDATION_PROTOCOLS = ("split", "test")
+SPEED_FIELDS = ("steps_per_execution", "threads")
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,13 @@ class TrainConfig:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)
 
     def hash(self, extra: Mapping[str, Any] | None = None) -> str:
-        """Stable short hash of the full config (and ``extra``, e.g. data checksums)."""
-        payload = {"config": self.to_dict(), "extra": dict(extra or {})}
+        """Stable short hash of the config (and ``extra``, e.g. data checksums).
+
+        Speed-only fields (SPEED_FIELDS) are left out: they change how fast a run goes, not what it
+        computes, so a study resumed with more workers or threads still recognises its finished cells.
+        """
+        values = {k: v for k, v in self.to_dict().items() if k not in SPEED_FIELDS}
+        payload = {"config": values, "extra": dict(extra or {})}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -221,6 +221,20 @@ def _end_failed(run_id: str, status: str, reason: str) -> None:
         mlflow.end_run(status)
 
 
+def mark_run_dead(run_id: str, reason: str) -> bool:
+    """End a run left RUNNING by a dead process as KILLED, recording why. True if it was changed."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    if run.info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, "failure_reason", reason)
+    client.set_terminated(run_id, "KILLED")
+    return True
+
+
 def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, tags: Mapping[str, str] | None = None,
                  parent_run_id: str | None = None, checkpoint_dir: str | os.PathLike | None = None,

@@ -171,7 +171,8 @@ class EpochCheckpoint(_HistoryRecorder):
         model_tmp = self.directory / "model.tmp.keras"
         self.model.save(model_tmp)
         os.replace(model_tmp, self.directory / "model.keras")
-        state = {"epochs_completed": epoch + 1, "config": self.config.to_dict(), "history": self.history}
+        state = {"epochs_completed": epoch + 1, "config": self.config.to_dict(),
+                 "config_hash": self.config.hash(), "history": self.history}
         state_tmp = self.directory / "state.tmp.json"
         state_tmp.write_text(json.dumps(state))
         os.replace(state_tmp, self.directory / "state.json")
@@ -182,7 +183,8 @@ def load_checkpoint(directory: Path | None, config: TrainConfig):
     if directory is None or not (directory / "state.json").is_file():
         return None
     state = json.loads((directory / "state.json").read_text())
-    if state.get("config") != config.to_dict() or not (directory / "model.keras").is_file():
+    # Same hash = same config up to speed-only fields (threads, steps_per_execution).
+    if state.get("config_hash") != config.hash() or not (directory / "model.keras").is_file():
         return None
     model = keras.models.load_model(directory / "model.keras")
     return model, int(state["epochs_completed"]), state["history"]

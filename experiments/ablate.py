@@ -1,0 +1,144 @@
+"""``python -m experiments.ablate``: run a named ablation study (arms x seeds), tracked in MLflow.
+
+Every (arm, seed) cell is a nested MLflow run under one parent run per study. Running the same command
+again skips finished cells, reruns failed or interrupted ones, and never overwrites earlier runs.
+Cells are handed out through an Optuna RDB storage, so several workers (``--workers N`` on this
+machine, or the same command on several machines with a shared ``--storage`` and ``--tracking-uri``)
+run each cell exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from experiments.cli import add_config_arguments, add_data_arguments, add_tracking_arguments, run_command
+from experiments.studies import DEFAULT_STUDY, STUDIES, Study, get_study
+from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
+
+QUICK_PRESET = {"train_subset": 2000, "epochs": 2, "seeds": 2}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m experiments.ablate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s); see --list")
+    parser.add_argument("--arms", default=None, help="comma-separated subset of the study's arms (default: all)")
+    parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 per arm (default 3)")
+    add_config_arguments(parser)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a first look in minutes: {QUICK_PRESET} (explicit flags win)")
+    parser.add_argument("--list", action="store_true", help="print the studies and their arms, then exit")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="run N worker processes on this machine, sharing the cores (default 1)")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna RDB storage URL for the cell queue (default sqlite:///mlruns/optuna.db; "
+                             "postgresql://... to share a study between machines)")
+    parser.add_argument("--no-report", action="store_true", help="do not write the statistical report at the end")
+    parser.add_argument("--output", default=None, help="directory for the report (default reports/<study>)")
+    parser.add_argument("--heartbeat-interval", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--grace-period", type=int, default=60, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-only", action="store_true", help=argparse.SUPPRESS)
+    add_data_arguments(parser)
+    add_tracking_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK_PRESET.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    if args.seeds is None:
+        args.seeds = 3
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: expected an integer >= 1")
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: expected an integer >= 1")
+    return args
+
+
+def list_studies() -> str:
+    lines = []
+    for study in STUDIES.values():
+        lines.append(f"{study.name}: {study.description}")
+        for arm, config in study.arms.items():
+            diff = {k: v for k, v in config.to_dict().items() if v != study.arms[study.baseline_arm].to_dict()[k]}
+            lines.append(f"    {arm:32s} {json.dumps(diff) if diff else '(the study baseline)'}")
+    return "\n".join(lines)
+
+
+def study_configs(study: Study, args: argparse.Namespace) -> dict[str, TrainConfig]:
+    """Each selected arm's config with the command line's overrides applied (validated here, before any run)."""
+    overrides = parse_set_arguments(args.overrides)
+    for flag in ("epochs", "train_subset"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    arms = list(study.arms) if not args.arms else [a.strip() for a in args.arms.split(",") if a.strip()]
+    return {arm: with_overrides(study.arm(arm), overrides) for arm in arms}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print(list_studies())
+        return 0
+    study = get_study(args.study)
+    configs = study_configs(study, args)
+    if args.workers > 1 and not args.worker_only:
+        return launch_workers(args, argv if argv is not None else sys.argv[1:], study)
+    from mnist_ablation import ablation
+
+    runner = ablation.StudyRunner.open(
+        study, configs, seeds=range(args.seeds), data_dir=args.data_dir, tracking_uri=args.tracking_uri,
+        storage_url=args.storage, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
+        command=sys.argv,
+    )
+    outcome = runner.run_worker()
+    if args.worker_only:
+        return 1 if outcome.failed else 0
+    return finish(runner, args, failed=outcome.failed)
+
+
+def finish(runner, args: argparse.Namespace, failed: int) -> int:
+    """Summary table, summary.csv on the parent run, the report, and where to look."""
+    summary = runner.write_summary()
+    print()
+    print(f"Study {runner.study.name!r}: test accuracy per arm over seeds (finished runs)")
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if not args.no_report:
+        runner.write_report(args.output)
+    print()
+    print(f"MLflow: experiment {runner.experiment_name!r}, parent run {runner.parent_run_id}")
+    print(f"  browse: mlflow ui --backend-store-uri {runner.tracking_uri}")
+    print(f"  pandas: from mnist_ablation import compare; compare.study_runs({runner.study.name!r})")
+    if failed:
+        print(f"{failed} cell(s) failed; their reasons are in MLflow (tag failure_reason). "
+              "Rerun the same command to retry them.")
+    return 1 if failed else 0
+
+
+def launch_workers(args: argparse.Namespace, argv: list[str], study: Study) -> int:
+    """Start ``--workers`` copies of this command as worker processes, splitting the cores between them."""
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    command = [sys.executable, "-m", "experiments.ablate", *argv, "--worker-only", "--set", f"threads={threads}"]
+    print(f"starting {args.workers} workers with {threads} thread(s) each")
+    workers = [subprocess.Popen(command) for _ in range(args.workers)]
+    try:
+        codes = [worker.wait() for worker in workers]
+    except KeyboardInterrupt:
+        # Workers got the same SIGINT: they mark their runs KILLED and exit; wait for that.
+        for worker in workers:
+            worker.wait()
+        raise
+    from mnist_ablation import ablation
+
+    runner = ablation.StudyRunner.open(
+        study, study_configs(study, args), seeds=range(args.seeds), data_dir=args.data_dir,
+        tracking_uri=args.tracking_uri, storage_url=args.storage, command=sys.argv,
+    )
+    return finish(runner, args, failed=sum(1 for c in codes if c != 0))
+
+
+if __name__ == "__main__":
+    run_command(main)
