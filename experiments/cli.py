@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -44,17 +45,24 @@ def config_from_arguments(args: argparse.Namespace, base: TrainConfig = BASELINE
     return with_overrides(base, overrides)
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_command(main: Callable[[], int]) -> None:
     """Run a command's main; known user errors print one clear line and exit 2, not a traceback."""
     from mnist_ablation.tracking import TrackingError
+    from mnist_ablation.workqueue import QueueError
 
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, TrackingError, ValueError)
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, TrackingError, QueueError, ValueError)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         sys.exit(main())
     except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        # SIGINT or SIGTERM: the run in progress has been marked KILLED (never FINISHED) on the way out.
         print("\ninterrupted: the current run was marked KILLED in MLflow; rerun the same command to resume.",
               file=sys.stderr)
         sys.exit(130)

@@ -4,3 +4,15 @@ from .config import BASELINE, ConfigError, TrainConfig
 
 __all__ = ["BASELINE", "ConfigError", "TrainConfig"]
 __version__ = "0.1.0"
+
+# The study report's DataFrame functions, imported on first use (they pull in MLflow and matplotlib).
+_REPORT_FUNCTIONS = ("ablation_summary", "factorial_analysis", "learning_curves", "write_study_report")
+__all__ += list(_REPORT_FUNCTIONS)
+
+
+def __getattr__(name: str):
+    if name in _REPORT_FUNCTIONS:
+        from . import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module 'mnist_ablation' has no attribute {name!r}")

@@ -72,10 +72,10 @@ class StudyRunner:
                 cell = Cell(arm, seed, config.hash(data.checksums))
                 self.cells.append(cell)
                 self.configs[cell.key] = config
-        self.experiment_name = compare.experiment_name(study.name)
-        self.experiment_id = tracking.get_or_create_experiment(self.experiment_name, {"study": study.name})
         digest = hashlib.sha256("|".join(f"{c.key}:{c.config_hash}" for c in self.cells).encode()).hexdigest()[:12]
         self.storage = open_storage(storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+        self.experiment_name = compare.experiment_name(study.name)
+        self.experiment_id = tracking.get_or_create_experiment(self.experiment_name, {"study": study.name})
         self.queue = CellQueue(self.storage, f"ablate/{study.name}/{digest}")
         self.checkpoint_root = tracking.local_state_directory(tracking_uri) / "checkpoints"
         self._parent_run_id: str | None = None

@@ -23,10 +23,13 @@ def constant(config) -> Schedule:
 
 
 def cosine(config) -> Schedule:
-    """Cosine decay per epoch from learning_rate to min_learning_rate at the last epoch."""
+    """Cosine decay per epoch from learning_rate towards min_learning_rate at the end of training.
+
+    Progress is ``epoch / epochs`` so the last epoch still trains at a positive rate.
+    """
 
     def rate(epoch: int) -> float:
-        progress = epoch / max(config.epochs - 1, 1)
+        progress = epoch / config.epochs
         return config.min_learning_rate + 0.5 * (config.learning_rate - config.min_learning_rate) * (
             1 + math.cos(math.pi * progress)
         )

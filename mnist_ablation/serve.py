@@ -364,6 +364,9 @@ def _pixel_array(value: Any, name: str, exact_size: int | None) -> np.ndarray:
     """``value`` (nested lists) as a 2-D float array, or a 422 naming what is wrong with it."""
     if not isinstance(value, list) or not value:
         raise HTTPException(422, f"'{name}' must be a non-empty list of rows of numbers, got {type(value).__name__}.")
+    if not isinstance(value[0], list):
+        raise HTTPException(422, f"'{name}' must be a list of rows, each a list of numbers; row 0 is a "
+                                 f"{type(value[0]).__name__}, not a list of numbers.")
     if exact_size is not None and len(value) != exact_size:
         raise HTTPException(422, f"'{name}' has {len(value)} rows; expected {exact_size} rows of {exact_size} numbers.")
     if exact_size is None and len(value) > MAX_DRAWING_SIDE:

@@ -130,14 +130,24 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 class DivergenceGuard(keras.callbacks.Callback):
-    """Stop at the first non-finite training loss by raising TrainingDiverged (not a silent stop)."""
+    """Stop at the first diverged batch by raising TrainingDiverged (not a silent stop).
+
+    Diverged means a non-finite loss, or a running loss above MAX_HEALTHY_LOSS: a 10-class
+    cross-entropy starts near ln 10 = 2.3, and Keras computes it from the logits, so a run whose
+    weights blew up reports losses in the thousands long before they overflow to NaN.
+    """
+
+    MAX_HEALTHY_LOSS = 1000.0
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
+        if loss is None:
+            return
+        loss = float(loss)
+        if not math.isfinite(loss) or loss > self.MAX_HEALTHY_LOSS:
             raise TrainingDiverged(
-                f"training loss became {float(loss)} at batch {batch} of epoch {self._epoch}; "
-                f"lower learning_rate (now {self._learning_rate}) or check the config."
+                f"training diverged: loss {loss:.4g} at batch {batch} of epoch {self._epoch} "
+                f"(learning_rate {self._learning_rate:g}); lower learning_rate or check the config."
             )
 
     def on_epoch_begin(self, epoch, logs=None):

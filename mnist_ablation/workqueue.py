@@ -10,7 +10,7 @@ PostgreSQL across machines), and it has the two primitives exactly-once needs:
   a cell is taken by one worker only.
 
 A worker that dies stops its heartbeat; ``fail_stale_trials`` marks its trial FAIL and
-``RetryFailedTrialCallback`` enqueues a copy, which another (or the rerun) worker takes. Cells that
+``RetryHeartbeatStaleTrialCallback`` enqueues a copy, which another (or the rerun) worker takes. Cells that
 failed by exception (say a diverged run) are not retried within a round; running the command again
 opens a new round for every cell that has no finished run yet.
 """
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback, fail_stale_trials
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # fail_stale_trials and the heartbeat callbacks are stable in practice since Optuna 2.9; the warning is noise.
@@ -67,19 +67,28 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 60,
                  max_retry: int = 3) -> RDBStorage:
     """Optuna RDB storage with heartbeats and retries of trials whose worker died."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=max_retry),
-        )
-    except Exception as error:  # SQLAlchemy raises many types for bad URLs and dead servers
-        raise QueueError(
-            f"cannot open the queue storage {url!r} ({type(error).__name__}: {error}). Expected a SQLAlchemy URL "
-            "such as sqlite:///mlruns/optuna.db or postgresql://user:password@host:5432/db that is reachable."
-        ) from None
+    attempts = 6
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+            )
+        except DBAPIError as error:
+            # Workers starting together race to create Optuna's tables ("already exists", duplicate
+            # keys, "database is locked"); the loser's next attempt finds them made.
+            if attempt == attempts - 1:
+                raise QueueError(f"cannot open the queue storage {url!r}: {error}") from None
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as error:  # SQLAlchemy raises many types for bad URLs and dead servers
+            raise QueueError(
+                f"cannot open the queue storage {url!r} ({type(error).__name__}: {error}). Expected a SQLAlchemy "
+                "URL such as sqlite:///mlruns/optuna.db or postgresql://user:password@host:5432/db that is reachable."
+            ) from None
+    raise AssertionError("unreachable")
 
 
 def _retrying(action: Callable, attempts: int = 20):

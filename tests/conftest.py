@@ -39,3 +39,6 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
+from servers import mlflow_server, postgres_url  # noqa: E402,F401

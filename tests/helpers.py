@@ -1,0 +1,34 @@
+"""Running the project's commands as a user would: real subprocesses against real stores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def command_env(tracking_uri: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"MLFLOW_TRACKING_URI": tracking_uri, "MNIST_DATA_DIR": str(data_dir), "TF_CPP_MIN_LOG_LEVEL": "2",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_module(module: str, *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 600,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m module args`` to completion; on an unexpected exit code the output is in the assertion."""
+    result = subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=cwd or REPO_ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} exited {result.returncode}\n"
+                             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
+    return result
+
+
+def start_module(module: str, *args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=cwd or REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,0 +1,90 @@
+"""`python -m experiments.ablate` end to end: layout in MLflow, resume, new cells, errors, pandas."""
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import command_env, run_module
+from mnist_ablation import compare
+
+pytestmark = pytest.mark.slow
+TINY = ("--train-subset", "200", "--epochs", "1", "--no-report")
+
+
+def _children(study):
+    experiment = MlflowClient().get_experiment_by_name(compare.experiment_name(study))
+    return mlflow.search_runs([experiment.experiment_id], filter_string="tags.`mnist_ablation.role` = 'cell'")
+
+
+def test_leave_one_out_lands_as_nested_runs_and_reruns_add_nothing(tmp_path, tracking_uri, data_dir):
+    env = command_env(tracking_uri, data_dir)
+    first = run_module("experiments.ablate", "--seeds", "2", *TINY, env=env, cwd=tmp_path)
+    assert "test accuracy per arm" in first.stdout and "no_batch_norm" in first.stdout
+
+    children = _children("leave-one-out")
+    assert len(children) == 10 and set(children["status"]) == {"FINISHED"}
+    arms = {"baseline", "no_augmentation", "no_batch_norm", "no_dropout", "constant_lr"}
+    assert {(a, s) for a, s in zip(children["tags.arm"], children["tags.seed"])} == {(a, s) for a in arms for s in "01"}
+    assert set(children["tags.mlflow.runName"]) == {f"{a}-seed{s}" for a in arms for s in (0, 1)}
+    assert children["tags.config_hash"].nunique() == 10
+    parent = compare.find_parent_run("leave-one-out")
+    assert set(children["tags.mlflow.parentRunId"]) == {parent.info.run_id}
+    assert parent.info.run_name == "leave-one-out" and parent.info.status == "FINISHED"
+    assert "switches off exactly one" in parent.data.tags["mlflow.note.content"]
+    parent_artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"study.json", "summary.csv"} <= parent_artifacts
+
+    # The arms' toggles are params, so the MLflow UI can group by them.
+    by_arm = children.set_index("tags.mlflow.runName")
+    assert by_arm.loc["no_batch_norm-seed0", "params.batch_norm"] == "False"
+    assert by_arm.loc["constant_lr-seed1", "params.lr_schedule"] == "constant"
+    assert by_arm.loc["no_augmentation-seed0", "params.augmentation"] == "False"
+
+    runs = compare.study_runs("leave-one-out")
+    assert len(runs) == 10 and {"study", "arm", "seed", "run_id", "batch_norm", "test_accuracy"} <= set(runs.columns)
+    assert runs.loc[runs["arm"] == "no_batch_norm", "batch_norm"].tolist() == [False, False]
+    summary = compare.arm_summary(runs)
+    assert list(summary["arm"]) == ["baseline", "no_augmentation", "no_batch_norm", "no_dropout", "constant_lr"]
+    assert (summary["n"] == 2).all() and summary.loc[0, "delta_vs_baseline"] == 0
+
+    second = run_module("experiments.ablate", "--seeds", "2", *TINY, env=env, cwd=tmp_path)
+    assert "skipping 10 of 10 cells" in second.stdout
+    assert len(_children("leave-one-out")) == 10
+
+
+def test_changed_config_makes_new_cells_and_keeps_old(tmp_path, tracking_uri, data_dir):
+    env = command_env(tracking_uri, data_dir)
+    args = ("--study", "dropout-strength", "--arms", "baseline", "--seeds", "1", "--train-subset", "200", "--no-report")
+    run_module("experiments.ablate", *args, "--epochs", "1", env=env, cwd=tmp_path)
+    run_module("experiments.ablate", *args, "--epochs", "2", env=env, cwd=tmp_path)
+    children = _children("dropout-strength")
+    assert sorted(children["params.epochs"]) == ["1", "2"] and set(children["status"]) == {"FINISHED"}
+    current = compare.study_runs("dropout-strength")
+    assert list(current["epochs"]) == [2]
+    assert len(compare.study_runs("dropout-strength", all_sweeps=True)) == 2
+
+
+def test_unknown_study_or_arm_lists_the_known_ones(tmp_path, tracking_uri, data_dir):
+    env = command_env(tracking_uri, data_dir)
+    result = run_module("experiments.ablate", "--study", "leave-two-out", env=env, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "unknown study 'leave-two-out'" in result.stderr
+    assert "leave-one-out" in result.stderr and "factorial" in result.stderr
+    result = run_module("experiments.ablate", "--arms", "baseline,no_bn", env=env, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "unknown arm 'no_bn'" in result.stderr and "no_batch_norm" in result.stderr
+    assert not (tmp_path / "store" / "artifacts").exists()
+
+
+def test_list_shows_studies_and_arm_overrides(tmp_path, tracking_uri, data_dir):
+    result = run_module("experiments.ablate", "--list", env=command_env(tracking_uri, data_dir), cwd=tmp_path)
+    for name in ("leave-one-out", "add-one-in", "factorial", "dropout-strength", "augmentation-strength"):
+        assert name in result.stdout
+    assert '{"batch_norm": false}' in result.stdout
+
+
+def test_factorial_has_all_sixteen_combinations():
+    from experiments.studies import get_study
+
+    arms = get_study("factorial").arms
+    combos = {(c.augmentation, c.batch_norm, c.dropout, c.lr_schedule) for c in arms.values()}
+    assert len(arms) == 16 and len(combos) == 16
+    assert arms["baseline"] == get_study("leave-one-out").arms["baseline"]

@@ -1,0 +1,97 @@
+"""Our batched augmentation equals ImageDataGenerator: pixel-wise for given parameters, and in distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import stats
+
+from mnist_ablation.augment import (
+    AugmentationParams,
+    affine_transforms,
+    apply_transforms,
+    image_data_generator,
+    random_transforms,
+)
+
+# (theta degrees, tx pixels, ty pixels, shear degrees, zx, zy): single transforms, the seed's extremes,
+# and strong ones, so that a wrong axis, sign or centre shows up as a large pixel error.
+TRANSFORMS = [
+    (0.0, 0.0, 0.0, 0.0, 1.0, 1.0),
+    (10.0, 0.0, 0.0, 0.0, 1.0, 1.0),
+    (0.0, 2.8, 0.0, 0.0, 1.0, 1.0),
+    (0.0, 0.0, -2.8, 0.0, 1.0, 1.0),
+    (0.0, 0.0, 0.0, 0.1, 1.0, 1.0),
+    (0.0, 0.0, 0.0, 0.0, 1.1, 0.9),
+    (-10.0, 2.8, -2.8, -0.1, 0.9, 1.1),
+    (35.0, -5.5, 3.3, 20.0, 1.3, 0.8),
+]
+
+
+def _ours(image: np.ndarray, theta, tx, ty, shear, zx, zy) -> np.ndarray:
+    matrix = affine_transforms(*(tf.constant([value], tf.float32) for value in (theta, tx, ty, shear, zx, zy)),
+                               height=28, width=28)
+    return apply_transforms(tf.constant(image[None]), matrix).numpy()[0]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_pixelwise_equal_to_image_data_generator(mnist, transform):
+    generator = image_data_generator(AugmentationParams())
+    theta, tx, ty, shear, zx, zy = transform
+    for image in mnist.x_train[:5]:
+        expected = generator.apply_transform(
+            image, {"theta": theta, "tx": tx, "ty": ty, "shear": shear, "zx": zx, "zy": zy}
+        )
+        error = np.max(np.abs(_ours(image, *transform) - expected))
+        assert error < 1e-4, f"transform {transform}: max abs error {error} vs ImageDataGenerator"
+
+
+def test_pixelwise_check_detects_a_swapped_shift(mnist):
+    # Guards the test above: swapping the meaning of tx and ty must be caught.
+    generator = image_data_generator(AugmentationParams())
+    image = mnist.x_train[0]
+    expected = generator.apply_transform(image, {"tx": 2.8, "ty": -1.0})
+    assert np.max(np.abs(_ours(image, 0.0, -1.0, 2.8, 0.0, 1.0, 1.0) - expected)) > 0.1
+
+
+def _generator_matrices(params: AugmentationParams, count: int) -> np.ndarray:
+    """Matrices for ``count`` of ImageDataGenerator's own random draws."""
+    generator = image_data_generator(params)
+    draws = [generator.get_random_transform((28, 28, 1), seed=index) for index in range(count)]
+    columns = [tf.constant([float(draw[key]) for draw in draws], tf.float32)
+               for key in ("theta", "tx", "ty", "shear", "zx", "zy")]
+    return affine_transforms(*columns, height=28, width=28).numpy()
+
+
+def _our_matrices(params: AugmentationParams, count: int) -> np.ndarray:
+    return random_transforms(tf.constant([3, 4], tf.int64), count, 28, 28, params).numpy()
+
+
+def _smallest_p_value(ours: np.ndarray, theirs: np.ndarray) -> float:
+    # The six entries of the affine part (rotation/shear/zoom and the two translations).
+    return min(stats.ks_2samp(ours[:, entry], theirs[:, entry]).pvalue for entry in range(6))
+
+
+def test_random_draws_match_image_data_generator_in_distribution():
+    params = AugmentationParams()
+    count = 3000
+    theirs = _generator_matrices(params, count)
+    ours = _our_matrices(params, count)
+    assert _smallest_p_value(ours, theirs) > 1e-3
+    # The draws cover the configured ranges: translations reach close to +-(0.1 * 28 + rotation effect).
+    assert np.max(np.abs(ours[:, 2] - theirs[:, 2].mean())) > 2.5
+
+
+@pytest.mark.parametrize("changed", [
+    {"rotation_range": 20.0},
+    {"width_shift_range": 0.2},
+    {"height_shift_range": 0.2},
+    {"zoom_range": 0.2},
+])
+def test_distribution_check_detects_a_wrong_range(changed):
+    # Our draws with one range doubled must be told apart from ImageDataGenerator's at the seed's ranges.
+    count = 3000
+    theirs = _generator_matrices(AugmentationParams(), count)
+    ours = _our_matrices(AugmentationParams(**changed), count)
+    assert _smallest_p_value(ours, theirs) < 1e-3
