@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds,
         "ensemble_size": ensemble_size,
         "commands": {
-            "benchmark": " ".join(["python", "-m", "benchmarks.accuracy", *(argv if argv is not None else sys.argv[1:])]),
+            "benchmark": " ".join(["python", "-m", "benchmarks.accuracy",
+                                   *(argv if argv is not None else sys.argv[1:])]),
             "ablate": " ".join(["python", *command[1:]]),
         },
         "tracking_uri": tracking_uri,

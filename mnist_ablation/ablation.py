@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import sys
 import tempfile
 import time
@@ -12,7 +14,6 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import keras
-import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -23,6 +24,9 @@ from .config import TrainConfig
 from .data import Mnist, load_mnist
 from .train import TrainingDiverged
 from .workqueue import Cell, CellQueue, open_storage
+
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran a cell
 
 
 @dataclass
@@ -184,7 +188,7 @@ class StudyRunner:
                     experiment_name=self.experiment_name,
                     run_name=cell.key,
                     tags={"study": self.study.name, "arm": cell.arm, compare.ROLE_TAG: "cell",
-                          "optuna_trial_number": str(claim.number)},
+                          "optuna_trial_number": str(claim.number), "worker": WORKER_ID},
                     parent_run_id=self._parent_run_id,
                     checkpoint_dir=self.checkpoint_root / cell.config_hash,
                     callbacks=[EpochProgress(bar, label, config.epochs)],

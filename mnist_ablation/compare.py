@@ -99,7 +99,10 @@ def study_runs(study: str, tracking_uri: str | None = None, include_unfinished: 
         if f"params.{name}" in raw and name != "seed":
             frame[name] = [_typed_param(name, v) for v in raw[f"params.{name}"]]
     for column in sorted(c for c in raw.columns if c.startswith("metrics.")):
-        frame[column[len("metrics."):]] = raw[column].to_numpy()
+        name = column[len("metrics."):]
+        # A per-epoch metric named like a config field (learning_rate) keeps its last value as final_<name>,
+        # so the column of that name stays the configured value.
+        frame[f"final_{name}" if name in FIELD_NAMES else name] = raw[column].to_numpy()
     if not all_sweeps:
         definition = study_definition(study)
         if definition is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from mlflow.tracking import MlflowClient
 
 from . import compare, tracking
 from .config import FIELD_NAMES
-from .train import _categorical_loss
+from .train import categorical_loss
 
 ROLE = "ensemble"
 SELECTION_METRIC = "val_accuracy"  # the only quantity members are chosen by
@@ -95,7 +94,9 @@ def select_members(runs: pd.DataFrame, top_k: int | None = None, arm: str | None
         known = sorted(set(runs["arm"])) if "arm" in runs else []
         candidates = candidates[candidates["arm"] == arm]
         if candidates.empty:
-            raise EnsembleError(f"no finished runs of arm {arm!r}; arms with finished runs: {', '.join(known) or 'none'}.")
+            raise EnsembleError(
+                f"no finished runs of arm {arm!r}; arms with finished runs: {', '.join(known) or 'none'}."
+            )
     if seed is not None:
         candidates = candidates[candidates["seed"] == seed]
         if candidates.empty:
@@ -156,7 +157,7 @@ def build_ensemble(study: str, top_k: int | None = None, arm: str | None = None,
     result = EnsembleResult(study, ensemble_arm_name(top_k, arm), members, labels, probabilities, seed=seed)
     result.metrics = {
         "test_accuracy": accuracy(labels, probabilities),
-        "test_loss": _categorical_loss(labels, probabilities),
+        "test_loss": categorical_loss(labels, probabilities),
         "ensemble_size": float(len(members)),
         "members_val_accuracy_mean": float(members[SELECTION_METRIC].mean()),
     }
@@ -169,7 +170,7 @@ def build_ensemble(study: str, top_k: int | None = None, arm: str | None = None,
     if all(frame is not None for frame in tta_frames):
         _, result.tta_probabilities = average_predictions(tta_frames)
         result.metrics["test_accuracy_tta"] = accuracy(labels, result.tta_probabilities)
-        result.metrics["test_loss_tta"] = _categorical_loss(labels, result.tta_probabilities)
+        result.metrics["test_loss_tta"] = categorical_loss(labels, result.tta_probabilities)
     return result
 
 
@@ -303,7 +304,8 @@ def log_study_ensemble(study: str, top_k: int | None = None, arm: str | None = N
     tracking.use_tracking_uri(tracking_uri)
     if MlflowClient().get_experiment_by_name(compare.experiment_name(study)) is None:
         raise EnsembleError(
-            f"study {study!r} has no MLflow experiment {compare.experiment_name(study)!r} in {mlflow.get_tracking_uri()}; "
+            f"study {study!r} has no MLflow experiment {compare.experiment_name(study)!r} "
+            f"in {mlflow.get_tracking_uri()}; "
             f"run `python -m experiments.ablate --study {study}` first or pass the right --tracking-uri."
         )
     runs = compare.study_runs(study)

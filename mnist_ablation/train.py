@@ -7,6 +7,7 @@ test set. Callers observe it through Keras callbacks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -75,7 +76,11 @@ def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray,
     stream of batches for epoch k is the same whether or not the run was resumed.
     """
     n = len(labels)
-    images_t = tf.constant(images, dtype=tf.float32)
+    # MNIST pixels are k / 255: held as those bytes, and cast / 255 per batch, they rebuild the seed's
+    # float32 values bit for bit at a quarter of the memory (tf.data may copy this constant once more).
+    pixels = np.rint(np.asarray(images, dtype=np.float32) * 255).astype(np.uint8)
+    as_bytes = np.array_equal(pixels.astype(np.float32) / np.float32(255), images)
+    images_t = tf.constant(pixels if as_bytes else np.asarray(images, dtype=np.float32))
     labels_t = tf.one_hot(tf.constant(labels, dtype=tf.int32), NUM_CLASSES)
     params = AugmentationParams.from_config(config)
     seed = tf.constant(config.seed, tf.int64)
@@ -86,6 +91,7 @@ def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray,
 
         def gather(step, index):
             x = tf.gather(images_t, index)
+            x = tf.cast(x, tf.float32) / 255.0 if as_bytes else x
             if config.augmentation:
                 x = augment_batch(x, tf.stack([seed + 7919, epoch * 100_003 + step]), params)
             return x, tf.gather(labels_t, index)
@@ -200,7 +206,7 @@ def load_checkpoint(directory: Path | None, config: TrainConfig):
     return model, int(state["epochs_completed"]), state["history"]
 
 
-def _categorical_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
+def categorical_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
     # Keras' categorical cross-entropy on probabilities: clip to [eps, 1 - eps], mean of -log p(true).
     eps = keras.config.epsilon()
     picked = np.clip(probabilities[np.arange(len(labels)), labels], eps, 1 - eps)
@@ -245,6 +251,8 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
         return _evaluate(config, model, split, history, 0.0, initial_epoch)
     recorder = EpochCheckpoint(checkpoint_path, config, history) if checkpoint_path else _HistoryRecorder(history)
     n_train = len(split.y_train)
+    train_batches = build_dataset(config, split.x_train, split.y_train, initial_epoch)
+    split = dataclasses.replace(split, x_train=None)  # the dataset holds the pixels; free the float copy
     validation = tf.data.Dataset.from_tensor_slices(
         (split.x_val, tf.one_hot(split.y_val, NUM_CLASSES))
     ).batch(EVAL_BATCH_SIZE).cache()
@@ -256,7 +264,7 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
     ]
     start = time.perf_counter()
     model.fit(
-        build_dataset(config, split.x_train, split.y_train, initial_epoch),
+        train_batches,
         epochs=config.epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=steps_per_epoch(n_train, config.batch_size),
@@ -279,7 +287,7 @@ def _evaluate(config: TrainConfig, model: keras.Model, split: Split, history: di
         config=config,
         model=model,
         history=history,
-        test_loss=_categorical_loss(split.y_test, probabilities),
+        test_loss=categorical_loss(split.y_test, probabilities),
         test_accuracy=float(np.mean(probabilities.argmax(axis=1) == split.y_test)),
         test_labels=split.y_test,
         test_probabilities=probabilities,
@@ -293,5 +301,5 @@ def _evaluate(config: TrainConfig, model: keras.Model, split: Split, history: di
         result.extra_metrics["test_accuracy_tta"] = float(
             np.mean(result.tta_probabilities.argmax(axis=1) == split.y_test)
         )
-        result.extra_metrics["test_loss_tta"] = _categorical_loss(split.y_test, result.tta_probabilities)
+        result.extra_metrics["test_loss_tta"] = categorical_loss(split.y_test, result.tta_probabilities)
     return result

@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import keras
+import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
+from mlflow import get_tracking_uri
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import IntegrityError, ProgrammingError
@@ -400,8 +402,8 @@ def open_study(study_name: str, storage: optuna.storages.BaseStorage, base: Trai
         parent_run_id = _create_parent_run(study_name, base, storage_label)
         study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
     else:
+        parent_run_id = _wait_for_parent(study, base, storage_label)
         _check_same_base(study, study_name, base)
-        parent_run_id = _wait_for_parent(study, storage, base, storage_label)
         MlflowClient().update_run(parent_run_id, status="RUNNING")
     retry = (getattr(storage, "heartbeat_stale_trial_callback", None) or getattr(storage, "failed_trial_callback", None)
              or RetryDeadTrial(max_retry=3))
@@ -411,7 +413,7 @@ def open_study(study_name: str, storage: optuna.storages.BaseStorage, base: Trai
 def _check_same_base(study: optuna.Study, study_name: str, base: TrainConfig) -> None:
     recorded = study.user_attrs.get(BASE_CONFIG_ATTR)
     if recorded is None:
-        return  # the creating worker has not written it yet
+        return  # a study made by other code: nothing to compare with
     recorded_config = from_dict(recorded)
     if recorded_config.hash() != base.hash():
         differences = {name: (value, getattr(base, name)) for name, value in recorded_config.to_dict().items()
@@ -433,8 +435,7 @@ def _create_parent_run(study_name: str, base: TrainConfig, storage_label: str) -
     return run.info.run_id
 
 
-def _wait_for_parent(study: optuna.Study, storage: optuna.storages.BaseStorage, base: TrainConfig,
-                     storage_label: str) -> str:
+def _wait_for_parent(study: optuna.Study, base: TrainConfig, storage_label: str) -> str:
     """The parent run id the creating worker records right after creating the study."""
     study_name = study.study_name
     deadline = time.monotonic() + PARENT_WAIT_SECONDS
@@ -442,19 +443,19 @@ def _wait_for_parent(study: optuna.Study, storage: optuna.storages.BaseStorage, 
         run_id = study.user_attrs.get(PARENT_RUN_ATTR)
         if run_id is None and time.monotonic() > deadline:
             # The creator died before recording it: make it now (rare; a racing twin would be harmless).
+            if BASE_CONFIG_ATTR not in study.user_attrs:
+                study.set_user_attr(BASE_CONFIG_ATTR, base.to_dict())
             run_id = _create_parent_run(study_name, base, storage_label)
             study.set_user_attr(PARENT_RUN_ATTR, run_id)
         if run_id is not None:
             break
-        time.sleep(1.0)
-        study = optuna.load_study(study_name=study_name, storage=storage, sampler=study.sampler,
-                                  pruner=study.pruner)
+        time.sleep(1.0)  # study.user_attrs reads the storage afresh each time
     try:
         MlflowClient().get_run(run_id)
     except Exception:  # noqa: BLE001 - MLflow raises different types for "no such run" per store
         raise TuningError(
             f"study {study_name!r} records MLflow parent run {run_id}, which the tracking store "
-            f"{tracking.resolve_tracking_uri()} does not have: it was created with another --tracking-uri. "
+            f"{get_tracking_uri()} does not have: it was created with another --tracking-uri. "
             "Pass that URI, or a new --study-name."
         ) from None
     return run_id
@@ -463,13 +464,13 @@ def _wait_for_parent(study: optuna.Study, storage: optuna.storages.BaseStorage, 
 # -- running trials --------------------------------------------------------------------------------
 
 def optimize(tuning: TuningStudy, data: Mnist, n_trials: int | None, timeout: float | None = None,
-             verbose: int = 0) -> None:
+             verbose: int = 0, objective: Objective | None = None) -> None:
     """Run ``n_trials`` trials in this worker (other workers may run theirs at the same time).
 
     A diverged trial is recorded FAILED and the worker goes on; an interrupt (Ctrl-C) enqueues a retry
     of the trial it stopped, so no trial is lost, and then propagates.
     """
-    objective = Objective(tuning.base, data, tuning.name, tuning.parent_run_id, verbose=verbose)
+    objective = objective or Objective(tuning.base, data, tuning.name, tuning.parent_run_id, verbose=verbose)
     try:
         tuning.study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrainingDiverged,),
                               callbacks=[record_trial_state], gc_after_trial=True)
@@ -537,6 +538,7 @@ class TuningSummary:
     best_config: TrainConfig
     retrain_run_id: str
     retrain_test_accuracy: float
+    importances: dict[str, float]  # parameter -> importance (PED-ANOVA), largest first
     trials: pd.DataFrame
 
 
@@ -559,9 +561,9 @@ def finalize(tuning: TuningStudy, data: Mnist, retrain_epochs: int | None = None
                     "best_params.json")
     for artifact, figure in _study_figures(study).items():
         client.log_figure(parent, figure, artifact)
-        import matplotlib.pyplot as plt
-
         plt.close(figure)
+    importances = param_importances(study)
+    client.log_dict(parent, importances, "param_importances.json")
 
     config = config_from_params(best.params, tuning.base).replace(
         train_subset=retrain_subset, epochs=retrain_epochs or tuning.base.epochs)
@@ -576,7 +578,8 @@ def finalize(tuning: TuningStudy, data: Mnist, retrain_epochs: int | None = None
         client.log_metric(parent, key, float(value))
     client.set_tag(parent, "best_retrain_run_id", retrain_run_id)
     client.set_terminated(parent, "FINISHED")
-    return TuningSummary(best.number, best.value, best.params, config, retrain_run_id, test_accuracy, frame)
+    return TuningSummary(best.number, best.value, best.params, config, retrain_run_id, test_accuracy, importances,
+                         frame)
 
 
 def _retrain(tuning: TuningStudy, data: Mnist, config: TrainConfig, trial_number: int,
@@ -599,7 +602,7 @@ def _retrain(tuning: TuningStudy, data: Mnist, config: TrainConfig, trial_number
             config, data, experiment_name=experiment_name(tuning.name), run_name=f"best-retrain-trial-{trial_number}",
             tags={ROLE_TAG: "best_retrain", "study": tuning.name, "trial_number": str(trial_number)},
             parent_run_id=tuning.parent_run_id, verbose=verbose,
-            checkpoint_dir=tracking.local_state_directory(tracking.resolve_tracking_uri()) / "checkpoints" / config_hash,
+            checkpoint_dir=tracking.local_state_directory(get_tracking_uri()) / "checkpoints" / config_hash,
         )
     finally:
         keras.backend.clear_session()
@@ -640,6 +643,8 @@ def param_importances(study: optuna.Study) -> dict[str, float]:
 def describe_summary(summary: TuningSummary) -> str:
     """Human-readable lines for the console."""
     params = json.dumps(summary.best_params, indent=2, sort_keys=True, default=str)
+    top = ", ".join(f"{name} {value:.2f}" for name, value in list(summary.importances.items())[:5]) or "n/a"
     return (f"best trial {summary.best_trial_number}: {OBJECTIVE_METRIC} {summary.best_value:.4f}\n"
             f"best params: {params}\n"
+            f"most important parameters: {top}\n"
             f"best config retrained (run {summary.retrain_run_id}): test accuracy {summary.retrain_test_accuracy:.4f}")

@@ -167,3 +167,37 @@ def test_two_workers_on_sqlite_run_every_cell_exactly_once(tmp_path, tracking_ur
     assert "starting 2 workers" in result.stdout
     cells = {(arm, seed) for arm in ("baseline", "no_dropout", "no_batch_norm") for seed in ("0", "1")}
     _assert_each_cell_once("leave-one-out", cells, f"sqlite:///{tmp_path / 'store' / 'optuna.db'}")
+
+
+def test_two_machines_on_postgresql_and_an_mlflow_server_survive_a_killed_worker(tmp_path, postgres_url,
+                                                                                 mlflow_server, data_dir):
+    """Two independent workers (as on two machines) share a study; one is SIGKILLed mid-cell."""
+    mlflow.set_tracking_uri(mlflow_server)
+    env = command_env(mlflow_server, data_dir)
+    args = ("--study", "add-one-in", "--arms", "baseline,dropout_only,batch_norm_only", "--seeds", "2",
+            "--epochs", "2", "--train-subset", "200", "--no-report", "--storage", postgres_url,
+            "--tracking-uri", mlflow_server, *FAST_HEARTBEAT)
+    first = start_module("experiments.ablate", *args, "--worker-only", env=env, cwd=tmp_path)
+    second = start_module("experiments.ablate", *args, "--worker-only", env=env, cwd=tmp_path)
+
+    def running_on_first():
+        return [r for r in _cells("add-one-in")
+                if r.info.status == "RUNNING" and r.data.tags.get("worker", "").endswith(f":{first.pid}")]
+
+    try:
+        (victim,) = _wait_for(running_on_first, 400, "a cell running on the first worker", first)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    output, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, output[-3000:]
+
+    cells = {(arm, seed) for arm in ("baseline", "dropout_only", "batch_norm_only") for seed in ("0", "1")}
+    runs = _cells("add-one-in")
+    finished = Counter((r.data.tags["arm"], r.data.tags["seed"]) for r in runs if r.info.status == "FINISHED")
+    assert set(finished) == cells and set(finished.values()) == {1}, finished
+    assert MlflowClient().get_run(victim.info.run_id).info.status == "KILLED"
+    summaries = optuna.get_all_study_summaries(postgres_url)
+    trials = [t for s in summaries if s.study_name.startswith("ablate/add-one-in/")
+              for t in optuna.load_study(study_name=s.study_name, storage=postgres_url).trials]
+    assert Counter(t.state.name for t in trials) == {"COMPLETE": 6, "FAIL": 1}

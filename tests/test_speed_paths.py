@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from scipy import stats
 
 from benchmarks.speed import PATHS, RUNNERS, training_flops_per_image

@@ -87,6 +87,22 @@ def test_joining_a_study_with_another_base_config_fails(tmp_path, tracking_uri):
         tuning.open_study("s", storage, BASELINE.replace(epochs=3))
 
 
+def test_an_interrupted_trial_is_failed_and_queued_again(tmp_path, tracking_uri, mnist):
+    class InterruptedObjective(tuning.Objective):
+        def run_trial(self, trial, config, tags):
+            raise KeyboardInterrupt  # what Ctrl-C raises in the middle of training
+
+    storage = tuning.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = tuning.open_study("interrupted", storage, BASELINE.replace(epochs=1, train_subset=200))
+    objective = InterruptedObjective(study.base, mnist, study.name, study.parent_run_id)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.optimize(study, mnist, n_trials=1, objective=objective)
+    interrupted, retry = study.study.get_trials()
+    assert interrupted.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert retry.system_attrs["failed_trial"] == interrupted.number
+    assert retry.system_attrs["fixed_params"] == interrupted.params == tuning.baseline_params(study.base)
+
+
 # -- trials that train (slow) ----------------------------------------------------------------------
 
 @pytest.mark.slow
