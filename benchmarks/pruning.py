@@ -39,13 +39,18 @@ class UntrackedObjective(tuning.Objective):
         return train(config, self.data, callbacks=[tuning.PruningCallback(trial)], verbose=0).history
 
 
+def _print_trial(study, trial) -> None:
+    print(f"  {study.study_name}: trial {trial.number} {trial.state.name.lower()} after "
+          f"{len(trial.intermediate_values)} epoch(s)", flush=True)
+
+
 def run_study(pruner_name: str, base: TrainConfig, data: Mnist, n_trials: int, sampler_seed: int) -> dict:
-    study = optuna.create_study(direction="maximize", sampler=tuning.build_sampler("tpe", sampler_seed),
+    study = optuna.create_study(study_name=f"pruning-{pruner_name}", direction="maximize", sampler=tuning.build_sampler("tpe", sampler_seed),
                                 pruner=tuning.build_pruner(pruner_name, base.epochs))
     study.enqueue_trial(tuning.baseline_params(base), user_attrs={tuning.BASELINE_ATTR: True})
     start = time.perf_counter()
     study.optimize(UntrackedObjective(base, data, f"pruning-{pruner_name}", parent_run_id=""),
-                   n_trials=n_trials, catch=(TrainingDiverged,))
+                   n_trials=n_trials, catch=(TrainingDiverged,), callbacks=[_print_trial])
     seconds = time.perf_counter() - start
     trials = study.trials
     return {

@@ -7,6 +7,8 @@ from typing import Callable
 import keras
 from keras import layers
 
+from .registry import lookup
+
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 
@@ -66,12 +68,7 @@ ARCHITECTURES: dict[str, Callable[[object], keras.Model]] = {
 
 def build_model(config) -> keras.Model:
     """Build the (uncompiled) model named by ``config.architecture``."""
-    try:
-        builder = ARCHITECTURES[config.architecture]
-    except KeyError:
-        raise ValueError(
-            f"unknown architecture {config.architecture!r}; known architectures: {', '.join(ARCHITECTURES)}."
-        ) from None
+    builder = lookup(ARCHITECTURES, config.architecture, "architecture")
     return builder(config)
 
 

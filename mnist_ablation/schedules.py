@@ -6,6 +6,8 @@ import bisect
 import math
 from typing import Callable
 
+from .registry import lookup
+
 Schedule = Callable[[int], float]
 
 
@@ -73,10 +75,5 @@ SCHEDULES: dict[str, Callable[[object], Schedule]] = {
 
 def build_schedule(config) -> Schedule:
     """Look up ``config.lr_schedule``; an unknown name raises ValueError listing the known ones."""
-    try:
-        factory = SCHEDULES[config.lr_schedule]
-    except KeyError:
-        raise ValueError(
-            f"unknown lr_schedule {config.lr_schedule!r}; known schedules: {', '.join(SCHEDULES)}."
-        ) from None
+    factory = lookup(SCHEDULES, config.lr_schedule, "lr_schedule")
     return factory(config)

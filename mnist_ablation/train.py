@@ -24,6 +24,7 @@ from .augment import AugmentationParams, augment_batch
 from .config import TrainConfig
 from .data import NUM_CLASSES, Mnist, Split, build_split
 from .model import build_model
+from .registry import lookup
 from .schedules import build_schedule
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds")
@@ -109,17 +110,25 @@ def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
         "nadam": lambda: keras.optimizers.Nadam(config.learning_rate),
         "sgd": lambda: keras.optimizers.SGD(config.learning_rate, momentum=0.9, nesterov=True),
     }
-    if config.optimizer not in factories:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; known optimizers: {', '.join(factories)}.")
-    return factories[config.optimizer]()
+    return lookup(factories, config.optimizer, "optimizer")()
 
 
-def compile_model(model: keras.Model, config: TrainConfig) -> keras.Model:
+def effective_steps_per_execution(steps_in_epoch: int, requested: int) -> int:
+    """The largest divisor of ``steps_in_epoch`` that is at most ``requested``.
+
+    Keras runs whole executions: with 19 steps an epoch and 16 steps an execution it trains 32 steps in
+    epoch 1, eating into epoch 2's batches, and the last epoch starves. A divisor keeps every epoch
+    exactly ``steps_in_epoch`` steps (1719 steps for 55,000 images gives 9; the seed's 1875 gives 15).
+    """
+    return max(d for d in range(1, min(requested, steps_in_epoch) + 1) if steps_in_epoch % d == 0)
+
+
+def compile_model(model: keras.Model, config: TrainConfig, steps_in_epoch: int) -> keras.Model:
     model.compile(
         optimizer=build_optimizer(config),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
-        steps_per_execution=config.steps_per_execution,
+        steps_per_execution=effective_steps_per_execution(steps_in_epoch, config.steps_per_execution),
     )
     return model
 
@@ -244,7 +253,8 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
     if resumed is not None:
         model, initial_epoch, history = resumed
     else:
-        model = compile_model(build_model(config), config)
+        model = compile_model(build_model(config), config,
+                              steps_per_epoch(len(split.y_train), config.batch_size))
         initial_epoch, history = 0, {}
     history = {key: list(history.get(key, [])) for key in EPOCH_METRICS}
     if initial_epoch >= config.epochs:

@@ -13,7 +13,8 @@ workers can run ``python -m experiments.tune`` against it at once:
   same process and has misbehaved with parallel jobs, optuna#5148, #4088);
 * a worker that dies stops heart-beating; the next worker to start a trial fails its stale trial,
   marks the trial's MLflow run KILLED and enqueues a retry with the same parameters. Heartbeats do
-  not cover exceptions (optuna#6085), so a worker stopped by Ctrl-C enqueues its retry itself.
+  not cover exceptions (optuna#6085), so a worker stopped by Ctrl-C (or SIGTERM, which the
+  commands turn into KeyboardInterrupt) enqueues its retry itself.
 
 Trials optimise the validation accuracy of the last epoch on the held-out split
 (``validation="split"``); the test set is evaluated once per run by the trainer, but no decision

@@ -41,3 +41,33 @@ def test_float_images_that_are_not_bytes_are_kept_as_floats():
     x, _ = _epoch(build_dataset(TrainConfig(augmentation=False), images, np.arange(64) % 10), 2)
     assert np.allclose(np.sort(x.ravel()), np.sort(images.ravel()))
     assert tf.reduce_max(x) <= 1.0
+
+
+def test_steps_per_execution_divides_the_epoch():
+    from mnist_ablation.train import effective_steps_per_execution
+
+    assert effective_steps_per_execution(1719, 16) == 9  # 55,000 images, batch 32
+    assert effective_steps_per_execution(1875, 16) == 15  # the seed's 60,000 images
+    assert effective_steps_per_execution(19, 16) == 1 and effective_steps_per_execution(7, 16) == 7
+    assert effective_steps_per_execution(32, 16) == 16 and effective_steps_per_execution(100, 1) == 1
+
+
+def test_every_epoch_trains_exactly_its_own_steps_with_steps_per_execution(mnist):
+    """Keras runs whole executions; a non-dividing size used to spill into the next epoch and starve the last."""
+    import keras
+
+    from mnist_ablation.train import train
+
+    seen = []
+
+    class LastBatch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.last = batch
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((self.last, logs["loss"]))
+
+    config = TrainConfig(epochs=3, train_subset=20 * 32, steps_per_execution=16, augmentation=False)
+    result = train(config, mnist, callbacks=[LastBatch()], verbose=0)
+    assert [last for last, _ in seen] == [19, 19, 19]
+    assert all(loss > 0 for _, loss in seen) and len(result.history["loss"]) == 3
