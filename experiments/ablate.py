@@ -42,9 +42,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "postgresql://... to share a study between machines)")
     parser.add_argument("--no-report", action="store_true", help="do not write the statistical report at the end")
     parser.add_argument("--output", default=None, help="directory for the report (default reports/<study>)")
-    parser.add_argument("--heartbeat-interval", type=int, default=10, help=argparse.SUPPRESS)
-    parser.add_argument("--grace-period", type=int, default=60, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeat-interval", type=int, default=10,
+                        help="seconds between a worker's heartbeats in the queue (default: %(default)s)")
+    parser.add_argument("--grace-period", type=int, default=60,
+                        help="seconds without a heartbeat before a worker counts as dead and its cell is retried "
+                             "(default: %(default)s)")
+    parser.add_argument("--worker-only", action="store_true",
+                        help="only run cells; skip the summary and the report (for extra workers)")
     add_data_arguments(parser)
     add_tracking_arguments(parser)
     args = parser.parse_args(argv)
@@ -113,7 +117,8 @@ def finish(runner, args: argparse.Namespace, failed: int) -> int:
     print(f"Study {runner.study.name!r}: test accuracy per arm over seeds (finished runs)")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if not args.no_report:
-        runner.write_report(args.output)
+        report = runner.write_report(args.output)
+        print(f"report: {report.html_path} (also under report/ on the parent run)")
     print()
     print(f"MLflow: experiment {runner.experiment_name!r}, parent run {runner.parent_run_id}")
     print(f"  browse: mlflow ui --backend-store-uri {runner.tracking_uri}")

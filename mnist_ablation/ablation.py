@@ -235,9 +235,8 @@ class StudyRunner:
         counts = failed.drop_duplicates(["arm", "seed"]).groupby("arm").size()
         return pd.DataFrame({"arm": counts.index, "n_failed": counts.to_numpy()})
 
-    def write_report(self, output: str | None) -> None:
-        try:
-            from . import report
-        except ImportError:
-            return
-        report.write_study_report(self.study.name, output_dir=output, parent_run_id=self.parent_run_id)
+    def write_report(self, output: str | None):
+        """The statistical report (mnist_ablation.report), written to ``output`` and the parent run."""
+        from . import report
+
+        return report.write_study_report(self.study.name, output_dir=output, parent_run_id=self.parent_run_id)

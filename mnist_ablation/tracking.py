@@ -207,7 +207,8 @@ def log_keras_model(model: keras.Model) -> None:
     signature = infer_signature(example, np.zeros((1, 10), dtype=np.float32))
     # Logged for inference: the same layers and weights (batch-norm statistics included) without the
     # optimizer's two Adam slots per weight, which would triple the file (5.5 MB -> 1.9 MB per run).
-    inference_model = keras.models.clone_model(model)
+    # (keras.models.clone_model would compile the clone with the same optimizer; from_config does not.)
+    inference_model = keras.Model.from_config(model.get_config())
     inference_model.set_weights(model.get_weights())
     # Stated, not inferred: MLflow's requirement inference re-imports the model in a subprocess (~20 s a run).
     requirements = [f"{name}=={importlib.metadata.version(name)}" for name in ("tensorflow", "keras")]

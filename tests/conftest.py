@@ -11,6 +11,8 @@ import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MNIST_DATA_DIR") or REPO_ROOT.parent / "shared" / "data" / "mnist").resolve()
+# Absolute, so that commands the tests start in temporary directories find the data too.
+os.environ["MNIST_DATA_DIR"] = str(DATA_DIR)
 
 
 @pytest.fixture(scope="session")

@@ -88,3 +88,14 @@ def test_factorial_has_all_sixteen_combinations():
     combos = {(c.augmentation, c.batch_norm, c.dropout, c.lr_schedule) for c in arms.values()}
     assert len(arms) == 16 and len(combos) == 16
     assert arms["baseline"] == get_study("leave-one-out").arms["baseline"]
+
+
+def test_ablate_ends_with_the_report(tmp_path, tracking_uri, data_dir):
+    output = tmp_path / "report"
+    result = run_module("experiments.ablate", "--study", "lr-schedule", "--arms", "baseline,cosine_lr", "--seeds", "2",
+                        "--train-subset", "200", "--epochs", "1", "--output", str(output),
+                        env=command_env(tracking_uri, data_dir), cwd=tmp_path)
+    assert f"report: {output / 'report.html'}" in result.stdout
+    assert (output / "report.html").stat().st_size > 10_000 and (output / "ablation_summary.csv").exists()
+    parent = compare.find_parent_run("lr-schedule")
+    assert "report" in {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
