@@ -32,12 +32,11 @@ def main(argv=None) -> int:
     import seaborn as sns
     import tensorflow as tf
     from tensorflow.keras.callbacks import LearningRateScheduler
-    from tensorflow.keras.layers import BatchNormalization, Conv2D, Dense, Dropout, Flatten, MaxPooling2D
-    from tensorflow.keras.models import Sequential
     from tensorflow.keras.preprocessing.image import ImageDataGenerator
     from tensorflow.keras.utils import to_categorical
 
     from mnist_ablation.data import load_mnist
+    from mnist_ablation.model import seed_sequential_model
 
     data = load_mnist(args.data_dir)
     train_images, test_images = data.x_train, data.x_test  # already reshaped and / 255 as the seed does
@@ -45,22 +44,7 @@ def main(argv=None) -> int:
     if args.train_subset:
         train_images, train_labels = train_images[: args.train_subset], train_labels[: args.train_subset]
 
-    model = Sequential([
-        Conv2D(32, (3, 3), activation="relu", input_shape=(28, 28, 1)),
-        BatchNormalization(),
-        Conv2D(64, (3, 3), activation="relu"),
-        MaxPooling2D((2, 2)),
-        Dropout(0.25),
-        Conv2D(64, (3, 3), activation="relu"),
-        BatchNormalization(),
-        MaxPooling2D((2, 2)),
-        Dropout(0.25),
-        Flatten(),
-        Dense(256, activation="relu"),
-        BatchNormalization(),
-        Dropout(0.5),
-        Dense(10, activation="softmax"),
-    ])
+    model = seed_sequential_model()  # the seed's Sequential, layer for layer as its text writes it
     datagen = ImageDataGenerator(rotation_range=10, width_shift_range=0.1, height_shift_range=0.1,
                                  zoom_range=0.1, shear_range=0.1)
     datagen.fit(train_images)

@@ -153,22 +153,20 @@ def postgres_url():
 
 
 def wait_for_health(url: str, process: subprocess.Popen, log_file: Path, timeout: float) -> None:
-    """Poll ``url``/health until it answers 200 OK; fail with the server's log if it dies or never does."""
+    """Poll ``url`` (a health endpoint) until it answers 200 OK; fail with the server's log if it dies or never does."""
     import requests
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with code {process.returncode}:\n"
-                               f"{log_file.read_text()[-3000:]}")
+            raise RuntimeError(f"server exited with code {process.returncode}:\n{log_file.read_text()[-3000:]}")
         try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+            if requests.get(url, timeout=2).status_code == 200:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"mlflow server at {url} did not answer /health within {timeout:.0f} s:\n"
-                       f"{log_file.read_text()[-3000:]}")
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s:\n{log_file.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -191,7 +189,7 @@ def mlflow_server(tmp_path_factory):
                                    start_new_session=True)
     try:
         try:
-            wait_for_health(url, process, log_file, STARTUP_TIMEOUT_SECONDS)
+            wait_for_health(f"{url}/health", process, log_file, STARTUP_TIMEOUT_SECONDS)
         except RuntimeError as error:
             pytest.fail(str(error))
         yield url

@@ -20,6 +20,7 @@ import pytest
 
 from mnist_ablation.preprocess import (BOX_SIZE, CENTER, area_resize, area_resize_matrix, bounding_box,
                                        center_of_mass, mnist_preprocess)
+from servers import wait_for_health
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STUDY = "explorer-test"
@@ -91,19 +92,7 @@ class ServerProcess:
         return self.log_path.read_text()[-4000:]
 
     def wait_until_healthy(self, timeout: float = SERVER_START_TIMEOUT) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server did not answer /api/health within {timeout:.0f} s:\n{self.log_tail()}")
+        wait_for_health(f"{self.url}/api/health", self.process, self.log_path, timeout)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from mnist_ablation import tracking, tuning
-from mnist_ablation.config import BASELINE, ConfigError, TrainConfig
+from mnist_ablation import tuning
+from mnist_ablation.config import BASELINE, ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--epochs", "1", "--train-subset", "200"]
