@@ -51,8 +51,7 @@ def _raise_keyboard_interrupt(signum, frame):
 
 def run_command(main: Callable[[], int]) -> None:
     """Run a command's main; known user errors print one clear line and exit 2, not a traceback."""
-    from mnist_ablation.tracking import TrackingError
-    from mnist_ablation.workqueue import QueueError
+    from mnist_ablation.errors import QueueError, TrackingError
 
     user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, TrackingError, QueueError, ValueError)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -26,7 +26,6 @@ IDX_SHA256 = {
 # SHA-256 of Keras' https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz
 NPZ_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
 NUM_CLASSES = 10
-IMAGE_SHAPE = (28, 28, 1)
 
 POINT_AT_DATA = (
     f"Point at a directory holding the four MNIST IDX files (gzip or not) or mnist.npz with "

@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from .config import TrainConfig
 from .data import Mnist
 from .environment import environment_record
+from .errors import TrackingError
 from .plots import confusion_matrix_figure, training_curves_figure
 from .train import EPOCH_METRICS, RunResult, train
 
@@ -37,11 +38,6 @@ DEFAULT_STORE_DIR = Path("mlruns")
 DEFAULT_EXPERIMENT = "mnist_ablation"
 PREDICTIONS_ARTIFACT = "predictions/test_predictions.parquet"
 TTA_PREDICTIONS_ARTIFACT = "predictions/test_predictions_tta.parquet"
-FINAL_METRICS = ("test_loss", "test_accuracy", "train_seconds", "train_images_per_second")
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used (unreachable server, bad URI)."""
 
 
 def default_tracking_uri() -> str:

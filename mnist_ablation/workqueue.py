@@ -29,6 +29,8 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from .errors import QueueError
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # fail_stale_trials and the heartbeat callbacks are stable in practice since Optuna 2.9; the warning is noise.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -57,10 +59,6 @@ class Claim:
     number: int
     cell: Cell
     previous_run_id: str | None  # MLflow run of an earlier attempt of this cell (a retry), if any
-
-
-class QueueError(RuntimeError):
-    """The queue storage cannot be used."""
 
 
 def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 60,
