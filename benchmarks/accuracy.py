@@ -3,6 +3,10 @@
     python -m benchmarks.accuracy --mode short    # same code path on a small subset, ~5-10 minutes on 2 cores
     python -m benchmarks.accuracy --mode full     # full length: 5 arms x 3 seeds x 15-30 epochs (hours on CPU)
 
+    # the same cells trained on a GPU box with JAX and no MLflow, then summarised here:
+    KERAS_BACKEND=jax python -m experiments.ablate --study architecture --seeds 3 --offline cells --workers 15
+    python -m benchmarks.accuracy --mode full --offline-cells cells
+
 It runs ``python -m experiments.ablate --study architecture`` (resumable: finished cells are skipped), then:
 
 - the seed's recipe: the ``baseline`` arm, test accuracy mean +- std over seeds, seconds per run;
@@ -45,10 +49,13 @@ GOALS = {  # the issue's targets, on test accuracy means over seeds
 }
 
 
-def ablate_command(mode: str, seeds: int, tracking_uri: str, data_dir: str | None) -> list[str]:
+def ablate_command(mode: str, seeds: int, tracking_uri: str, data_dir: str | None,
+                   offline_cells: Path | None = None) -> list[str]:
     overrides, _, _ = MODES[mode]
     command = [sys.executable, "-m", "experiments.ablate", "--study", STUDY, "--seeds", str(seeds),
                "--no-report", "--tracking-uri", tracking_uri]
+    if offline_cells is not None:
+        command += ["--import-offline", str(offline_cells)]
     if "train_subset" in overrides:
         command += ["--train-subset", str(overrides["train_subset"])]
     if "epochs" in overrides:
@@ -168,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/accuracy-<mode>.json)")
     parser.add_argument("--skip-training", action="store_true",
                         help="only summarise the runs already in the store (no ablate step)")
+    parser.add_argument("--offline-cells", type=Path, default=None, metavar="DIR",
+                        help="import the cells trained elsewhere with `experiments.ablate --study architecture "
+                             "--offline DIR` (a GPU box, say) instead of training here; cells missing from DIR "
+                             "are not trained")
     args = parser.parse_args(argv)
     _, default_seeds, default_size = MODES[args.mode]
     seeds = args.seeds or default_seeds
@@ -176,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = args.tracking_uri or f"sqlite:///{store / 'mlflow.db'}"
     output = args.output or RESULTS_DIR / f"accuracy-{args.mode}.json"
 
-    command = ablate_command(args.mode, seeds, tracking_uri, args.data_dir)
+    command = ablate_command(args.mode, seeds, tracking_uri, args.data_dir, args.offline_cells)
     started = time.perf_counter()
     if not args.skip_training:
         print("$ python", " ".join(command[1:]), flush=True)

@@ -5,6 +5,10 @@ again skips finished cells, reruns failed or interrupted ones, and never overwri
 Cells are handed out through an Optuna RDB storage, so several workers (``--workers N`` on this
 machine, or the same command on several machines with a shared ``--storage`` and ``--tracking-uri``)
 run each cell exactly once.
+
+On a machine without the tracking stack (a GPU box with JAX and no TensorFlow or MLflow, say),
+``--offline DIR`` trains the cells with the same trainer into one folder each; ``--import-offline DIR``
+then logs them into the study from a machine that has the store.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from experiments.cli import add_config_arguments, add_data_arguments, add_tracking_arguments, run_command
 from experiments.studies import DEFAULT_STUDY, STUDIES, Study, get_study
@@ -49,9 +54,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default: %(default)s)")
     parser.add_argument("--worker-only", action="store_true",
                         help="only run cells; skip the summary and the report (for extra workers)")
+    parser.add_argument("--offline", metavar="DIR", default=None,
+                        help="train the cells without MLflow or Optuna (any Keras backend, e.g. KERAS_BACKEND=jax), "
+                             "one folder per cell in DIR, --workers at a time; rerunning skips saved cells")
+    parser.add_argument("--import-offline", metavar="DIR", default=None,
+                        help="log the cells saved by --offline in DIR into this study (same --study, --seeds, "
+                             "--epochs, --train-subset, --set), then summarise as usual")
     add_data_arguments(parser)
     add_tracking_arguments(parser)
     args = parser.parse_args(argv)
+    if args.offline and args.import_offline:
+        parser.error("--offline and --import-offline: choose one (train offline, then import on the tracking machine)")
     if args.quick:
         for key, value in QUICK_PRESET.items():
             if getattr(args, key) is None:
@@ -92,6 +105,8 @@ def main(argv=None) -> int:
         return 0
     study = get_study(args.study)
     configs = study_configs(study, args)
+    if args.offline:
+        return run_offline(configs, args)
     from mnist_ablation import ablation
 
     # Opening the runner checks the stores and the data, and creates the MLflow and queue databases, so
@@ -101,6 +116,12 @@ def main(argv=None) -> int:
         storage_url=args.storage, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
         command=sys.argv,
     )
+    if args.import_offline:
+        imported, skipped, problems = runner.import_offline(args.import_offline)
+        print(f"imported {imported} cell(s) from {args.import_offline}, {skipped} already in the study")
+        for problem in problems:
+            print(f"not imported: {problem}", file=sys.stderr)
+        return max(finish(runner, args, failed=0), 1 if problems else 0)
     if args.workers > 1 and not args.worker_only:
         codes = launch_workers(args, argv if argv is not None else sys.argv[1:])
         return finish(runner, args, failed=sum(1 for code in codes if code != 0))
@@ -108,6 +129,21 @@ def main(argv=None) -> int:
     if args.worker_only:
         return 1 if outcome.failed else 0
     return finish(runner, args, failed=outcome.failed)
+
+
+def run_offline(configs: dict[str, TrainConfig], args: argparse.Namespace) -> int:
+    """``--offline DIR``: train the cells into folders, with no tracking store."""
+    from mnist_ablation import offline
+
+    started = time.perf_counter()
+    trained, skipped, failures = offline.run_offline(configs, range(args.seeds), args.data_dir, args.offline,
+                                                     workers=args.workers)
+    print(f"trained {trained} cell(s) in {time.perf_counter() - started:.0f} s ({skipped} already saved) into "
+          f"{args.offline}; log them with: python -m experiments.ablate --study {args.study} --seeds {args.seeds} "
+          f"--import-offline {args.offline} (plus the same --epochs/--train-subset/--set)")
+    for failure in failures:
+        print(f"FAILED {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def finish(runner, args: argparse.Namespace, failed: int) -> int:

@@ -121,6 +121,15 @@ STUDIES: dict[str, Study] = {
                 "extra_block": BASELINE.replace(architecture="extra_block"),
                 "onecycle_30_epochs": BASELINE.replace(lr_schedule="onecycle", learning_rate=3e-3, epochs=30),
                 "extra_block_label_smoothing": BASELINE.replace(architecture="extra_block", label_smoothing=0.1),
+                # An et al. 2020's three no-pooling BN networks (their M3, M5, M7), 20 epochs with exponential
+                # decay 1e-3 -> 1e-5 and the seed's augmentation; a top-3 ensemble of one seed is their design.
+                **{
+                    f"no_pool_{k}x{k}": BASELINE.replace(architecture=f"no_pool_{k}x{k}", conv_filters=filters,
+                                                         lr_schedule="exponential", epochs=20)
+                    for k, filters in ((3, (32, 48, 64, 80, 96, 112, 128, 144, 160, 176)),
+                                       (5, (32, 64, 96, 128, 160)),
+                                       (7, (48, 96, 144, 192)))
+                },
             },
         ),
     )

@@ -208,6 +208,40 @@ class StudyRunner:
         tqdm.write(f"finished {cell.key}: test_accuracy {tracked.result.test_accuracy:.4f} "
                    f"({time.perf_counter() - started:.0f} s, run {tracked.run_id})")
 
+    def import_offline(self, directory: Path) -> tuple[int, int, list[str]]:
+        """Log the cells saved by ``offline.run_offline`` in ``directory`` as this study's child runs.
+
+        A folder counts only if its (arm, seed) is a cell of this study with the same config hash;
+        cells already FINISHED here are skipped, so importing twice adds nothing. Returns
+        (imported, skipped, problems).
+        """
+        from . import offline
+
+        self._publish_definition()
+        finished = self.finished_cells()
+        by_key = {cell.key: cell for cell in self.cells}
+        imported, skipped, problems = 0, 0, []
+        for folder in offline.saved_cells(directory):
+            result, record = offline.load_result(folder)
+            cell = by_key.get(record["key"])
+            if cell is None or cell.config_hash != record["config_hash"]:
+                problems.append(f"{folder.name}: not a cell of this study as defined by this command "
+                                f"(config hash {record['config_hash']}); same --study, --seeds, --epochs, "
+                                "--train-subset and --set as the offline run?")
+                continue
+            if (cell.arm, cell.seed, cell.config_hash) in finished:
+                skipped += 1
+                continue
+            tracked = tracking.log_offline_result(
+                result, record, experiment_name=self.experiment_name, run_name=cell.key,
+                tags={"study": self.study.name, "arm": cell.arm, compare.ROLE_TAG: "cell",
+                      "worker": record["environment"]["machine"]["hostname"]},
+                parent_run_id=self.parent_run_id,
+            )
+            imported += 1
+            tqdm.write(f"imported {cell.key}: test_accuracy {result.test_accuracy:.4f} (run {tracked.run_id})")
+        return imported, skipped, problems
+
     # -- results -----------------------------------------------------------------------------------
 
     def write_summary(self) -> pd.DataFrame:

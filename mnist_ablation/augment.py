@@ -7,14 +7,19 @@ affine matrix about the image centre and resamples once, bilinearly, extending e
 does the same maths in a single ``ImageProjectiveTransformV3`` call per batch, so it runs inside the
 ``tf.data`` pipeline instead of in Python per image, and draws from stateless seeds so that a run
 resumed at epoch k sees exactly the images an uninterrupted run would have seen.
+
+Keras backends other than TensorFlow (JAX on a GPU machine without TensorFlow, say) get the same maths in
+NumPy: ``numpy_augment_batch`` resamples exactly as the TensorFlow op does (to float rounding), drawing
+from NumPy generators seeded the same way. TensorFlow is imported only by the TensorFlow functions.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
-import tensorflow as tf
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -38,17 +43,20 @@ class AugmentationParams:
         )
 
 
-def affine_transforms(theta, tx, ty, shear, zx, zy, height: int, width: int) -> tf.Tensor:
+def affine_transforms(theta, tx, ty, shear, zx, zy, height: int, width: int, xp: ModuleType | None = None):
     """ImageDataGenerator's matrix (rotation @ shift @ shear @ zoom about the centre) as (B, 8) rows.
 
     Angles are in degrees. Like ImageDataGenerator since Keras 2.4, the matrix acts on (x, y) = (column,
     row) coordinates, so ``tx`` (drawn from height_shift_range) moves columns; at 28x28 with equal
     ranges that is symmetric. Each row maps an output pixel to the input point it samples from.
+    ``xp`` is the array module the inputs belong to: ``tensorflow`` (the default) or ``numpy``.
     """
+    if xp is None:
+        import tensorflow as xp
     theta = theta * (math.pi / 180.0)
     shear = shear * (math.pi / 180.0)
-    cos_t, sin_t = tf.cos(theta), tf.sin(theta)
-    sin_s, cos_s = tf.sin(shear), tf.cos(shear)
+    cos_t, sin_t = xp.cos(theta), xp.sin(theta)
+    sin_s, cos_s = xp.sin(shear), xp.cos(shear)
     # L = R @ Sh @ Z; translation t = R @ (tx, ty).
     l00 = cos_t * zx
     l01 = (-cos_t * sin_s - sin_t * cos_s) * zy
@@ -61,25 +69,33 @@ def affine_transforms(theta, tx, ty, shear, zx, zy, height: int, width: int) -> 
     o_y = height / 2 - 0.5
     a2 = t0 + o_x - (l00 * o_x + l01 * o_y)
     b2 = t1 + o_y - (l10 * o_x + l11 * o_y)
-    zeros = tf.zeros_like(l00)
-    return tf.stack([l00, l01, a2, l10, l11, b2, zeros, zeros], axis=1)
+    zeros = xp.zeros_like(l00)
+    return xp.stack([l00, l01, a2, l10, l11, b2, zeros, zeros], axis=1)
 
 
-def random_transforms(seed: tf.Tensor, batch: int, height: int, width: int,
-                      params: AugmentationParams) -> tf.Tensor:
+def random_transforms(seed, batch: int, height: int, width: int, params: AugmentationParams):
     """Draw one transform per image from stateless ``seed`` (shape (2,), int)."""
+    import tensorflow as tf
+
     u = tf.random.stateless_uniform([batch, 6], seed=seed, minval=-1.0, maxval=1.0, dtype=tf.float32)
+    return _transforms_from_uniform(u, height, width, params, tf)
+
+
+def _transforms_from_uniform(u, height: int, width: int, params: AugmentationParams, xp: ModuleType):
+    """Scale (B, 6) uniform draws in [-1, 1) to ImageDataGenerator's ranges and build the matrices."""
     theta = u[:, 0] * params.rotation_range
     tx = u[:, 1] * params.height_shift_range * height
     ty = u[:, 2] * params.width_shift_range * width
     shear = u[:, 3] * params.shear_range
     zx = 1.0 + u[:, 4] * params.zoom_range
     zy = 1.0 + u[:, 5] * params.zoom_range
-    return affine_transforms(theta, tx, ty, shear, zx, zy, height, width)
+    return affine_transforms(theta, tx, ty, shear, zx, zy, height, width, xp=xp)
 
 
-def apply_transforms(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+def apply_transforms(images, transforms):
     """Resample (B, H, W, C) ``images`` bilinearly, extending edge pixels (fill_mode='nearest')."""
+    import tensorflow as tf
+
     shape = tf.shape(images)
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images,
@@ -91,15 +107,60 @@ def apply_transforms(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
     )
 
 
-def augment_batch(images: tf.Tensor, seed: tf.Tensor, params: AugmentationParams) -> tf.Tensor:
-    """Augment a batch of (B, 28, 28, 1) float images with stateless ``seed``."""
+def augment_batch(images, seed, params: AugmentationParams):
+    """Augment a batch of (B, 28, 28, 1) float images with stateless ``seed`` (TensorFlow tensors)."""
+    import tensorflow as tf
+
     height, width = int(images.shape[1]), int(images.shape[2])
     transforms = random_transforms(seed, tf.shape(images)[0], height, width, params)
     return apply_transforms(images, transforms)
 
 
+def numpy_random_transforms(seed: tuple[int, int], batch: int, height: int, width: int,
+                            params: AugmentationParams) -> np.ndarray:
+    """``random_transforms`` for NumPy: the same ranges, drawn from ``default_rng(seed)``.
+
+    The draws follow the same distribution as the TensorFlow path but are a different random stream.
+    """
+    rng = np.random.default_rng([int(value) for value in seed])
+    u = rng.uniform(-1.0, 1.0, size=(batch, 6)).astype(np.float32)
+    return _transforms_from_uniform(u, height, width, params, np).astype(np.float32)
+
+
+def numpy_apply_transforms(images: np.ndarray, transforms: np.ndarray) -> np.ndarray:
+    """``apply_transforms`` in NumPy, with ``ImageProjectiveTransformV3``'s arithmetic.
+
+    Each output pixel (x, y) samples the input at (a0 x + a1 y + a2, b0 x + b1 y + b2); fill_mode
+    'nearest' clamps that point into [0, size - 1], then bilinear interpolation weighs the four pixels
+    around it (a neighbour past the last row or column has weight 0).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    batch, height, width, _ = images.shape
+    m = np.asarray(transforms, dtype=np.float32)[:, :6, None, None]
+    y_out, x_out = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32),
+                               indexing="ij")
+    x = np.clip(m[:, 0] * x_out + m[:, 1] * y_out + m[:, 2], 0.0, width - 1.0)
+    y = np.clip(m[:, 3] * x_out + m[:, 4] * y_out + m[:, 5], 0.0, height - 1.0)
+    x0, y0 = np.floor(x), np.floor(y)
+    wx, wy = (x - x0)[..., None], (y - y0)[..., None]
+    x0, y0 = x0.astype(np.intp), y0.astype(np.intp)
+    x1, y1 = np.minimum(x0 + 1, width - 1), np.minimum(y0 + 1, height - 1)
+    b = np.arange(batch)[:, None, None]
+    top = (1 - wx) * images[b, y0, x0] + wx * images[b, y0, x1]
+    bottom = (1 - wx) * images[b, y1, x0] + wx * images[b, y1, x1]
+    return ((1 - wy) * top + wy * bottom).astype(np.float32)
+
+
+def numpy_augment_batch(images: np.ndarray, seed: tuple[int, int], params: AugmentationParams) -> np.ndarray:
+    """``augment_batch`` for NumPy arrays (used when Keras runs on a backend other than TensorFlow)."""
+    transforms = numpy_random_transforms(seed, len(images), images.shape[1], images.shape[2], params)
+    return numpy_apply_transforms(images, transforms)
+
+
 def image_data_generator(params: AugmentationParams):
     """The seed's own ``ImageDataGenerator`` with these strengths (reference for tests and benchmarks)."""
+    import tensorflow as tf
+
     return tf.keras.preprocessing.image.ImageDataGenerator(
         rotation_range=params.rotation_range,
         width_shift_range=params.width_shift_range,

@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 # Names known to the registries in schedules.py, model.py and train.py. Kept here so that validation
 # fails before any heavy import or any run is created.
 LR_SCHEDULES = ("step", "constant", "cosine", "onecycle", "exponential")
-ARCHITECTURES = ("seed", "extra_block")
+ARCHITECTURES = ("seed", "extra_block", "no_pool_3x3", "no_pool_5x5", "no_pool_7x7")
+NO_POOL_MAX_LAYERS = {"no_pool_3x3": 13, "no_pool_5x5": 6, "no_pool_7x7": 4}  # unpadded convs that fit 28x28
 OPTIMIZERS = ("adam", "adamw", "nadam", "sgd")
 VALIDATION_PROTOCOLS = ("split", "test")
 SPEED_FIELDS = ("steps_per_execution", "threads")
@@ -249,10 +250,18 @@ def validate(config: TrainConfig) -> None:
     for name in ("conv_dropout_rate", "dense_dropout_rate", "label_smoothing"):
         _check(0 <= getattr(c, name) < 1, name, getattr(c, name), "a rate in [0, 1)")
     _check(c.architecture in ARCHITECTURES, "architecture", c.architecture, f"one of {ARCHITECTURES}")
-    _check(
-        len(c.conv_filters) == 3 and all(f >= 1 for f in c.conv_filters),
-        "conv_filters", c.conv_filters, "three positive integers, e.g. 32,64,64",
-    )
+    if c.architecture in NO_POOL_MAX_LAYERS:
+        _check(
+            1 <= len(c.conv_filters) <= NO_POOL_MAX_LAYERS[c.architecture] and all(f >= 1 for f in c.conv_filters),
+            "conv_filters", c.conv_filters,
+            f"1 to {NO_POOL_MAX_LAYERS[c.architecture]} positive integers for {c.architecture} "
+            "(each unpadded conv shrinks the 28x28 image)",
+        )
+    else:
+        _check(
+            len(c.conv_filters) == 3 and all(f >= 1 for f in c.conv_filters),
+            "conv_filters", c.conv_filters, "three positive integers, e.g. 32,64,64",
+        )
     _check(c.dense_units >= 1, "dense_units", c.dense_units, "an integer >= 1")
     _check(c.optimizer in OPTIMIZERS, "optimizer", c.optimizer, f"one of {OPTIMIZERS}")
     _check(0 < c.learning_rate <= 10, "learning_rate", c.learning_rate, "a float in (0, 10]")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGES = (
     "tensorflow", "keras", "mlflow", "optuna", "numpy", "pandas", "scipy", "statsmodels",
-    "matplotlib", "seaborn", "mnist_ablation",
+    "matplotlib", "seaborn", "mnist_ablation", "jax", "jaxlib",
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,12 +47,17 @@ def machine() -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
     }
-    try:
+    import keras
+
+    record["keras_backend"] = keras.backend.backend()
+    if record["keras_backend"] == "tensorflow":
         import tensorflow as tf
 
         record["tensorflow_devices"] = [d.name for d in tf.config.list_physical_devices()]
-    except ImportError:
-        pass
+    elif record["keras_backend"] == "jax":
+        import jax
+
+        record["jax_devices"] = [str(device) for device in jax.devices()]
     return record
 
 

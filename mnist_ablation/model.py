@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import keras
@@ -60,9 +61,34 @@ def extra_block_architecture(config) -> keras.Model:
     return keras.Model(inputs, _classifier(x, config), name="extra_block_cnn")
 
 
+def no_pool_architecture(config, kernel: int) -> keras.Model:
+    """An et al. 2020 (arXiv 2008.10400): unpadded ``kernel`` x ``kernel`` convs, no pooling, no dropout.
+
+    One conv (no bias) + BN + ReLU per entry of ``conv_filters``, then Flatten, Dense(10) (no bias) + BN
+    and softmax. Their M3 is ten 3x3 convs (32, 48, ..., 176), M5 five 5x5 (32, 64, 96, 128, 160) and M7
+    four 7x7 (48, 96, 144, 192). ``dense_units`` and the dropout fields do not apply.
+    """
+    inputs = keras.Input(shape=INPUT_SHAPE, name="image")
+    x = inputs
+    for index, filters in enumerate(config.conv_filters, start=1):
+        x = layers.Conv2D(filters, (kernel, kernel), use_bias=not config.batch_norm, name=f"block{index}_conv")(x)
+        if config.batch_norm:
+            x = layers.BatchNormalization(name=f"block{index}_bn")(x)
+        x = layers.Activation("relu", name=f"block{index}_relu")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(NUM_CLASSES, use_bias=not config.batch_norm, name="logits")(x)
+    if config.batch_norm:
+        x = layers.BatchNormalization(name="logits_bn")(x)
+    outputs = layers.Activation("softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"no_pool_{kernel}x{kernel}_cnn")
+
+
 ARCHITECTURES: dict[str, Callable[[object], keras.Model]] = {
     "seed": seed_architecture,
     "extra_block": extra_block_architecture,
+    "no_pool_3x3": functools.partial(no_pool_architecture, kernel=3),
+    "no_pool_5x5": functools.partial(no_pool_architecture, kernel=5),
+    "no_pool_7x7": functools.partial(no_pool_architecture, kernel=7),
 }
 
 
@@ -93,3 +119,15 @@ def seed_sequential_model() -> keras.Model:
         Dropout(0.5),
         Dense(10, activation="softmax"),
     ])
+
+
+def inference_copy(model: keras.Model) -> keras.Model:
+    """The same layers and weights (batch-norm statistics included), uncompiled: no optimizer state.
+
+    For saving or logging a trained model: Adam's two slots per weight would triple the file (5.5 MB ->
+    1.9 MB here). ``keras.models.clone_model`` would compile the clone with the same optimizer;
+    ``from_config`` does not.
+    """
+    copy = keras.Model.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    return copy

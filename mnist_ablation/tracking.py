@@ -8,6 +8,7 @@ is interrupted KILLED; only a run whose every artifact landed is FINISHED.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -30,6 +31,7 @@ from .config import TrainConfig
 from .data import Mnist
 from .environment import environment_record
 from .errors import TrackingError
+from .model import inference_copy
 from .plots import confusion_matrix_figure, training_curves_figure
 from .train import EPOCH_METRICS, RunResult, train
 
@@ -201,11 +203,7 @@ def log_keras_model(model: keras.Model) -> None:
 
     example = np.zeros((1, 28, 28, 1), dtype=np.float32)
     signature = infer_signature(example, np.zeros((1, 10), dtype=np.float32))
-    # Logged for inference: the same layers and weights (batch-norm statistics included) without the
-    # optimizer's two Adam slots per weight, which would triple the file (5.5 MB -> 1.9 MB per run).
-    # (keras.models.clone_model would compile the clone with the same optimizer; from_config does not.)
-    inference_model = keras.Model.from_config(model.get_config())
-    inference_model.set_weights(model.get_weights())
+    inference_model = inference_copy(model)  # logged for inference, without the optimizer's state
     # Stated, not inferred: MLflow's requirement inference re-imports the model in a subprocess (~20 s a run).
     requirements = [f"{name}=={importlib.metadata.version(name)}" for name in ("tensorflow", "keras")]
     mlflow.keras.log_model(inference_model, name="model", signature=signature, pip_requirements=requirements)
@@ -239,6 +237,35 @@ def mark_run_dead(run_id: str, reason: str) -> bool:
     return True
 
 
+def _start_run(config: TrainConfig, config_hash: str, experiment_name: str, run_name: str | None,
+               tags: Mapping[str, str] | None, parent_run_id: str | None) -> str:
+    experiment_id = get_or_create_experiment(experiment_name)
+    all_tags = {"config_hash": config_hash, "seed": str(config.seed), **dict(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags).info.run_id
+
+
+def _log_config(run_id: str, config: TrainConfig, environment: Mapping) -> None:
+    MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in flatten_params(config).items()])
+    mlflow.log_dict(config.to_dict(), "config.json")
+    mlflow.log_dict(dict(environment), "environment.json")
+
+
+@contextlib.contextmanager
+def _finished_only_if_complete(run_id: str):
+    """End the active run FINISHED if the body completes, KILLED on an interrupt, FAILED on any error."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _end_failed(run_id, "KILLED", "interrupted (KeyboardInterrupt / SIGINT)")
+        raise
+    except BaseException as error:
+        _end_failed(run_id, "FAILED", f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}")
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
 def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEFAULT_EXPERIMENT,
                  run_name: str | None = None, tags: Mapping[str, str] | None = None,
                  parent_run_id: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
@@ -249,19 +276,12 @@ def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEF
     Any exception ends the run FAILED with a ``failure_reason`` tag, and an interrupt ends it KILLED;
     the exception propagates. The checkpoint directory is removed only after the run is FINISHED.
     """
-    experiment_id = get_or_create_experiment(experiment_name)
-    all_tags = {"config_hash": config.hash(data.checksums), "seed": str(config.seed), **dict(tags or {})}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
-    run_id = run.info.run_id
+    run_id = _start_run(config, config.hash(data.checksums), experiment_name, run_name, tags, parent_run_id)
     if on_run_created is not None:
         on_run_created(run_id)
-    try:
+    with _finished_only_if_complete(run_id):
         client = MlflowClient()
-        client.log_batch(run_id, params=[Param(k, v) for k, v in flatten_params(config).items()])
-        mlflow.log_dict(config.to_dict(), "config.json")
-        mlflow.log_dict(environment_record(data.checksums, data.source), "environment.json")
+        _log_config(run_id, config, environment_record(data.checksums, data.source))
         result = train(config, data, callbacks=[MlflowEpochLogger(run_id), *callbacks],
                        checkpoint_dir=checkpoint_dir, verbose=verbose)
         # Epochs trained before a resume come from the checkpoint's history, so the curve is whole.
@@ -270,15 +290,28 @@ def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEF
         if result.initial_epoch:
             mlflow.set_tag("resumed_from_epoch", str(result.initial_epoch))
         log_result_artifacts(result, run_name or "")
-    except KeyboardInterrupt:
-        _end_failed(run_id, "KILLED", "interrupted (KeyboardInterrupt / SIGINT)")
-        raise
-    except BaseException as error:
-        _end_failed(run_id, "FAILED", f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}")
-        raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return TrackedRun(run_id, result)
+
+
+def log_offline_result(result: RunResult, record: Mapping, *, experiment_name: str = DEFAULT_EXPERIMENT,
+                       run_name: str | None = None, tags: Mapping[str, str] | None = None,
+                       parent_run_id: str | None = None) -> TrackedRun:
+    """Log a run trained elsewhere (``offline.load_result``) with everything ``run_training`` logs.
+
+    Its environment.json is the record of the machine that trained it; tags ``trained_offline`` and
+    ``keras_backend`` say so. Like ``run_training``, it is FINISHED only once every artifact landed.
+    """
+    run_id = _start_run(result.config, record["config_hash"], experiment_name, run_name,
+                        {**dict(tags or {}), "trained_offline": "true", "keras_backend": record["keras_backend"]},
+                        parent_run_id)
+    with _finished_only_if_complete(run_id):
+        _log_config(run_id, result.config, record["environment"])
+        client = MlflowClient()
+        for epoch in range(len(result.history["loss"])):
+            log_epoch_metrics(client, run_id, epoch, {k: v[epoch] for k, v in result.history.items()})
+        log_result_artifacts(result, run_name or "")
     return TrackedRun(run_id, result)
 
 

@@ -3,6 +3,10 @@
 The pipeline is the seed's: augmented batches of 32 from the training images, Adam, categorical
 cross-entropy, per-epoch validation and the step learning-rate schedule, then one evaluation on the
 test set. Callers observe it through Keras callbacks.
+
+The input pipeline is ``tf.data`` when Keras runs on TensorFlow (the default), and a NumPy
+``keras.utils.PyDataset`` with the same augmentation maths on any other Keras backend, so the same
+trainer runs with ``KERAS_BACKEND=jax`` on a machine that has JAX and no TensorFlow (a GPU box, say).
 """
 
 from __future__ import annotations
@@ -18,9 +22,8 @@ from typing import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from .augment import AugmentationParams, augment_batch
+from .augment import AugmentationParams, augment_batch, numpy_augment_batch
 from .config import TrainConfig
 from .data import NUM_CLASSES, Mnist, Split, build_split
 from .model import build_model
@@ -54,10 +57,17 @@ class RunResult:
     extra_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def on_tensorflow() -> bool:
+    """Whether Keras runs on TensorFlow (``KERAS_BACKEND``; TensorFlow is Keras' default)."""
+    return keras.backend.backend() == "tensorflow"
+
+
 def configure_runtime(config: TrainConfig) -> None:
-    """Seed Python, NumPy and TensorFlow; set TensorFlow's thread pools when asked."""
+    """Seed Python, NumPy and the backend; set TensorFlow's thread pools when asked."""
     keras.utils.set_random_seed(config.seed)
-    if config.threads:
+    if config.threads and on_tensorflow():
+        import tensorflow as tf
+
         try:
             tf.config.threading.set_intra_op_parallelism_threads(config.threads)
             tf.config.threading.set_inter_op_parallelism_threads(min(2, config.threads))
@@ -69,13 +79,17 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return math.ceil(num_images / batch_size)
 
 
-def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray,
-                  initial_epoch: int = 0) -> tf.data.Dataset:
+def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray, initial_epoch: int = 0):
     """Shuffled, augmented, one-hot batches for epochs ``initial_epoch..epochs-1``.
 
     Shuffling and augmentation draw from stateless seeds derived from (seed, epoch, batch), so the
-    stream of batches for epoch k is the same whether or not the run was resumed.
+    stream of batches for epoch k is the same whether or not the run was resumed. A ``tf.data.Dataset``
+    on TensorFlow, an ``AugmentedBatches`` PyDataset on other backends.
     """
+    if not on_tensorflow():
+        return AugmentedBatches(config, images, labels, initial_epoch)
+    import tensorflow as tf
+
     n = len(labels)
     # MNIST pixels are k / 255: held as those bytes, and cast / 255 per batch, they rebuild the seed's
     # float32 values bit for bit at a quarter of the memory (tf.data may copy this constant once more).
@@ -101,6 +115,44 @@ def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray,
 
     epochs = tf.data.Dataset.range(initial_epoch, config.epochs)
     return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
+class AugmentedBatches(keras.utils.PyDataset):
+    """``build_dataset`` for backends other than TensorFlow: NumPy batches, whole run as one sequence.
+
+    Batch ``i`` is step ``i % steps`` of epoch ``initial_epoch + i // steps``; its shuffle order and
+    augmentation come from NumPy generators seeded by (seed, epoch) and (seed, epoch, step), so any
+    worker can build any batch and a resumed run sees the batches an uninterrupted one would. The
+    streams differ from the TensorFlow path's (same distributions, another generator).
+    """
+
+    def __init__(self, config: TrainConfig, images: np.ndarray, labels: np.ndarray, initial_epoch: int = 0,
+                 workers: int = 2):
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=32)
+        self.config = config
+        self.pixels = np.asarray(images, dtype=np.float32)
+        self.one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[np.asarray(labels)]
+        self.initial_epoch = initial_epoch
+        self.steps = steps_per_epoch(len(labels), config.batch_size)
+        self.params = AugmentationParams.from_config(config)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.steps * (self.config.epochs - self.initial_epoch)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:  # a race here only computes the same permutation twice
+            rng = np.random.default_rng([self.config.seed, epoch])
+            self._orders = {epoch: rng.permutation(len(self.one_hot)), **self._orders}
+        return self._orders[epoch]
+
+    def __getitem__(self, index: int):
+        epoch, step = self.initial_epoch + index // self.steps, index % self.steps
+        batch = self._order(epoch)[step * self.config.batch_size:(step + 1) * self.config.batch_size]
+        x = self.pixels[batch]
+        if self.config.augmentation:
+            x = numpy_augment_batch(x, (self.config.seed + 7919, epoch * 100_003 + step), self.params)
+        return x, self.one_hot[batch]
 
 
 def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
@@ -231,8 +283,13 @@ def tta_probabilities(model: keras.Model, images: np.ndarray, config: TrainConfi
     params = AugmentationParams.from_config(config)
     total = predict_probabilities(model, images)
     for view in range(config.tta_views):
-        seed = tf.constant([config.seed + 104_729, view], tf.int64)
-        augmented = augment_batch(tf.constant(images), seed, params).numpy()
+        seed = (config.seed + 104_729, view)
+        if on_tensorflow():
+            import tensorflow as tf
+
+            augmented = augment_batch(tf.constant(images), tf.constant(seed, tf.int64), params).numpy()
+        else:
+            augmented = numpy_augment_batch(images, seed, params)
         total += predict_probabilities(model, augmented)
     return total / (config.tta_views + 1)
 
@@ -263,9 +320,7 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
     n_train = len(split.y_train)
     train_batches = build_dataset(config, split.x_train, split.y_train, initial_epoch)
     split = dataclasses.replace(split, x_train=None)  # the dataset holds the pixels; free the float copy
-    validation = tf.data.Dataset.from_tensor_slices(
-        (split.x_val, tf.one_hot(split.y_val, NUM_CLASSES))
-    ).batch(EVAL_BATCH_SIZE).cache()
+    validation = validation_data(split)
     own_callbacks = [
         EpochTimer(),
         keras.callbacks.LearningRateScheduler(build_schedule(config)),
@@ -279,12 +334,23 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
         initial_epoch=initial_epoch,
         steps_per_epoch=steps_per_epoch(n_train, config.batch_size),
         validation_data=validation,
+        validation_batch_size=None if on_tensorflow() else EVAL_BATCH_SIZE,
         callbacks=own_callbacks + list(callbacks),
         shuffle=False,  # the dataset shuffles itself, reproducibly per epoch
         verbose=verbose,
     )
     train_seconds = time.perf_counter() - start
     return _evaluate(config, model, split, history, train_seconds, initial_epoch)
+
+
+def validation_data(split: Split):
+    """The validation images and one-hot labels, in EVAL_BATCH_SIZE batches."""
+    one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[split.y_val]
+    if not on_tensorflow():
+        return split.x_val, one_hot  # fit batches it by validation_batch_size
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices((split.x_val, one_hot)).batch(EVAL_BATCH_SIZE).cache()
 
 
 def _evaluate(config: TrainConfig, model: keras.Model, split: Split, history: dict[str, list[float]],

@@ -12,6 +12,8 @@ from mnist_ablation.augment import (
     affine_transforms,
     apply_transforms,
     image_data_generator,
+    numpy_apply_transforms,
+    numpy_random_transforms,
     random_transforms,
 )
 
@@ -29,30 +31,53 @@ TRANSFORMS = [
 ]
 
 
-def _ours(image: np.ndarray, theta, tx, ty, shear, zx, zy) -> np.ndarray:
+def _ours(image: np.ndarray, theta, tx, ty, shear, zx, zy, implementation: str = "tensorflow") -> np.ndarray:
+    if implementation == "numpy":  # the path for Keras backends other than TensorFlow
+        matrix = affine_transforms(*(np.array([value], np.float32) for value in (theta, tx, ty, shear, zx, zy)),
+                                   height=28, width=28, xp=np)
+        return numpy_apply_transforms(image[None], matrix)[0]
     matrix = affine_transforms(*(tf.constant([value], tf.float32) for value in (theta, tx, ty, shear, zx, zy)),
                                height=28, width=28)
     return apply_transforms(tf.constant(image[None]), matrix).numpy()[0]
 
 
+IMPLEMENTATIONS = ["tensorflow", "numpy"]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("transform", TRANSFORMS)
-def test_pixelwise_equal_to_image_data_generator(mnist, transform):
+def test_pixelwise_equal_to_image_data_generator(mnist, transform, implementation):
     generator = image_data_generator(AugmentationParams())
     theta, tx, ty, shear, zx, zy = transform
     for image in mnist.x_train[:5]:
         expected = generator.apply_transform(
             image, {"theta": theta, "tx": tx, "ty": ty, "shear": shear, "zx": zx, "zy": zy}
         )
-        error = np.max(np.abs(_ours(image, *transform) - expected))
+        error = np.max(np.abs(_ours(image, *transform, implementation=implementation) - expected))
         assert error < 1e-4, f"transform {transform}: max abs error {error} vs ImageDataGenerator"
 
 
-def test_pixelwise_check_detects_a_swapped_shift(mnist):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_pixelwise_check_detects_a_swapped_shift(mnist, implementation):
     # Guards the test above: swapping the meaning of tx and ty must be caught.
     generator = image_data_generator(AugmentationParams())
     image = mnist.x_train[0]
     expected = generator.apply_transform(image, {"tx": 2.8, "ty": -1.0})
-    assert np.max(np.abs(_ours(image, 0.0, -1.0, 2.8, 0.0, 1.0, 1.0) - expected)) > 0.1
+    swapped = _ours(image, 0.0, -1.0, 2.8, 0.0, 1.0, 1.0, implementation=implementation)
+    assert np.max(np.abs(swapped - expected)) > 0.1
+
+
+def test_numpy_resampling_equals_the_tensorflow_op_on_strong_random_transforms(mnist):
+    # Far outside the seed's ranges, so that edge clamping and every interpolation weight are exercised.
+    strong = AugmentationParams(rotation_range=60.0, width_shift_range=0.4, height_shift_range=0.4,
+                                zoom_range=0.5, shear_range=30.0)
+    images = mnist.x_train[:256].astype(np.float32)
+    transforms = numpy_random_transforms((5, 6), len(images), 28, 28, strong)
+    expected = apply_transforms(tf.constant(images), tf.constant(transforms)).numpy()
+    assert np.max(np.abs(numpy_apply_transforms(images, transforms) - expected)) < 1e-5
+    # Draws are reproducible from the seed and differ between seeds.
+    np.testing.assert_array_equal(transforms, numpy_random_transforms((5, 6), len(images), 28, 28, strong))
+    assert not np.allclose(transforms, numpy_random_transforms((5, 7), len(images), 28, 28, strong))
 
 
 def _generator_matrices(params: AugmentationParams, count: int) -> np.ndarray:
@@ -64,7 +89,9 @@ def _generator_matrices(params: AugmentationParams, count: int) -> np.ndarray:
     return affine_transforms(*columns, height=28, width=28).numpy()
 
 
-def _our_matrices(params: AugmentationParams, count: int) -> np.ndarray:
+def _our_matrices(params: AugmentationParams, count: int, implementation: str = "tensorflow") -> np.ndarray:
+    if implementation == "numpy":
+        return numpy_random_transforms((3, 4), count, 28, 28, params)
     return random_transforms(tf.constant([3, 4], tf.int64), count, 28, 28, params).numpy()
 
 
@@ -73,11 +100,12 @@ def _smallest_p_value(ours: np.ndarray, theirs: np.ndarray) -> float:
     return min(stats.ks_2samp(ours[:, entry], theirs[:, entry]).pvalue for entry in range(6))
 
 
-def test_random_draws_match_image_data_generator_in_distribution():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_random_draws_match_image_data_generator_in_distribution(implementation):
     params = AugmentationParams()
     count = 3000
     theirs = _generator_matrices(params, count)
-    ours = _our_matrices(params, count)
+    ours = _our_matrices(params, count, implementation)
     assert _smallest_p_value(ours, theirs) > 1e-3
     # The draws cover the configured ranges: translations reach close to +-(0.1 * 28 + rotation effect).
     assert np.max(np.abs(ours[:, 2] - theirs[:, 2].mean())) > 2.5
@@ -89,9 +117,10 @@ def test_random_draws_match_image_data_generator_in_distribution():
     {"height_shift_range": 0.2},
     {"zoom_range": 0.2},
 ])
-def test_distribution_check_detects_a_wrong_range(changed):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_distribution_check_detects_a_wrong_range(changed, implementation):
     # Our draws with one range doubled must be told apart from ImageDataGenerator's at the seed's ranges.
     count = 3000
     theirs = _generator_matrices(AugmentationParams(), count)
-    ours = _our_matrices(AugmentationParams(**changed), count)
+    ours = _our_matrices(AugmentationParams(**changed), count, implementation)
     assert _smallest_p_value(ours, theirs) < 1e-3

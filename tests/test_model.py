@@ -46,3 +46,29 @@ def test_unknown_architecture_lists_known():
     object.__setattr__(config, "architecture", "vgg")  # bypass validation to reach the registry
     with pytest.raises(ValueError, match="unknown architecture 'vgg'.*seed.*extra_block"):
         build_model(config)
+
+
+@pytest.mark.parametrize("kernel, filters, final_size", [
+    (3, (32, 48, 64, 80, 96, 112, 128, 144, 160, 176), 8),
+    (5, (32, 64, 96, 128, 160), 8),
+    (7, (48, 96, 144, 192), 4),
+])
+def test_no_pool_architectures_follow_an_et_al(kernel, filters, final_size):
+    # An et al. 2020's M3/M5/M7: unpadded kxk convs with BN and ReLU, no pooling, no dropout, BN on the logits.
+    model = build_model(BASELINE.replace(architecture=f"no_pool_{kernel}x{kernel}", conv_filters=filters))
+    convs = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    assert [c.filters for c in convs] == list(filters)
+    assert all(c.kernel_size == (kernel, kernel) and not c.use_bias for c in convs)
+    kinds = set(_layer_kinds(model))
+    assert "MaxPooling2D" not in kinds and "Dropout" not in kinds
+    assert model.get_layer("flatten").input.shape[1:] == (final_size, final_size, filters[-1])
+    assert model.output_shape == (None, 10)
+
+
+def test_no_pool_rejects_more_convs_than_the_image_allows():
+    from mnist_ablation.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"conv_filters.*1 to 4 positive integers for no_pool_7x7"):
+        BASELINE.replace(architecture="no_pool_7x7", conv_filters=(8, 8, 8, 8, 8))
+    with pytest.raises(ConfigError, match="three positive integers"):
+        BASELINE.replace(conv_filters=(8, 8, 8, 8))

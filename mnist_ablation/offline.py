@@ -1,0 +1,213 @@
+"""Cells trained without MLflow or Optuna, saved as folders, and logged into a study later.
+
+For a machine that has a GPU and a Keras backend but not the tracking stack (for example JAX and no
+TensorFlow or MLflow): ``python -m experiments.ablate --offline DIR`` trains each (arm, seed) cell with
+the same trainer and writes one folder per cell; ``python -m experiments.ablate --import-offline DIR``,
+on a machine with the tracking store, logs each folder as the study's child run, with everything a
+tracked run has (params, per-epoch and final metrics, figures, predictions, config, the environment of
+the machine that trained it, the model). Nothing here imports MLflow, Optuna or TensorFlow.
+
+A cell's folder is written under a temporary name and renamed when complete, so a run that is killed
+leaves no folder that looks finished, and rerunning the command skips the cells already written.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .config import TrainConfig, from_dict
+from .data import Mnist, load_mnist
+from .environment import environment_record
+
+RECORD_FILE = "result.json"
+MODEL_FILE = "model.keras"
+ARRAYS = ("test_labels", "test_probabilities", "tta_probabilities")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OfflineCell:
+    """One (arm, seed) cell to train: its folder name is ``key`` (``arm-seed{n}``, as run names are)."""
+
+    arm: str
+    seed: int
+    key: str
+    config: TrainConfig
+    config_hash: str
+
+
+def save_result(result, directory: Path, cell: OfflineCell, data: Mnist) -> Path:
+    """Write ``result`` (a ``train.RunResult``) to ``directory``, atomically."""
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    from .model import inference_copy
+
+    inference_copy(result.model).save(partial / MODEL_FILE)
+    for name in ARRAYS:
+        value = getattr(result, name)
+        if value is not None:
+            np.save(partial / f"{name}.npy", value)
+    import keras
+
+    record = {
+        "format_version": FORMAT_VERSION,
+        "arm": cell.arm,
+        "seed": cell.seed,
+        "key": cell.key,
+        "config": cell.config.to_dict(),
+        "config_hash": cell.config_hash,
+        "history": result.history,
+        "test_loss": result.test_loss,
+        "test_accuracy": result.test_accuracy,
+        "train_seconds": result.train_seconds,
+        "train_images_per_second": result.train_images_per_second,
+        "num_train_images": result.num_train_images,
+        "initial_epoch": result.initial_epoch,
+        "extra_metrics": result.extra_metrics,
+        "keras_backend": keras.backend.backend(),
+        "environment": environment_record(data.checksums, data.source),
+    }
+    (partial / RECORD_FILE).write_text(json.dumps(record, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(partial, directory)
+    return directory
+
+
+def load_result(directory: Path):
+    """(``train.RunResult``, record dict) from a folder written by ``save_result``."""
+    import keras
+
+    from .train import RunResult
+
+    directory = Path(directory)
+    record = json.loads((directory / RECORD_FILE).read_text())
+    if record.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{directory}: format_version {record.get('format_version')!r}, expected {FORMAT_VERSION}; "
+                         "retrain the cell with this version of mnist_ablation.")
+    arrays = {name: np.load(directory / f"{name}.npy") if (directory / f"{name}.npy").is_file() else None
+              for name in ARRAYS}
+    result = RunResult(
+        config=from_dict(record["config"]),
+        model=keras.models.load_model(directory / MODEL_FILE, compile=False),
+        history=record["history"],
+        test_loss=record["test_loss"],
+        test_accuracy=record["test_accuracy"],
+        test_labels=arrays["test_labels"],
+        test_probabilities=arrays["test_probabilities"],
+        train_seconds=record["train_seconds"],
+        train_images_per_second=record["train_images_per_second"],
+        num_train_images=record["num_train_images"],
+        initial_epoch=record["initial_epoch"],
+        tta_probabilities=arrays["tta_probabilities"],
+        extra_metrics=record["extra_metrics"],
+    )
+    return result, record
+
+
+def saved_cells(root: Path) -> list[Path]:
+    """The complete cell folders under ``root`` (partial ones, from a killed run, are left out)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(path for path in root.iterdir() if (path / RECORD_FILE).is_file() and not path.name.endswith(".partial"))
+
+
+def plan_cells(configs: Mapping[str, TrainConfig], seeds, data: Mnist) -> list[OfflineCell]:
+    cells = []
+    for arm, base in configs.items():
+        for seed in seeds:
+            config = base.replace(seed=seed)
+            cells.append(OfflineCell(arm, seed, f"{arm}-seed{seed}", config, config.hash(data.checksums)))
+    return cells
+
+
+CHECKPOINTS = ".checkpoints"
+
+
+def train_cell(cell: OfflineCell, data_dir: str | None, out: str, data: Mnist | None = None) -> dict:
+    """Train one cell and save it under ``out/cell.key``; returns a one-line summary.
+
+    Every epoch is checkpointed under ``out/.checkpoints/key``, so a killed cell resumes from its last
+    completed epoch when the command is run again.
+    """
+    import keras
+
+    from .train import train
+
+    class EpochLine(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            print(f"{cell.key} epoch {epoch + 1}/{cell.config.epochs}: val_accuracy {logs.get('val_accuracy', 0):.4f} "
+                  f"({logs.get('epoch_seconds', 0):.1f} s)", flush=True)
+
+    data = data if data is not None else load_mnist(data_dir)
+    started = time.perf_counter()
+    checkpoint = Path(out) / CHECKPOINTS / cell.key
+    result = train(cell.config, data, callbacks=[EpochLine()], checkpoint_dir=checkpoint, verbose=0)
+    save_result(result, Path(out) / cell.key, cell, data)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return {"key": cell.key, "test_accuracy": result.test_accuracy,
+            "val_accuracy": result.history["val_accuracy"][-1], "seconds": time.perf_counter() - started}
+
+
+def run_offline(configs: Mapping[str, TrainConfig], seeds, data_dir: str | None, out: Path, workers: int = 1,
+                report: Callable[[str], None] = print) -> tuple[int, int, list[str]]:
+    """Train every cell not yet saved under ``out``; ``workers`` cells at a time in their own processes.
+
+    Returns (trained, skipped, failures). With several workers on one GPU, each JAX process is told to
+    allocate GPU memory as it needs it rather than take most of the card up front.
+    """
+    data = load_mnist(data_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = {path.name for path in saved_cells(out)}
+    cells = [cell for cell in plan_cells(configs, seeds, data) if cell.key not in done]
+    skipped = len(plan_cells(configs, seeds, data)) - len(cells)
+    report(f"{len(cells)} cell(s) to train, {skipped} already saved in {out}")
+    failures: list[str] = []
+    trained = 0
+    if workers <= 1:
+        for cell in cells:
+            try:
+                report(_summary_line(train_cell(cell, data_dir, str(out), data)))
+                trained += 1
+            except Exception as error:  # noqa: BLE001 - one bad cell must not stop the others
+                failures.append(f"{cell.key}: {type(error).__name__}: {error}")
+                report(f"FAILED {failures[-1]}")
+        return trained, skipped, failures
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")  # no fork after a backend started threads
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(train_cell, _with_threads(cell, threads), data_dir, str(out)): cell for cell in cells}
+        for future in concurrent.futures.as_completed(futures):
+            cell = futures[future]
+            try:
+                report(_summary_line(future.result()))
+                trained += 1
+            except Exception as error:  # noqa: BLE001
+                failures.append(f"{cell.key}: {type(error).__name__}: {error}")
+                report(f"FAILED {failures[-1]}")
+    return trained, skipped, failures
+
+
+def _with_threads(cell: OfflineCell, threads: int) -> OfflineCell:
+    # threads is a speed-only field (not in the config hash): split the cores between the workers.
+    return OfflineCell(cell.arm, cell.seed, cell.key, cell.config.replace(threads=threads), cell.config_hash)
+
+
+def _summary_line(summary: dict) -> str:
+    return (f"saved {summary['key']}: test_accuracy {summary['test_accuracy']:.4f}, "
+            f"val_accuracy {summary['val_accuracy']:.4f} ({summary['seconds']:.0f} s)")
