@@ -215,8 +215,10 @@ class _TrainerRunner:
         self.data = data
         self.config = BASELINE.replace(**speed_path.overrides)
         self.batch_size = self.config.batch_size
-        split = build_split(data, self.config.validation, self.config.validation_size,
-                            self.config.split_seed, self.config.train_subset)
+        from mnist_ablation.train import row_numbers
+
+        split = build_split(row_numbers(data), self.config.validation, self.config.validation_size,
+                            self.config.split_seed, self.config.train_subset)  # counts rows, copies no images
         self.epoch_images = len(split.y_train)
 
     def build_model(self):

@@ -31,7 +31,10 @@ from .registry import lookup
 from .schedules import build_schedule
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds")
-EVAL_BATCH_SIZE = 1000  # inference only: BN and dropout are in inference mode, so batch size changes nothing
+# Inference only (validation, test): BN and dropout are in inference mode, so the batch size changes no
+# prediction, bit for bit; it sets the activations held at once (~25 MB at 100, ~240 MB at 1000). The
+# validation loss is a mean of per-batch means, so its last bits depend on it.
+EVAL_BATCH_SIZE = 100
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,23 +82,25 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return math.ceil(num_images / batch_size)
 
 
-def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray, initial_epoch: int = 0):
+def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray, initial_epoch: int = 0,
+                  rows: np.ndarray | None = None):
     """Shuffled, augmented, one-hot batches for epochs ``initial_epoch..epochs-1``.
+
+    The training images are ``images[rows]`` (all of ``images`` when ``rows`` is None), labelled ``labels``.
 
     Shuffling and augmentation draw from stateless seeds derived from (seed, epoch, batch), so the
     stream of batches for epoch k is the same whether or not the run was resumed. A ``tf.data.Dataset``
     on TensorFlow, an ``AugmentedBatches`` PyDataset on other backends.
     """
     if not on_tensorflow():
-        return AugmentedBatches(config, images, labels, initial_epoch)
+        return AugmentedBatches(config, images if rows is None else images[rows], labels, initial_epoch)
     import tensorflow as tf
 
     n = len(labels)
-    # MNIST pixels are k / 255: held as those bytes, and cast / 255 per batch, they rebuild the seed's
-    # float32 values bit for bit at a quarter of the memory (tf.data may copy this constant once more).
-    pixels = np.rint(np.asarray(images, dtype=np.float32) * 255).astype(np.uint8)
-    as_bytes = np.array_equal(pixels.astype(np.float32) / np.float32(255), images)
-    images_t = tf.constant(pixels if as_bytes else np.asarray(images, dtype=np.float32))
+    # Each batch is gathered in NumPy from the caller's array, which stays the only copy of the pixels:
+    # a tf.constant would add one, and tf.data's graph rewrite serialises captured constants into another.
+    source = np.asarray(images, dtype=np.float32)
+    rows_t = tf.constant(np.arange(n) if rows is None else rows, tf.int64)
     labels_t = tf.one_hot(tf.constant(labels, dtype=tf.int32), NUM_CLASSES)
     params = AugmentationParams.from_config(config)
     seed = tf.constant(config.seed, tf.int64)
@@ -105,8 +110,8 @@ def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray, i
         batches = tf.data.Dataset.from_tensor_slices(order).batch(config.batch_size).enumerate()
 
         def gather(step, index):
-            x = tf.gather(images_t, index)
-            x = tf.cast(x, tf.float32) / 255.0 if as_bytes else x
+            x = tf.numpy_function(lambda r: source[r], [tf.gather(rows_t, index)], tf.float32, stateful=False)
+            x.set_shape((None, *source.shape[1:]))
             if config.augmentation:
                 x = augment_batch(x, tf.stack([seed + 7919, epoch * 100_003 + step]), params)
             return x, tf.gather(labels_t, index)
@@ -275,7 +280,17 @@ def categorical_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    return np.asarray(model.predict(images, batch_size=EVAL_BATCH_SIZE, verbose=0), dtype=np.float32)
+    # One batch per call: model.predict runs steps_per_execution batches as one graph, side by side,
+    # holding several batches' activations at once (+330-450 MB at batch 1000). Same maths per image.
+    return np.concatenate([
+        np.asarray(model.predict_on_batch(images[start:start + EVAL_BATCH_SIZE]), dtype=np.float32)
+        for start in range(0, len(images), EVAL_BATCH_SIZE)
+    ])
+
+
+def row_numbers(data: Mnist) -> Mnist:
+    """``data`` with every image replaced by its row number: build_split on it copies no pixels."""
+    return dataclasses.replace(data, x_train=np.arange(len(data.y_train)), x_test=np.arange(len(data.y_test)))
 
 
 def tta_probabilities(model: keras.Model, images: np.ndarray, config: TrainConfig) -> np.ndarray:
@@ -303,8 +318,11 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
     there and a later call with the same config continues from the last completed epoch.
     """
     configure_runtime(config)
-    split: Split = build_split(data, config.validation, config.validation_size, config.split_seed,
-                               config.train_subset)
+    # Split row numbers, not images: indexing the images would copy the 55,000 training ones (172 MB).
+    rows: Split = build_split(row_numbers(data), config.validation, config.validation_size, config.split_seed,
+                              config.train_subset)
+    split = dataclasses.replace(rows, x_train=None, x_test=data.x_test,
+                                x_val=data.x_test if rows.validation_is_test else data.x_train[rows.x_val])
     checkpoint_path = Path(checkpoint_dir) if checkpoint_dir is not None else None
     resumed = load_checkpoint(checkpoint_path, config)
     if resumed is not None:
@@ -318,9 +336,9 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
         return _evaluate(config, model, split, history, 0.0, initial_epoch)
     recorder = EpochCheckpoint(checkpoint_path, config, history) if checkpoint_path else _HistoryRecorder(history)
     n_train = len(split.y_train)
-    train_batches = build_dataset(config, split.x_train, split.y_train, initial_epoch)
-    split = dataclasses.replace(split, x_train=None)  # the dataset holds the pixels; free the float copy
+    train_batches = build_dataset(config, data.x_train, split.y_train, initial_epoch, rows=rows.x_train)
     validation = validation_data(split)
+    split = dataclasses.replace(split, x_val=None)  # the validation data holds its own copy
     own_callbacks = [
         EpochTimer(),
         keras.callbacks.LearningRateScheduler(build_schedule(config)),
@@ -350,7 +368,8 @@ def validation_data(split: Split):
         return split.x_val, one_hot  # fit batches it by validation_batch_size
     import tensorflow as tf
 
-    return tf.data.Dataset.from_tensor_slices((split.x_val, one_hot)).batch(EVAL_BATCH_SIZE).cache()
+    # No .cache(): from_tensor_slices already holds the tensors in memory, a cache would copy them again.
+    return tf.data.Dataset.from_tensor_slices((split.x_val, one_hot)).batch(EVAL_BATCH_SIZE)
 
 
 def _evaluate(config: TrainConfig, model: keras.Model, split: Split, history: dict[str, list[float]],
