@@ -1,7 +1,7 @@
 """Accuracy benchmark: the seed's recipe, the best stronger arm and ensembles, over repeated seeds.
 
-    python -m benchmarks.accuracy --mode short    # same code path on a small subset, ~5-10 minutes on 2 cores
-    python -m benchmarks.accuracy --mode full     # full length: 5 arms x 3 seeds x 15-30 epochs (hours on CPU)
+    python -m benchmarks.accuracy --mode short    # same code path on a small subset (the no_pool arms cost ~10x)
+    python -m benchmarks.accuracy --mode full     # full length: 8 arms x 3 seeds x 15-30 epochs (hours on CPU)
 
     # the same cells trained on a GPU box with JAX and no MLflow, then summarised here:
     KERAS_BACKEND=jax python -m experiments.ablate --study architecture --seeds 3 --offline cells --workers 15

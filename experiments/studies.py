@@ -113,8 +113,9 @@ STUDIES: dict[str, Study] = {
         ),
         Study(
             "architecture",
-            "Can a stronger single model beat the seed? Wider convolutions, an extra conv block and a one-cycle "
-            "schedule, each an override of the seed's recipe (choose on validation accuracy).",
+            "Can a stronger single model beat the seed? Wider convolutions, an extra conv block, a one-cycle "
+            "schedule and An et al. 2020's pooling-free BN nets, each an override of the seed's recipe (choose on "
+            "validation accuracy).",
             {
                 "baseline": BASELINE,
                 "wide": BASELINE.replace(conv_filters=(64, 128, 128)),
