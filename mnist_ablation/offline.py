@@ -173,8 +173,9 @@ def run_offline(configs: Mapping[str, TrainConfig], seeds, data_dir: str | None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     done = {path.name for path in saved_cells(out)}
-    cells = [cell for cell in plan_cells(configs, seeds, data) if cell.key not in done]
-    skipped = len(plan_cells(configs, seeds, data)) - len(cells)
+    planned = plan_cells(configs, seeds, data)
+    cells = [cell for cell in planned if cell.key not in done]
+    skipped = len(planned) - len(cells)
     report(f"{len(cells)} cell(s) to train, {skipped} already saved in {out}")
     failures: list[str] = []
     trained = 0

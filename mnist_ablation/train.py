@@ -146,9 +146,8 @@ class AugmentedBatches(keras.utils.PyDataset):
         return self.steps * (self.config.epochs - self.initial_epoch)
 
     def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:  # a race here only computes the same permutation twice
-            rng = np.random.default_rng([self.config.seed, epoch])
-            self._orders = {epoch: rng.permutation(len(self.one_hot)), **self._orders}
+        if epoch not in self._orders:  # workers racing here only compute the same permutation twice
+            self._orders[epoch] = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.one_hot))
         return self._orders[epoch]
 
     def __getitem__(self, index: int):
