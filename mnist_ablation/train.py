@@ -82,6 +82,11 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return math.ceil(num_images / batch_size)
 
 
+def batch_seed(seed, epoch, step):
+    """The augmentation seed pair of one batch (ints or tensors): both input pipelines draw from it."""
+    return seed + 7919, epoch * 100_003 + step
+
+
 def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray, initial_epoch: int = 0,
                   rows: np.ndarray | None = None):
     """Shuffled, augmented, one-hot batches for epochs ``initial_epoch..epochs-1``.
@@ -93,7 +98,7 @@ def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray, i
     on TensorFlow, an ``AugmentedBatches`` PyDataset on other backends.
     """
     if not on_tensorflow():
-        return AugmentedBatches(config, images if rows is None else images[rows], labels, initial_epoch)
+        return AugmentedBatches(config, images, labels, initial_epoch, rows=rows)
     import tensorflow as tf
 
     n = len(labels)
@@ -113,7 +118,7 @@ def build_dataset(config: TrainConfig, images: np.ndarray, labels: np.ndarray, i
             x = tf.numpy_function(lambda r: source[r], [tf.gather(rows_t, index)], tf.float32, stateful=False)
             x.set_shape((None, *source.shape[1:]))
             if config.augmentation:
-                x = augment_batch(x, tf.stack([seed + 7919, epoch * 100_003 + step]), params)
+                x = augment_batch(x, tf.stack(batch_seed(seed, epoch, step)), params)
             return x, tf.gather(labels_t, index)
 
         return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -132,10 +137,11 @@ class AugmentedBatches(keras.utils.PyDataset):
     """
 
     def __init__(self, config: TrainConfig, images: np.ndarray, labels: np.ndarray, initial_epoch: int = 0,
-                 workers: int = 2):
+                 rows: np.ndarray | None = None, workers: int = 2):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=32)
         self.config = config
-        self.pixels = np.asarray(images, dtype=np.float32)
+        self.pixels = np.asarray(images, dtype=np.float32)  # the caller's array: batches gather images[rows]
+        self.rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
         self.one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[np.asarray(labels)]
         self.initial_epoch = initial_epoch
         self.steps = steps_per_epoch(len(labels), config.batch_size)
@@ -153,9 +159,9 @@ class AugmentedBatches(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         epoch, step = self.initial_epoch + index // self.steps, index % self.steps
         batch = self._order(epoch)[step * self.config.batch_size:(step + 1) * self.config.batch_size]
-        x = self.pixels[batch]
+        x = self.pixels[self.rows[batch]]
         if self.config.augmentation:
-            x = numpy_augment_batch(x, (self.config.seed + 7919, epoch * 100_003 + step), self.params)
+            x = numpy_augment_batch(x, batch_seed(self.config.seed, epoch, step), self.params)
         return x, self.one_hot[batch]
 
 
