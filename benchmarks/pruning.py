@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import optuna  # noqa: E402
 
-from mnist_ablation import tuning  # noqa: E402
+from mnist_ablation import search_space, tuning  # noqa: E402
 from mnist_ablation.config import BASELINE, TrainConfig  # noqa: E402
 from mnist_ablation.data import Mnist, load_mnist  # noqa: E402
 from mnist_ablation.train import TrainingDiverged, train  # noqa: E402
@@ -45,9 +45,9 @@ def _print_trial(study, trial) -> None:
 
 
 def run_study(pruner_name: str, base: TrainConfig, data: Mnist, n_trials: int, sampler_seed: int) -> dict:
-    study = optuna.create_study(study_name=f"pruning-{pruner_name}", direction="maximize", sampler=tuning.build_sampler("tpe", sampler_seed),
-                                pruner=tuning.build_pruner(pruner_name, base.epochs))
-    study.enqueue_trial(tuning.baseline_params(base), user_attrs={tuning.BASELINE_ATTR: True})
+    study = optuna.create_study(study_name=f"pruning-{pruner_name}", direction="maximize", sampler=search_space.build_sampler("tpe", sampler_seed),
+                                pruner=search_space.build_pruner(pruner_name, base.epochs))
+    study.enqueue_trial(search_space.baseline_params(base), user_attrs={tuning.BASELINE_ATTR: True})
     start = time.perf_counter()
     study.optimize(UntrackedObjective(base, data, f"pruning-{pruner_name}", parent_run_id=""),
                    n_trials=n_trials, catch=(TrainingDiverged,), callbacks=[_print_trial])

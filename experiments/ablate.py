@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 
 from experiments.cli import add_config_arguments, add_data_arguments, add_tracking_arguments, run_command
-from experiments.studies import DEFAULT_STUDY, STUDIES, Study, get_study
 from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
+from mnist_ablation.redaction import redact
+from mnist_ablation.studies import DEFAULT_STUDY, STUDIES, Study, describe_identical, identical_arms
 
 # Batch norm's moving statistics (momentum 0.99) lag the fast-changing early network: measured here, a
 # baseline run of 6,000 images x 2 epochs (376 steps) trains to 87% but scores 26% at test time (its
@@ -36,6 +35,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s); see --list")
     parser.add_argument("--arms", default=None, help="comma-separated subset of the study's arms (default: all)")
     parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 per arm (default 3)")
+    parser.add_argument("--target-ci-width", type=float, default=None, metavar="W",
+                        help="precision-driven seeding: after the first --seeds, add seeds in rounds to every arm whose "
+                             "95%% interval of the difference from the baseline is wider than W (a fraction: 0.001 = "
+                             "0.1 points), until it is narrower, has --max-seeds seeds, or the test set limits it")
+    parser.add_argument("--max-seeds", type=int, default=None, metavar="M",
+                        help="with --target-ci-width: at most M seeds per arm (default: 10)")
+    parser.add_argument("--equivalence-margin", type=float, default=0.001, metavar="M",
+                        help="margin of the report's equivalence test (TOST), a fraction (default: %(default)s, "
+                             "i.e. +-0.1 points)")
     add_config_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help=f"a first look in minutes: {QUICK_PRESET} (explicit flags win)")
@@ -73,6 +81,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seeds = 3
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: expected an integer >= 1")
+    if args.max_seeds is not None and args.target_ci_width is None:
+        parser.error("--max-seeds needs --target-ci-width W (the interval width that stops adding seeds)")
+    if args.target_ci_width is not None:
+        if not 0 < args.target_ci_width < 1:
+            parser.error(f"--target-ci-width {args.target_ci_width}: expected a fraction in (0, 1), e.g. 0.002 "
+                         "for an interval 0.2 points wide")
+        args.max_seeds = 10 if args.max_seeds is None else args.max_seeds
+        if args.max_seeds < max(2, args.seeds):
+            parser.error(f"--max-seeds {args.max_seeds}: expected an integer >= --seeds ({args.seeds}) and >= 2")
+    if not 0 < args.equivalence_margin < 1:
+        parser.error(f"--equivalence-margin {args.equivalence_margin}: expected a fraction in (0, 1), e.g. 0.001")
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: expected an integer >= 1")
     return args
@@ -82,8 +101,8 @@ def list_studies() -> str:
     lines = []
     for study in STUDIES.values():
         lines.append(f"{study.name}: {study.description}")
-        for arm, config in study.arms.items():
-            diff = {k: v for k, v in config.to_dict().items() if v != study.arms[study.baseline_arm].to_dict()[k]}
+        for arm in study.arms:
+            diff = study.overrides(arm)
             lines.append(f"    {arm:32s} {json.dumps(diff) if diff else '(the study baseline)'}")
     return "\n".join(lines)
 
@@ -95,6 +114,8 @@ def study_configs(study: Study, args: argparse.Namespace) -> dict[str, TrainConf
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     arms = list(study.arms) if not args.arms else [a.strip() for a in args.arms.split(",") if a.strip()]
+    if args.target_ci_width is not None and study.baseline_arm not in arms:
+        arms.insert(0, study.baseline_arm)  # every added seed is paired with a baseline run
     return {arm: with_overrides(study.arm(arm), overrides) for arm in arms}
 
 
@@ -103,18 +124,22 @@ def main(argv=None) -> int:
     if args.list:
         print(list_studies())
         return 0
-    study = get_study(args.study)
+    study = STUDIES[args.study]
     configs = study_configs(study, args)
+    for group in identical_arms(configs):
+        print(f"note: {describe_identical(configs, group)}.", flush=True)
     if args.offline:
         return run_offline(configs, args)
     from mnist_ablation import ablation
 
+    precision = (ablation.PrecisionRule(args.target_ci_width, args.max_seeds)
+                 if args.target_ci_width is not None else None)
     # Opening the runner checks the stores and the data, and creates the MLflow and queue databases, so
     # that workers started next never race to create the same tables.
     runner = ablation.StudyRunner.open(
         study, configs, seeds=range(args.seeds), data_dir=args.data_dir, tracking_uri=args.tracking_uri,
         storage_url=args.storage, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-        command=sys.argv,
+        command=sys.argv, precision=precision,
     )
     if args.import_offline:
         imported, skipped, problems = runner.import_offline(args.import_offline)
@@ -123,7 +148,7 @@ def main(argv=None) -> int:
             print(f"not imported: {problem}", file=sys.stderr)
         return max(finish(runner, args, failed=0), 1 if problems else 0)
     if args.workers > 1 and not args.worker_only:
-        codes = launch_workers(args, argv if argv is not None else sys.argv[1:])
+        codes = runner.run_workers(argv if argv is not None else sys.argv[1:], args.workers)
         return finish(runner, args, failed=sum(1 for code in codes if code != 0))
     outcome = runner.run_worker()
     if args.worker_only:
@@ -153,31 +178,16 @@ def finish(runner, args: argparse.Namespace, failed: int) -> int:
     print(f"Study {runner.study.name!r}: test accuracy per arm over seeds (finished runs)")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if not args.no_report:
-        report = runner.write_report(args.output)
+        report = runner.write_report(args.output, equivalence_margin=args.equivalence_margin)
         print(f"report: {report.html_path} (also under report/ on the parent run)")
     print()
     print(f"MLflow: experiment {runner.experiment_name!r}, parent run {runner.parent_run_id}")
-    print(f"  browse: mlflow ui --backend-store-uri {runner.tracking_uri}")
+    print(f"  browse: mlflow ui --backend-store-uri {redact(runner.tracking_uri)}")
     print(f"  pandas: from mnist_ablation import compare; compare.study_runs({runner.study.name!r})")
     if failed:
         print(f"{failed} cell(s) failed; their reasons are in MLflow (tag failure_reason). "
               "Rerun the same command to retry them.")
     return 1 if failed else 0
-
-
-def launch_workers(args: argparse.Namespace, argv: list[str]) -> list[int]:
-    """Run ``--workers`` copies of this command as worker processes, splitting the cores between them."""
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
-    command = [sys.executable, "-m", "experiments.ablate", *argv, "--worker-only", "--set", f"threads={threads}"]
-    print(f"starting {args.workers} workers with {threads} thread(s) each")
-    workers = [subprocess.Popen(command) for _ in range(args.workers)]
-    try:
-        return [worker.wait() for worker in workers]
-    except KeyboardInterrupt:
-        # Workers got the same SIGINT: they mark their runs KILLED and exit; wait for that.
-        for worker in workers:
-            worker.wait()
-        raise
 
 
 if __name__ == "__main__":

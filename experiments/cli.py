@@ -1,4 +1,4 @@
-"""Arguments shared by the commands, and turning them into a config."""
+"""Arguments shared by the commands, turning them into a config, and running a command's main."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from mnist_ablation.config import BASELINE, ConfigError, TrainConfig, parse_set_arguments, with_overrides  # noqa: E402
-from mnist_ablation.data import DATA_DIR_ENV, DataError  # noqa: E402
+from mnist_ablation.config import BASELINE, TrainConfig, parse_set_arguments, with_overrides  # noqa: E402
+from mnist_ablation.data import DATA_DIR_ENV  # noqa: E402
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,15 +50,15 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def run_command(main: Callable[[], int]) -> None:
-    """Run a command's main; known user errors print one clear line and exit 2, not a traceback."""
-    from mnist_ablation.errors import QueueError, TrackingError
+    """Run a command's main; user errors print one clear line and exit 2, anything else is a bug (traceback)."""
+    from mnist_ablation.errors import UserError
+    from mnist_ablation.redaction import redact
 
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, TrackingError, QueueError, ValueError)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         sys.exit(main())
-    except user_errors as error:
-        print(f"error: {error}", file=sys.stderr)
+    except UserError as error:
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         # SIGINT or SIGTERM: the run in progress has been marked KILLED (never FINISHED) on the way out.

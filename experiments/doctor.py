@@ -30,15 +30,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mnist_ablation import doctor, tracking
-    from mnist_ablation.ablation import default_storage_url
+    from mnist_ablation.redaction import redact
+    from mnist_ablation.storage import default_storage_url
 
     uri = tracking.use_tracking_uri(args.tracking_uri)
-    storage_url = args.storage or default_storage_url(uri)
+    storage_url = args.storage or default_storage_url(tracking.local_state_directory(uri))
     if storage_url.startswith("sqlite:///") and not os.path.exists(storage_url[len("sqlite:///"):]):
         storage_url = None  # no study ever ran a queue here
     diagnosis = doctor.diagnose(storage_url, stale_after=args.stale_after, grace_period=args.grace_period)
-    print(f"store: {uri}")
-    print(f"queue: {storage_url or '(none)'}")
+    print(f"store: {redact(uri)}")
+    print(f"queue: {redact(storage_url) if storage_url else '(none)'}")
     print(f"running and alive: {len(diagnosis.alive)}")
     print(f"stale runs (RUNNING, but their process is gone): {len(diagnosis.stale)}")
     for stale in diagnosis.stale:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from experiments.cli import add_data_arguments, add_tracking_arguments, run_command
-from experiments.studies import DEFAULT_STUDY
+from mnist_ablation.studies import DEFAULT_STUDY
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,9 +11,9 @@ import argparse
 
 from experiments.cli import (add_config_arguments, add_data_arguments, add_tracking_arguments,
                              config_from_arguments, run_command)
+from mnist_ablation.config import ConfigError
 
-SAMPLER_NAMES = ("tpe", "random", "qmc")  # mnist_ablation.tuning.SAMPLERS (not imported: keeps --help fast)
-PRUNER_NAMES = ("median", "hyperband", "none")  # mnist_ablation.tuning.PRUNERS
+from mnist_ablation.search_space import PRUNERS, SAMPLERS  # noqa: E402 - import-light: no Optuna or TensorFlow
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,14 +26,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--study-name", default="mnist", help="Optuna study; also MLflow experiment tune/NAME "
                                                               "(default: %(default)s)")
     parser.add_argument("--storage", default=None, metavar="URL",
-                        help="Optuna storage, any SQLAlchemy URL, e.g. postgresql://user:pw@host:5432/optuna "
+                        help="Optuna storage, any SQLAlchemy URL, e.g. postgresql://user@host:5432/optuna "
+                             "(password from ~/.pgpass or PGPASSWORD) "
                              "(default: sqlite:///mlruns/optuna.db beside a local MLflow store)")
     add_config_arguments(parser)
-    parser.add_argument("--sampler", default="tpe", choices=SAMPLER_NAMES, help="default: %(default)s")
+    parser.add_argument("--sampler", default="tpe", choices=SAMPLERS.names, help="default: %(default)s")
     parser.add_argument("--sampler-seed", type=int, default=None,
                         help="seed of the sampler; leave unset when several workers share a study, or they "
                              "propose the same trials")
-    parser.add_argument("--pruner", default="median", choices=PRUNER_NAMES, help="default: %(default)s")
+    parser.add_argument("--pruner", default="median", choices=PRUNERS.names, help="default: %(default)s")
     parser.add_argument("--heartbeat-interval", type=int, default=60, metavar="SECONDS",
                         help="how often a running trial proves its worker alive (default: %(default)s)")
     parser.add_argument("--grace-period", type=int, default=180, metavar="SECONDS",
@@ -55,23 +56,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     base = config_from_arguments(args)  # bad config fails here, before data, storage or store
     if args.n_trials < 0:
-        raise ValueError(f"--n-trials {args.n_trials} is negative; pass 0 or more.")
-    from mnist_ablation import tracking, tuning
+        raise ConfigError(f"--n-trials {args.n_trials} is negative; pass 0 or more.")
+    from mnist_ablation import search_space, store, tracking, tuning
     from mnist_ablation.data import load_mnist
+    from mnist_ablation.redaction import redact
+    from mnist_ablation.storage import default_storage_url
 
-    tuning.check_base_config(base)
+    search_space.check_base_config(base)
     uri = tracking.use_tracking_uri(args.tracking_uri)
-    storage_url = args.storage or tuning.default_storage_url(uri)
+    storage_url = args.storage or default_storage_url(tracking.local_state_directory(uri))
     storage = tuning.open_storage(storage_url, heartbeat_interval=args.heartbeat_interval,
                                   grace_period=args.grace_period, max_retry=args.max_retry)
     data = load_mnist(args.data_dir)
     study = tuning.open_study(args.study_name, storage, base,
-                              sampler=tuning.build_sampler(args.sampler, args.sampler_seed),
-                              pruner=tuning.build_pruner(args.pruner, base.epochs),
-                              storage_label=tuning.redact_url(storage_url))
-    print(f"study {study.name!r} ({'created' if study.created else 'joined'}) in {tuning.redact_url(storage_url)}; "
-          f"MLflow experiment {tuning.experiment_name(study.name)!r}, parent run {study.parent_run_id}, at {uri}",
-          flush=True)
+                              sampler=search_space.build_sampler(args.sampler, args.sampler_seed),
+                              pruner=search_space.build_pruner(args.pruner, base.epochs),
+                              storage_label=redact(storage_url))
+    print(f"study {study.name!r} ({'created' if study.created else 'joined'}) in {redact(storage_url)}; "
+          f"MLflow experiment {store.tuning_experiment(study.name)!r}, parent run {study.parent_run_id}, "
+          f"at {redact(uri)}", flush=True)
     if args.n_trials:
         tuning.optimize(study, data, n_trials=args.n_trials, timeout=args.timeout, verbose=args.verbose)
     if args.no_final:

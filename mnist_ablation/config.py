@@ -15,18 +15,23 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 
-class ConfigError(ValueError):
+from .errors import UserError
+from .model import ARCHITECTURES
+from .optimizers import OPTIMIZERS, USES_WEIGHT_DECAY
+from .schedules import SCHEDULES
+
+
+class ConfigError(UserError, ValueError):
     """A config field has a value outside what is allowed."""
 
 
-# Names known to the registries in schedules.py, model.py and train.py. Kept here so that validation
-# fails before any heavy import or any run is created.
-LR_SCHEDULES = ("step", "constant", "cosine", "onecycle", "exponential")
-ARCHITECTURES = ("seed", "extra_block", "no_pool_3x3", "no_pool_5x5", "no_pool_7x7")
-NO_POOL_MAX_LAYERS = {"no_pool_3x3": 13, "no_pool_5x5": 6, "no_pool_7x7": 4}  # unpadded convs that fit 28x28
-OPTIMIZERS = ("adam", "adamw", "nadam", "sgd")
+# The registries (schedules, architectures, optimizers) own their names; validation reads them from there
+# without importing Keras, so a bad name fails before any heavy import or any run is created.
 VALIDATION_PROTOCOLS = ("split", "test")
 SPEED_FIELDS = ("steps_per_execution", "threads")
+SCHEDULE_FIELDS = ("lr_schedule", "learning_rate", "lr_step_boundaries", "lr_step_factors", "min_learning_rate")
+AUGMENTATION_STRENGTHS = ("rotation_range", "width_shift_range", "height_shift_range", "zoom_range", "shear_range")
+DROPOUT_RATES = ("conv_dropout_rate", "dense_dropout_rate")
 
 
 @dataclass(frozen=True)
@@ -249,23 +254,17 @@ def validate(config: TrainConfig) -> None:
         _check(0 <= getattr(c, name) < 1, name, getattr(c, name), "a fraction in [0, 1)")
     for name in ("conv_dropout_rate", "dense_dropout_rate", "label_smoothing"):
         _check(0 <= getattr(c, name) < 1, name, getattr(c, name), "a rate in [0, 1)")
-    _check(c.architecture in ARCHITECTURES, "architecture", c.architecture, f"one of {ARCHITECTURES}")
-    if c.architecture in NO_POOL_MAX_LAYERS:
-        _check(
-            1 <= len(c.conv_filters) <= NO_POOL_MAX_LAYERS[c.architecture] and all(f >= 1 for f in c.conv_filters),
-            "conv_filters", c.conv_filters,
-            f"1 to {NO_POOL_MAX_LAYERS[c.architecture]} positive integers for {c.architecture} "
-            "(each unpadded conv shrinks the 28x28 image)",
-        )
-    else:
-        _check(
-            len(c.conv_filters) == 3 and all(f >= 1 for f in c.conv_filters),
-            "conv_filters", c.conv_filters, "three positive integers, e.g. 32,64,64",
-        )
+    _check(c.architecture in ARCHITECTURES, "architecture", c.architecture, f"one of {ARCHITECTURES.names}")
+    architecture = ARCHITECTURES[c.architecture]
+    _check(
+        architecture.min_conv_layers <= len(c.conv_filters) <= architecture.max_conv_layers
+        and all(f >= 1 for f in c.conv_filters),
+        "conv_filters", c.conv_filters, architecture.conv_layers_allowed(c.architecture),
+    )
     _check(c.dense_units >= 1, "dense_units", c.dense_units, "an integer >= 1")
-    _check(c.optimizer in OPTIMIZERS, "optimizer", c.optimizer, f"one of {OPTIMIZERS}")
+    _check(c.optimizer in OPTIMIZERS, "optimizer", c.optimizer, f"one of {OPTIMIZERS.names}")
     _check(0 < c.learning_rate <= 10, "learning_rate", c.learning_rate, "a float in (0, 10]")
-    _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule", c.lr_schedule, f"one of {LR_SCHEDULES}")
+    _check(c.lr_schedule in SCHEDULES, "lr_schedule", c.lr_schedule, f"one of {SCHEDULES.names}")
     _check(
         list(c.lr_step_boundaries) == sorted(set(c.lr_step_boundaries)) and all(b > 0 for b in c.lr_step_boundaries),
         "lr_step_boundaries", c.lr_step_boundaries, "strictly increasing positive epochs, e.g. 5,10",
@@ -283,6 +282,33 @@ def validate(config: TrainConfig) -> None:
     _check(c.tta_views >= 0, "tta_views", c.tta_views, "an integer >= 0 (0 = off)")
     _check(c.steps_per_execution >= 1, "steps_per_execution", c.steps_per_execution, "an integer >= 1")
     _check(c.threads >= 0, "threads", c.threads, "an integer >= 0 (0 = TensorFlow's default)")
+
+
+def effective_settings(config: TrainConfig) -> dict[str, Any]:
+    """What a run of ``config`` actually trains with, for telling arms apart (seed and speed fields left out).
+
+    Settings that cannot matter are dropped: the schedule's fields become the learning rate of each epoch
+    (``constant`` and ``step`` are the same run when training ends before the first step), augmentation
+    strengths without augmentation, dropout rates without dropout, weight decay without an optimizer that
+    uses it, dense and dropout fields for architectures without them.
+    """
+    from .schedules import build_schedule
+
+    settings = {k: v for k, v in config.to_dict().items() if k not in (*SPEED_FIELDS, "seed", *SCHEDULE_FIELDS)}
+    schedule = build_schedule(config)
+    settings["learning_rate_per_epoch"] = [schedule(epoch) for epoch in range(config.epochs)]
+    ignored = []
+    if not config.augmentation:
+        ignored += AUGMENTATION_STRENGTHS
+    if not config.dropout:
+        ignored += DROPOUT_RATES
+    if config.optimizer not in USES_WEIGHT_DECAY:
+        ignored.append("weight_decay")
+    if not ARCHITECTURES[config.architecture].uses_dense_and_dropout:
+        ignored += ["dense_units", "dropout", *DROPOUT_RATES]
+    for name in ignored:
+        settings.pop(name, None)
+    return settings
 
 
 BASELINE = TrainConfig()  # the seed's recipe

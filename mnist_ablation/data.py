@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 DATA_DIR_ENV = "MNIST_DATA_DIR"
 
 # SHA-256 of the uncompressed IDX files, as published with MNIST (and shipped in SHA256SUMS.uncompressed).
@@ -33,7 +35,7 @@ POINT_AT_DATA = (
 )
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """MNIST is missing, unreadable, or not the MNIST we know."""
 
 

@@ -7,7 +7,9 @@ by lower ``val_loss``, then run id); test metrics are never read to choose.
 
 The ensemble is logged as a run of its own in the study's experiment, a child of the study's parent
 run, tagged ``mnist_ablation.role=ensemble``, with the metrics, figure and predictions of any run, so
-reports, the explorer and pandas can treat it like one and trace it back to its members:
+reports, the explorer and pandas can treat it like one and trace it back to its members. It carries no
+config params (the members' shared config is in ``ensemble.json``), so grouping the cells by a param in
+the MLflow UI never mixes an ensemble in:
 
     from mnist_ablation import ensemble
     logged = ensemble.log_study_ensemble("architecture", top_k=5)
@@ -21,31 +23,26 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
-import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import Param
-from mlflow.tracking import MlflowClient
 
-from . import compare, tracking
+from . import store, tracking
 from .config import FIELD_NAMES
+from .errors import StudyError
+from .redaction import redact_argv
 from .train import categorical_loss
 
-ROLE = "ensemble"
 SELECTION_METRIC = "val_accuracy"  # the only quantity members are chosen by
 TIE_BREAK_METRIC = "val_loss"  # lower is better; then run_id, so the choice is deterministic
-ENSEMBLE_ARTIFACT = "ensemble.json"
 MEMBERS_PLOT = "plots/members_val_accuracy.png"
 NUM_CLASSES = 10
 PROBABILITY_COLUMNS = [f"prob_{k}" for k in range(NUM_CLASSES)]
 
 
-class EnsembleError(ValueError):
+class EnsembleError(StudyError):
     """The runs asked for cannot form an ensemble (none finished, too few, mismatched predictions)."""
 
 
@@ -151,9 +148,9 @@ def build_ensemble(study: str, top_k: int | None = None, arm: str | None = None,
                    runs: pd.DataFrame | None = None) -> EnsembleResult:
     """Choose members of ``study`` on validation accuracy and average their logged test probabilities."""
     if runs is None:
-        runs = compare.study_runs(study)
+        runs = store.cell_runs(study)
     members = select_members(runs, top_k=top_k, arm=arm, seed=seed)
-    labels, probabilities = average_predictions([tracking.read_predictions(r) for r in members["run_id"]])
+    labels, probabilities = average_predictions([store.read_predictions(r) for r in members["run_id"]])
     result = EnsembleResult(study, ensemble_arm_name(top_k, arm), members, labels, probabilities, seed=seed)
     result.metrics = {
         "test_accuracy": accuracy(labels, probabilities),
@@ -166,7 +163,8 @@ def build_ensemble(study: str, top_k: int | None = None, arm: str | None = None,
         result.metrics["members_test_accuracy_mean"] = float(members["test_accuracy"].mean())
     if "train_seconds" in members:
         result.metrics["train_seconds"] = float(members["train_seconds"].sum())
-    tta_frames = [_read_optional(r, tracking.TTA_PREDICTIONS_ARTIFACT) for r in members["run_id"]]
+    tta_frames = [store.read_predictions(r, store.TTA_PREDICTIONS_ARTIFACT)
+                  if store.has_artifact(r, store.TTA_PREDICTIONS_ARTIFACT) else None for r in members["run_id"]]
     if all(frame is not None for frame in tta_frames):
         _, result.tta_probabilities = average_predictions(tta_frames)
         result.metrics["test_accuracy_tta"] = accuracy(labels, result.tta_probabilities)
@@ -174,20 +172,13 @@ def build_ensemble(study: str, top_k: int | None = None, arm: str | None = None,
     return result
 
 
-def _read_optional(run_id: str, artifact: str) -> pd.DataFrame | None:
-    """A run's artifact as a frame, or None if the run did not log it (e.g. no TTA)."""
-    listed = {f.path for f in MlflowClient().list_artifacts(run_id, str(Path(artifact).parent))}
-    return tracking.read_predictions(run_id, artifact) if artifact in listed else None
+def shared_config(member_run_ids: Sequence[str]) -> dict[str, str]:
+    """Config params on which every member agrees (all but seed for a one-arm ensemble), for ensemble.json.
 
-
-def _shared_params(member_run_ids: Sequence[str]) -> dict[str, str]:
-    """Config params on which every member agrees (all but seed for a one-arm ensemble).
-
-    Read from the members' logged params, not from ``compare.study_runs``, whose ``learning_rate``
+    Read from the members' logged params, not from ``store.cell_runs``, whose ``learning_rate``
     column holds the per-epoch metric of the same name.
     """
-    client = MlflowClient()
-    logged = [client.get_run(run_id).data.params for run_id in member_run_ids]
+    logged = [store.run_record(run_id).params for run_id in member_run_ids]
     return {
         name: logged[0][name]
         for name in FIELD_NAMES
@@ -198,14 +189,13 @@ def _shared_params(member_run_ids: Sequence[str]) -> dict[str, str]:
 
 def members_figure(members: pd.DataFrame):
     """Bar chart of the members' final validation accuracy (what they were chosen by)."""
-    import matplotlib.pyplot as plt
-
-    from . import plots  # noqa: F401 - selects the headless backend
+    from .plots import new_figure
 
     names = [str(n) if isinstance(n, str) and n else r[:8] for n, r in zip(members.get("run_name", members["run_id"]),
                                                                                members["run_id"])]
     values = members[SELECTION_METRIC].to_numpy(float)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) + 2), 5))
+    fig = new_figure(figsize=(max(6.0, 0.6 * len(names) + 2), 5))
+    ax = fig.subplots()
     ax.bar(range(len(names)), values, color="tab:blue")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     low, high = float(values.min()), float(values.max())
@@ -241,60 +231,44 @@ def log_ensemble(result: EnsembleResult, command: Sequence[str] | None = None) -
 
     The run is FINISHED only once every artifact landed; any error ends it FAILED with ``failure_reason``.
     """
-    import matplotlib.pyplot as plt
-
     from .plots import confusion_matrix_figure
 
-    experiment_name = compare.experiment_name(result.study)
-    experiment_id = tracking.get_or_create_experiment(experiment_name)
-    parent = compare.find_parent_run(result.study, experiment_id)
+    experiment_id = tracking.get_or_create_experiment(store.ablation_experiment(result.study))
+    parent = store.find_parent_run(result.study, experiment_id)
     member_ids = ",".join(result.member_run_ids)
-    tags = {"study": result.study, "arm": result.arm, compare.ROLE_TAG: ROLE, "member_run_ids": member_ids,
-            "selection": f"top by final {SELECTION_METRIC}"}
+    tags = {store.STUDY_TAG: result.study, store.ARM_TAG: result.arm, store.ROLE_TAG: store.ENSEMBLE_ROLE,
+            store.MEMBER_RUN_IDS_TAG: member_ids, "selection": f"top by final {SELECTION_METRIC}"}
     if result.seed is not None:
-        tags["seed"] = str(result.seed)
+        tags[store.SEED_TAG] = str(result.seed)
     if parent is not None:
-        tags["mlflow.parentRunId"] = parent.info.run_id
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=result.run_name, tags=tags)
-    run_id = run.info.run_id
-    try:
-        client = MlflowClient()
-        params = {**_shared_params(result.member_run_ids), "member_run_ids": member_ids,
-                  "ensemble_size": str(len(result.members)), "selection_metric": SELECTION_METRIC}
-        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
-        mlflow.log_metrics(result.metrics)
+        tags[store.PARENT_RUN_TAG] = parent.info.run_id
+    with tracking.active_run(experiment_id, result.run_name, tags) as run_id:
+        tracking.log_params(run_id, {store.MEMBER_RUN_IDS_TAG: member_ids, "ensemble_size": len(result.members),
+                                     "selection_metric": SELECTION_METRIC})
+        tracking.log_metrics(run_id, result.metrics)
         record = {
             "study": result.study,
             "arm": result.arm,
             "seed": result.seed,
             "selection": f"members ranked by final {SELECTION_METRIC} (ties: lower {TIE_BREAK_METRIC}, then run_id); "
                          "test metrics were not used",
-            "command": list(command or sys.argv),
+            "command": redact_argv(command or sys.argv),
             "metrics": result.metrics,
+            "shared_config": shared_config(result.member_run_ids),
             "members": [
                 {key: (None if pd.isna(row.get(key)) else row.get(key))
                  for key in ("run_id", "run_name", "arm", "seed", SELECTION_METRIC, TIE_BREAK_METRIC, "test_accuracy")}
                 for row in result.members.to_dict("records")
             ],
         }
-        mlflow.log_dict(json.loads(json.dumps(record, default=str)), ENSEMBLE_ARTIFACT)
-        for name, figure in (
-            ("plots/confusion_matrix.png", confusion_matrix_figure(result.labels, result.probabilities.argmax(1),
-                                                                   title=f"Confusion Matrix, {result.run_name}")),
-            (MEMBERS_PLOT, members_figure(result.members)),
-        ):
-            mlflow.log_figure(figure, name)
-            plt.close(figure)
-        tracking.log_predictions(result.labels, result.probabilities, tracking.PREDICTIONS_ARTIFACT)
+        tracking.log_json(run_id, json.loads(json.dumps(record, default=str)), store.ENSEMBLE_ARTIFACT)
+        tracking.log_figure(run_id, confusion_matrix_figure(result.labels, result.probabilities.argmax(1),
+                                                            title=f"Confusion Matrix, {result.run_name}"),
+                            "plots/confusion_matrix.png")
+        tracking.log_figure(run_id, members_figure(result.members), MEMBERS_PLOT)
+        tracking.log_predictions(result.labels, result.probabilities, store.PREDICTIONS_ARTIFACT)
         if result.tta_probabilities is not None:
-            tracking.log_predictions(result.labels, result.tta_probabilities, tracking.TTA_PREDICTIONS_ARTIFACT)
-    except BaseException as error:
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        MlflowClient().set_tag(run_id, "failure_reason",
-                               f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}"[:4900])
-        mlflow.end_run(status)
-        raise
-    mlflow.end_run("FINISHED")
+            tracking.log_predictions(result.labels, result.tta_probabilities, store.TTA_PREDICTIONS_ARTIFACT)
     return run_id
 
 
@@ -302,13 +276,13 @@ def log_study_ensemble(study: str, top_k: int | None = None, arm: str | None = N
                        tracking_uri: str | None = None, command: Sequence[str] | None = None) -> LoggedEnsemble:
     """Build the ensemble and log it, unless the same ensemble (same members) is already logged."""
     tracking.use_tracking_uri(tracking_uri)
-    if MlflowClient().get_experiment_by_name(compare.experiment_name(study)) is None:
+    if store.experiment_id(store.ablation_experiment(study)) is None:
         raise EnsembleError(
-            f"study {study!r} has no MLflow experiment {compare.experiment_name(study)!r} "
-            f"in {mlflow.get_tracking_uri()}; "
+            f"study {study!r} has no MLflow experiment {store.ablation_experiment(study)!r} "
+            f"in {store.redacted_tracking_uri()}; "
             f"run `python -m experiments.ablate --study {study}` first or pass the right --tracking-uri."
         )
-    runs = compare.study_runs(study)
+    runs = store.cell_runs(study)
     members = select_members(runs, top_k=top_k, arm=arm, seed=seed)
     existing = find_logged_ensemble(study, ensemble_arm_name(top_k, arm), list(members["run_id"]), seed)
     result = build_ensemble(study, top_k=top_k, arm=arm, seed=seed, runs=runs)
@@ -320,27 +294,5 @@ def log_study_ensemble(study: str, top_k: int | None = None, arm: str | None = N
 def ensemble_runs(study: str, tracking_uri: str | None = None, include_unfinished: bool = False) -> pd.DataFrame:
     """One row per ensemble run of ``study``: run_id, run_name, arm, seed, member_run_ids, ensemble_size, metrics."""
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    columns = ["study", "arm", "seed", "run_id", "run_name", "status", "member_run_ids", "ensemble_size"]
-    experiment = MlflowClient().get_experiment_by_name(compare.experiment_name(study))
-    if experiment is None:
-        return pd.DataFrame(columns=columns)
-    raw = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`{compare.ROLE_TAG}` = '{ROLE}'",
-                             max_results=50_000, order_by=["attributes.start_time ASC"])
-    if raw.empty:
-        return pd.DataFrame(columns=columns)
-    seeds = raw.get("tags.seed", pd.Series([None] * len(raw), index=raw.index))
-    frame = pd.DataFrame({
-        "study": study,
-        "arm": raw["tags.arm"],
-        "seed": pd.to_numeric(seeds, errors="coerce").astype("Int64"),
-        "run_id": raw["run_id"],
-        "run_name": raw.get("tags.mlflow.runName"),
-        "status": raw["status"],
-        "member_run_ids": raw["tags.member_run_ids"],
-    })
-    for column in sorted(c for c in raw.columns if c.startswith("metrics.")):
-        frame[column[len("metrics."):]] = raw[column].to_numpy()
-    if not include_unfinished:
-        frame = frame[frame["status"] == "FINISHED"]
-    return frame.reset_index(drop=True)
+        tracking.use_tracking_uri(tracking_uri)
+    return store.ensemble_runs(study, include_unfinished=include_unfinished)

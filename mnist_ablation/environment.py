@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .redaction import redact_argv
+
 PACKAGES = (
     "tensorflow", "keras", "mlflow", "optuna", "numpy", "pandas", "scipy", "statsmodels",
     "matplotlib", "seaborn", "mnist_ablation", "jax", "jaxlib",
@@ -67,5 +69,5 @@ def environment_record(data_checksums: dict[str, str], data_source: str) -> dict
         "git": git_state(),
         "machine": machine(),
         "data": {"source": data_source, "sha256": dict(data_checksums)},
-        "command": sys.argv,
+        "command": redact_argv(sys.argv),
     }

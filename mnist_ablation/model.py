@@ -1,20 +1,27 @@
-"""The seed's CNN and its variants, built by name from a config (Keras Functional API)."""
+"""The seed's CNN and its variants, built by name from a config (Keras Functional API).
+
+Keras is imported inside the builders, so the architecture registry (names and constraints) can be read by
+config validation and ``--list`` without loading a backend.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
-import keras
-from keras import layers
+from .registry import Registry
 
-from .registry import lookup
+if TYPE_CHECKING:
+    import keras
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 
 
 def _conv_block(x, filters: int, config, *, batch_norm: bool, pool: bool, name: str):
+    from keras import layers
+
     x = layers.Conv2D(filters, (3, 3), activation="relu", name=f"{name}_conv")(x)
     if batch_norm and config.batch_norm:
         x = layers.BatchNormalization(name=f"{name}_bn")(x)
@@ -26,6 +33,8 @@ def _conv_block(x, filters: int, config, *, batch_norm: bool, pool: bool, name: 
 
 
 def _classifier(x, config):
+    from keras import layers
+
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(config.dense_units, activation="relu", name="dense")(x)
     if config.batch_norm:
@@ -37,6 +46,8 @@ def _classifier(x, config):
 
 def seed_architecture(config) -> keras.Model:
     """Conv32-BN, Conv64-Pool-Drop, Conv64-BN-Pool-Drop, Dense256-BN-Drop, Dense10 (469,578 params)."""
+    import keras
+
     f1, f2, f3 = config.conv_filters
     inputs = keras.Input(shape=INPUT_SHAPE, name="image")
     x = _conv_block(inputs, f1, config, batch_norm=True, pool=False, name="block1")
@@ -47,6 +58,9 @@ def seed_architecture(config) -> keras.Model:
 
 def extra_block_architecture(config) -> keras.Model:
     """The seed's network with a fourth 3x3 conv (same padding, BN) before the last pooling."""
+    import keras
+    from keras import layers
+
     f1, f2, f3 = config.conv_filters
     inputs = keras.Input(shape=INPUT_SHAPE, name="image")
     x = _conv_block(inputs, f1, config, batch_norm=True, pool=False, name="block1")
@@ -68,6 +82,9 @@ def no_pool_architecture(config, kernel: int) -> keras.Model:
     and softmax. Their M3 is ten 3x3 convs (32, 48, ..., 176), M5 five 5x5 (32, 64, 96, 128, 160) and M7
     four 7x7 (48, 96, 144, 192). ``dense_units`` and the dropout fields do not apply.
     """
+    import keras
+    from keras import layers
+
     inputs = keras.Input(shape=INPUT_SHAPE, name="image")
     x = inputs
     for index, filters in enumerate(config.conv_filters, start=1):
@@ -83,23 +100,45 @@ def no_pool_architecture(config, kernel: int) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"no_pool_{kernel}x{kernel}_cnn")
 
 
-ARCHITECTURES: dict[str, Callable[[object], keras.Model]] = {
-    "seed": seed_architecture,
-    "extra_block": extra_block_architecture,
-    "no_pool_3x3": functools.partial(no_pool_architecture, kernel=3),
-    "no_pool_5x5": functools.partial(no_pool_architecture, kernel=5),
-    "no_pool_7x7": functools.partial(no_pool_architecture, kernel=7),
-}
+@dataclass(frozen=True)
+class Architecture:
+    """A model builder and the config it accepts: how many ``conv_filters``, and which fields it ignores."""
+
+    build: Callable[[object], "keras.Model"]
+    min_conv_layers: int = 3
+    max_conv_layers: int = 3
+    uses_dense_and_dropout: bool = True  # dense_units, dropout and its rates
+
+    def conv_layers_allowed(self, name: str) -> str:
+        if self.min_conv_layers == self.max_conv_layers:
+            return f"{self.min_conv_layers} positive integers for {name}, e.g. 32,64,64"
+        return (f"{self.min_conv_layers} to {self.max_conv_layers} positive integers for {name} "
+                "(each unpadded conv shrinks the 28x28 image)")
 
 
-def build_model(config) -> keras.Model:
+def _no_pool(kernel: int) -> Architecture:
+    # Unpadded kxk convs shrink 28x28 by k-1 per layer; the last one must leave at least 1x1.
+    return Architecture(functools.partial(no_pool_architecture, kernel=kernel), min_conv_layers=1,
+                        max_conv_layers=(INPUT_SHAPE[0] - 1) // (kernel - 1), uses_dense_and_dropout=False)
+
+
+ARCHITECTURES: Registry[Architecture] = Registry("architecture", {
+    "seed": Architecture(seed_architecture),
+    "extra_block": Architecture(extra_block_architecture),
+    "no_pool_3x3": _no_pool(3),
+    "no_pool_5x5": _no_pool(5),
+    "no_pool_7x7": _no_pool(7),
+})
+
+
+def build_model(config) -> "keras.Model":
     """Build the (uncompiled) model named by ``config.architecture``."""
-    builder = lookup(ARCHITECTURES, config.architecture, "architecture")
-    return builder(config)
+    return ARCHITECTURES[config.architecture].build(config)
 
 
-def seed_sequential_model() -> keras.Model:
+def seed_sequential_model() -> "keras.Model":
     """The seed's model exactly as its text writes it (reference for tests and the speed benchmark)."""
+    import keras
     from keras.layers import BatchNormalization, Conv2D, Dense, Dropout, Flatten, MaxPooling2D
 
     return keras.Sequential([
@@ -121,13 +160,15 @@ def seed_sequential_model() -> keras.Model:
     ])
 
 
-def inference_copy(model: keras.Model) -> keras.Model:
+def inference_copy(model: "keras.Model") -> "keras.Model":
     """The same layers and weights (batch-norm statistics included), uncompiled: no optimizer state.
 
     For saving or logging a trained model: Adam's two slots per weight would triple the file (5.5 MB ->
     1.9 MB here). ``keras.models.clone_model`` would compile the clone with the same optimizer;
     ``from_config`` does not.
     """
+    import keras
+
     copy = keras.Model.from_config(model.get_config())
     copy.set_weights(model.get_weights())
     return copy

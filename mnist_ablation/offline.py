@@ -28,6 +28,7 @@ import numpy as np
 from .config import TrainConfig, from_dict
 from .data import Mnist, load_mnist
 from .environment import environment_record
+from .studies import cell_key
 
 RECORD_FILE = "result.json"
 MODEL_FILE = "model.keras"
@@ -129,7 +130,7 @@ def plan_cells(configs: Mapping[str, TrainConfig], seeds, data: Mnist) -> list[O
     for arm, base in configs.items():
         for seed in seeds:
             config = base.replace(seed=seed)
-            cells.append(OfflineCell(arm, seed, f"{arm}-seed{seed}", config, config.hash(data.checksums)))
+            cells.append(OfflineCell(arm, seed, cell_key(arm, seed), config, config.hash(data.checksums)))
     return cells
 
 

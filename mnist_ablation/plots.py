@@ -1,19 +1,25 @@
-"""The seed's two figures (training curves, confusion-matrix heatmap), as matplotlib figures."""
+"""The seed's two figures (training curves, confusion-matrix heatmap), as matplotlib figures.
+
+Figures are built with matplotlib's object API (``Figure``), never pyplot: nothing here selects a backend or
+keeps figures alive in global state, so the library changes nothing in the caller's matplotlib set-up.
+"""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures are saved, never shown
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
 
 
-def training_curves_figure(history: dict[str, list[float]], title: str = "") -> plt.Figure:
+def new_figure(**kwargs) -> Figure:
+    """A figure that belongs to no pyplot window (saved or logged, never shown)."""
+    return Figure(**kwargs)
+
+
+def training_curves_figure(history: dict[str, list[float]], title: str = "") -> Figure:
     """Accuracy and loss per epoch, training and validation, side by side (the seed's figure)."""
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(14, 6))
+    fig = new_figure(figsize=(14, 6))
+    ax_acc, ax_loss = fig.subplots(1, 2)
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for ax, metric, label in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Loss")):
         ax.plot(epochs, history.get(metric, []), marker="o", label=f"Train {label}")
@@ -36,10 +42,11 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return counts
 
 
-def confusion_matrix_figure(labels: np.ndarray, predictions: np.ndarray, title: str = "Confusion Matrix") -> plt.Figure:
+def confusion_matrix_figure(labels: np.ndarray, predictions: np.ndarray, title: str = "Confusion Matrix") -> Figure:
     """Heatmap of the test confusion matrix with counts in every cell (the seed's figure)."""
     counts = confusion_matrix(labels, predictions)
-    fig, ax = plt.subplots(figsize=(10, 8))
+    fig = new_figure(figsize=(10, 8))
+    ax = fig.subplots()
     sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", ax=ax, cbar_kws={"label": "test images"})
     ax.set_xlabel("Predicted labels")
     ax.set_ylabel("True labels")

@@ -1,15 +1,53 @@
-"""Components are looked up by name in small dicts; an unknown name lists the known ones."""
+"""Components are looked up by name in small registries; an unknown name lists the known ones.
+
+A registry is the one home of its names: config validation, command-line choices and the tuning space
+read ``registry.names`` instead of repeating them.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping, TypeVar
+import difflib
+from typing import Iterator, Mapping, TypeVar
+
+from .errors import UserError
 
 T = TypeVar("T")
 
 
-def lookup(registry: Mapping[str, T], name: str, what: str) -> T:
-    """``registry[name]``, or ValueError: "unknown <what> 'x'; known <what>s: a, b, c."."""
-    try:
-        return registry[name]
-    except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; known {what}s: {', '.join(registry)}.") from None
+class UnknownNameError(UserError, ValueError, KeyError):
+    """A name no registry entry has. A ValueError for callers, a KeyError so ``name in registry`` works."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class Registry(Mapping[str, T]):
+    """Entries by name, in the order given; ``registry[name]`` of an unknown name raises UnknownNameError."""
+
+    def __init__(self, kind: str, entries: Mapping[str, T]):
+        self.kind = kind
+        self._entries = dict(entries)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __getitem__(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            raise UnknownNameError(self.unknown_message(name)) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def unknown_message(self, name: object) -> str:
+        close = difflib.get_close_matches(str(name), self.names, n=2)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names)}.{hint}"
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {list(self.names)})"

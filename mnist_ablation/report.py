@@ -23,15 +23,17 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
 
-from . import compare, stats, tracking
-from .plots import confusion_matrix, plt
+from . import stats, store, tracking
+from .plots import confusion_matrix
+from .errors import StudyError
+from .redaction import redact
+from .store import REPORT_ARTIFACT_DIR
+from .studies import STUDIES
 
-REPORT_ARTIFACT_DIR = "report"
 DEFAULT_REPORT_ROOT = Path("reports")
 DEFAULT_THRESHOLD = 0.99
 HISTORY_METRICS = ("accuracy", "val_accuracy", "loss", "val_loss")
@@ -63,36 +65,22 @@ class StudyData:
 def _baseline_arm(study: str, definition: dict | None) -> str:
     if definition and definition.get("baseline_arm"):
         return definition["baseline_arm"]
-    try:
-        from experiments.studies import STUDIES
-
-        return STUDIES[study].baseline_arm if study in STUDIES else "baseline"
-    except ImportError:
-        return "baseline"
-
-
-def _tracking_uri_set() -> bool:
-    """Whether a store was chosen already (by ``experiments.ablate`` or the caller); else the project default."""
-    try:
-        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-    except ImportError:  # a future MLflow without it: fall back on the environment variable alone
-        return bool(os.environ.get(tracking.TRACKING_URI_ENV))
-    return is_tracking_uri_set()
+    return STUDIES[study].baseline_arm if study in STUDIES else "baseline"
 
 
 def gather_study(study: str, tracking_uri: str | None = None, predictions: bool = True,
                  histories: bool = True) -> StudyData:
     """Read a study's runs (all statuses), definition, metric histories and test predictions from MLflow."""
-    uri = tracking.use_tracking_uri(tracking_uri) if tracking_uri or not _tracking_uri_set() else mlflow.get_tracking_uri()
-    parent = compare.find_parent_run(study)
+    uri = tracking.ensure_tracking_uri(tracking_uri)
+    parent = store.find_parent_run(study)
     if parent is None:
-        raise ValueError(
-            f"no study {study!r} in the tracking store {uri} (no parent run in experiment "
-            f"{compare.experiment_name(study)!r}). Run `python -m experiments.ablate --study {study}` first, "
+        raise StudyError(
+            f"no study {study!r} in the tracking store {redact(uri)} (no parent run in experiment "
+            f"{store.ablation_experiment(study)!r}). Run `python -m experiments.ablate --study {study}` first, "
             "or pass the store it used with --tracking-uri."
         )
-    definition = compare.study_definition(study)
-    runs = compare.study_runs(study, include_unfinished=True)
+    definition = store.study_definition(study)
+    runs = store.cell_runs(study, include_unfinished=True)
     planned = None
     if definition and definition.get("cells"):
         planned = pd.DataFrame([{"arm": c["arm"], "seed": int(c["seed"])} for c in definition["cells"]])
@@ -103,7 +91,7 @@ def gather_study(study: str, tracking_uri: str | None = None, predictions: bool 
         data.histories = _metric_histories(finished)
     if predictions:
         for row in finished.itertuples():
-            frame = tracking.read_predictions(row.run_id)
+            frame = store.read_predictions(row.run_id)
             labels = frame["label"].to_numpy()
             if data.labels is None:
                 data.labels = labels
@@ -115,18 +103,7 @@ def gather_study(study: str, tracking_uri: str | None = None, predictions: bool 
 
 
 def _metric_histories(finished: pd.DataFrame) -> pd.DataFrame:
-    client = MlflowClient()
-    records = []
-    for row in finished.itertuples():
-        per_epoch: dict[int, dict] = {}
-        for metric in HISTORY_METRICS:
-            for point in client.get_metric_history(row.run_id, metric):
-                per_epoch.setdefault(point.step, {})[metric] = point.value
-        for epoch, values in per_epoch.items():
-            records.append({"run_id": row.run_id, "arm": row.arm, "seed": row.seed, "epoch": epoch, **values})
-    frame = pd.DataFrame(records, columns=["run_id", "arm", "seed", "epoch", *HISTORY_METRICS])
-    # A resumed run may log an epoch twice; keep one value per epoch.
-    return frame.drop_duplicates(["run_id", "epoch"], keep="last").sort_values(["run_id", "epoch"])
+    return store.metric_histories(finished, HISTORY_METRICS)
 
 
 # -- the DataFrame API ---------------------------------------------------------------------------------
@@ -595,11 +572,9 @@ def reproduce_commands(data: StudyData) -> list[str]:
 def _environment(data: StudyData) -> dict | None:
     ordered = pd.concat([data.finished[data.finished["arm"] == data.baseline], data.finished])
     for run_id in ordered["run_id"].drop_duplicates()[:3]:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="environment.json")
-        except Exception:  # noqa: BLE001 - an older run without the record; try the next
-            continue
-        return json.loads(Path(path).read_text())
+        record = store.read_json_artifact(run_id, store.ENVIRONMENT_ARTIFACT)
+        if record is not None:
+            return record
     return None
 
 
@@ -661,7 +636,8 @@ class Report:
 def write_study_report(study_name: str, output_dir: str | os.PathLike | None = None,
                        parent_run_id: str | None = None, *, tracking_uri: str | None = None,
                        data_dir: str | os.PathLike | None = None, threshold: float = DEFAULT_THRESHOLD,
-                       confidence: float = stats.DEFAULT_CONFIDENCE, log_to_mlflow: bool = True) -> Report:
+                       confidence: float = stats.DEFAULT_CONFIDENCE, log_to_mlflow: bool = True,
+                       equivalence_margin: float = 0.001) -> Report:
     """Compute the study's statistics, write CSVs, figures, report.html and report.md, log them under ``report/``.
 
     ``output_dir`` None means ``reports/<study>``; ``parent_run_id`` None means the study's parent run.
@@ -764,11 +740,9 @@ def write_study_report(study_name: str, output_dir: str | os.PathLike | None = N
     markdown_path.write_text(_render_markdown(context), encoding="utf-8")
     files += [html_path, markdown_path]
     if log_to_mlflow and data.parent_run_id:
-        client = MlflowClient()
-        for path in files:
-            relative = path.relative_to(output).parent
-            artifact_dir = REPORT_ARTIFACT_DIR if str(relative) == "." else f"{REPORT_ARTIFACT_DIR}/{relative}"
-            client.log_artifact(data.parent_run_id, str(path), artifact_path=artifact_dir)
+        tracking.log_files(data.parent_run_id, [
+            (path, REPORT_ARTIFACT_DIR if str(path.relative_to(output).parent) == "."
+             else f"{REPORT_ARTIFACT_DIR}/{path.relative_to(output).parent}") for path in files])
     return Report(output, summary, files, notes)
 
 

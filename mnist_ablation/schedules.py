@@ -6,7 +6,7 @@ import bisect
 import math
 from typing import Callable
 
-from .registry import lookup
+from .registry import Registry
 
 Schedule = Callable[[int], float]
 
@@ -64,16 +64,15 @@ def exponential(config) -> Schedule:
     return rate
 
 
-SCHEDULES: dict[str, Callable[[object], Schedule]] = {
+SCHEDULES: Registry[Callable[[object], Schedule]] = Registry("lr_schedule", {
     "step": step,
     "constant": constant,
     "cosine": cosine,
     "onecycle": onecycle,
     "exponential": exponential,
-}
+})
 
 
 def build_schedule(config) -> Schedule:
     """Look up ``config.lr_schedule``; an unknown name raises ValueError listing the known ones."""
-    factory = lookup(SCHEDULES, config.lr_schedule, "lr_schedule")
-    return factory(config)
+    return SCHEDULES[config.lr_schedule](config)

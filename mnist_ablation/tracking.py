@@ -1,6 +1,6 @@
-"""Everything MLflow: where runs go, and logging one training run completely.
+"""Writing to MLflow: where runs go, and logging one training run completely.
 
-The only module of the library that imports ``mlflow``. A run logs every config field as a param,
+With ``store`` (which reads), the only library module that imports ``mlflow``. A run logs every config field as a param,
 per-epoch metrics, final metrics, the seed's two figures, per-example test predictions, config.json, an
 environment record and the model. A run that fails is ended FAILED (with ``failure_reason``), one that
 is interrupted KILLED; only a run whose every artifact landed is FINISHED.
@@ -33,13 +33,14 @@ from .environment import environment_record
 from .errors import TrackingError
 from .model import inference_copy
 from .plots import confusion_matrix_figure, training_curves_figure
+from .redaction import redact
+from .store import (CONFIG_ARTIFACT, CONFIG_HASH_TAG, DEFAULT_EXPERIMENT, DESCRIPTION_TAG, ENVIRONMENT_ARTIFACT,
+                    FAILURE_REASON_TAG, MODEL_NAME, PARENT_RUN_TAG, PREDICTIONS_ARTIFACT, SEED_TAG,
+                    TTA_PREDICTIONS_ARTIFACT)
 from .train import EPOCH_METRICS, RunResult, train
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_STORE_DIR = Path("mlruns")
-DEFAULT_EXPERIMENT = "mnist_ablation"
-PREDICTIONS_ARTIFACT = "predictions/test_predictions.parquet"
-TTA_PREDICTIONS_ARTIFACT = "predictions/test_predictions_tta.parquet"
 
 
 def default_tracking_uri() -> str:
@@ -82,7 +83,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             response.raise_for_status()
         except requests.RequestException as error:
             raise TrackingError(
-                f"MLflow tracking server at {uri} is not reachable ({type(error).__name__}: {error}). "
+                f"MLflow tracking server at {redact(uri)} is not reachable ({type(error).__name__}: {error}). "
                 f"Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another --tracking-uri."
             ) from None
     elif parsed.scheme == "sqlite":
@@ -94,9 +95,27 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                 raise TrackingError(f"cannot create the tracking store directory {directory}: {error}") from None
     elif parsed.scheme not in ("", "file", "postgresql", "mysql", "mssql", "databricks"):
         raise TrackingError(
-            f"tracking URI {uri!r} has an unknown scheme {parsed.scheme!r}; expected sqlite:///PATH.db, "
+            f"tracking URI {redact(uri)!r} has an unknown scheme {parsed.scheme!r}; expected sqlite:///PATH.db, "
             "http://HOST:PORT, a SQLAlchemy database URL or a directory."
         )
+
+
+def current_tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def ensure_tracking_uri(uri: str | None = None) -> str:
+    """``uri`` if given; else the store the caller chose (``mlflow.set_tracking_uri`` or the environment);
+    else the project's default ``./mlruns``. For library functions a user calls from Python."""
+    if uri:
+        return use_tracking_uri(uri)
+    try:
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+    except ImportError:  # a future MLflow without it: the environment variable alone decides
+        chosen = bool(os.environ.get(TRACKING_URI_ENV))
+    else:
+        chosen = is_tracking_uri_set()
+    return current_tracking_uri() if chosen else use_tracking_uri(None)
 
 
 def use_tracking_uri(uri: str | None) -> str:
@@ -160,16 +179,8 @@ def predictions_frame(labels: np.ndarray, probabilities: np.ndarray) -> pd.DataF
     return frame
 
 
-def read_predictions(run_id: str, artifact: str = PREDICTIONS_ARTIFACT) -> pd.DataFrame:
-    """The per-example test predictions a run logged."""
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)
-    return pd.read_parquet(path)
-
-
 def log_result_artifacts(result: RunResult, title: str) -> None:
     """Final metrics, figures, predictions and the model, into the active run."""
-    import matplotlib.pyplot as plt
-
     metrics = {
         "test_loss": result.test_loss,
         "test_accuracy": result.test_accuracy,
@@ -183,7 +194,6 @@ def log_result_artifacts(result: RunResult, title: str) -> None:
         ("plots/confusion_matrix.png", confusion_matrix_figure(result.test_labels, result.test_probabilities.argmax(1))),
     ):
         mlflow.log_figure(figure, name)
-        plt.close(figure)
     log_predictions(result.test_labels, result.test_probabilities, PREDICTIONS_ARTIFACT)
     if result.tta_probabilities is not None:
         log_predictions(result.test_labels, result.tta_probabilities, TTA_PREDICTIONS_ARTIFACT)
@@ -206,7 +216,7 @@ def log_keras_model(model: keras.Model) -> None:
     inference_model = inference_copy(model)  # logged for inference, without the optimizer's state
     # Stated, not inferred: MLflow's requirement inference re-imports the model in a subprocess (~20 s a run).
     requirements = [f"{name}=={importlib.metadata.version(name)}" for name in ("tensorflow", "keras")]
-    mlflow.keras.log_model(inference_model, name="model", signature=signature, pip_requirements=requirements)
+    mlflow.keras.log_model(inference_model, name=MODEL_NAME, signature=signature, pip_requirements=requirements)
 
 
 @dataclass
@@ -218,7 +228,7 @@ class TrackedRun:
 def _end_failed(run_id: str, status: str, reason: str) -> None:
     """End the active run with ``status`` (never FINISHED), recording why."""
     try:
-        MlflowClient().set_tag(run_id, "failure_reason", reason[:4900])
+        MlflowClient().set_tag(run_id, FAILURE_REASON_TAG, redact(reason)[:4900])
     finally:
         mlflow.end_run(status)
 
@@ -232,7 +242,7 @@ def mark_run_dead(run_id: str, reason: str) -> bool:
         return False
     if run.info.status != "RUNNING":
         return False
-    client.set_tag(run_id, "failure_reason", reason)
+    client.set_tag(run_id, FAILURE_REASON_TAG, redact(reason))
     client.set_terminated(run_id, "KILLED")
     return True
 
@@ -240,25 +250,35 @@ def mark_run_dead(run_id: str, reason: str) -> bool:
 def _start_run(config: TrainConfig, config_hash: str, experiment_name: str, run_name: str | None,
                tags: Mapping[str, str] | None, parent_run_id: str | None) -> str:
     experiment_id = get_or_create_experiment(experiment_name)
-    all_tags = {"config_hash": config_hash, "seed": str(config.seed), **dict(tags or {})}
+    all_tags = {CONFIG_HASH_TAG: config_hash, SEED_TAG: str(config.seed), **dict(tags or {})}
     if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
+        all_tags[PARENT_RUN_TAG] = parent_run_id
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags).info.run_id
 
 
 def _log_config(run_id: str, config: TrainConfig, environment: Mapping) -> None:
     MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in flatten_params(config).items()])
-    mlflow.log_dict(config.to_dict(), "config.json")
-    mlflow.log_dict(dict(environment), "environment.json")
+    mlflow.log_dict(config.to_dict(), CONFIG_ARTIFACT)
+    mlflow.log_dict(dict(environment), ENVIRONMENT_ARTIFACT)
 
 
 @contextlib.contextmanager
-def _finished_only_if_complete(run_id: str):
-    """End the active run FINISHED if the body completes, KILLED on an interrupt, FAILED on any error."""
+def _finished_only_if_complete(run_id: str, stop_exceptions: tuple[type[BaseException], ...] = ()):
+    """End the active run FINISHED if the body completes, KILLED on an interrupt, FAILED on any error.
+
+    ``stop_exceptions`` are decisions, not faults (a pruned tuning trial): the run ends KILLED with the
+    exception's message as its description and a ``stopped_early`` tag, no traceback.
+    """
     try:
         yield
     except KeyboardInterrupt:
         _end_failed(run_id, "KILLED", "interrupted (KeyboardInterrupt / SIGINT)")
+        raise
+    except stop_exceptions as stopped:
+        try:
+            set_tags(run_id, {"stopped_early": str(stopped), DESCRIPTION_TAG: str(stopped)})
+        finally:
+            mlflow.end_run("KILLED")
         raise
     except BaseException as error:
         _end_failed(run_id, "FAILED", f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}")
@@ -270,7 +290,7 @@ def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEF
                  run_name: str | None = None, tags: Mapping[str, str] | None = None,
                  parent_run_id: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
                  callbacks: Sequence[keras.callbacks.Callback] = (), verbose: int | str = 2,
-                 on_run_created=None) -> TrackedRun:
+                 on_run_created=None, stop_exceptions: tuple[type[BaseException], ...] = ()) -> TrackedRun:
     """Train ``config`` on ``data`` inside a new MLflow run and log everything.
 
     Any exception ends the run FAILED with a ``failure_reason`` tag, and an interrupt ends it KILLED;
@@ -279,7 +299,7 @@ def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEF
     run_id = _start_run(config, config.hash(data.checksums), experiment_name, run_name, tags, parent_run_id)
     if on_run_created is not None:
         on_run_created(run_id)
-    with _finished_only_if_complete(run_id):
+    with _finished_only_if_complete(run_id, stop_exceptions):
         client = MlflowClient()
         _log_config(run_id, config, environment_record(data.checksums, data.source))
         result = train(config, data, callbacks=[MlflowEpochLogger(run_id), *callbacks],
@@ -315,11 +335,70 @@ def log_offline_result(result: RunResult, record: Mapping, *, experiment_name: s
     return TrackedRun(run_id, result)
 
 
-def runs_frame(experiment_name: str, filter_string: str = "", finished_only: bool = True) -> pd.DataFrame:
-    """``mlflow.search_runs`` of one experiment as a DataFrame (empty if the experiment does not exist)."""
-    experiment = MlflowClient().get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return pd.DataFrame()
-    clauses = [c for c in (filter_string, "attributes.status = 'FINISHED'" if finished_only else "") if c]
-    return mlflow.search_runs([experiment.experiment_id], filter_string=" and ".join(clauses),
-                              max_results=50_000)
+# -- writing to runs by id (parent runs, ensembles, tuning) ----------------------------------------------
+
+
+def create_run(experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
+    """A new RUNNING run (not the active one), e.g. a study's parent run; returns its id."""
+    return MlflowClient().create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+
+
+def log_params(run_id: str, params: Mapping[str, object]) -> None:
+    """Params of a run by id (values as strings, credentials redacted); existing equal values are fine."""
+    MlflowClient().log_batch(run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in params.items()])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_json(run_id: str, payload, artifact_file: str) -> None:
+    MlflowClient().log_dict(run_id, payload, artifact_file)
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    MlflowClient().log_text(run_id, text, artifact_file)
+
+
+def log_figure(run_id: str, figure, artifact_file: str) -> None:
+    """Log a matplotlib figure to a run by id (and release it if pyplot made it, as Optuna's plots do)."""
+    MlflowClient().log_figure(run_id, figure, artifact_file)
+    if getattr(figure, "number", None) is not None:  # a pyplot-managed figure
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+
+def log_files(run_id: str, files: Sequence[tuple[Path, str | None]]) -> None:
+    """Log local files to a run: (path, artifact directory or None for the root)."""
+    client = MlflowClient()
+    for path, directory in files:
+        client.log_artifact(run_id, str(path), artifact_path=directory)
+
+
+def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, redact(str(value)))
+
+
+def set_status(run_id: str, status: str) -> None:
+    """``RUNNING`` reopens a run (a study resumed); ``FINISHED``, ``FAILED`` or ``KILLED`` end it."""
+    client = MlflowClient()
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def active_run(experiment_id: str, run_name: str, tags: Mapping[str, str]):
+    """A run that is the active one inside the block and ends FINISHED only if the block completes.
+
+    For runs assembled from other runs' results (ensembles): any exception ends it FAILED with a
+    ``failure_reason``, an interrupt KILLED; the exception propagates.
+    """
+    run_id = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+    with _finished_only_if_complete(run_id):
+        yield run_id

@@ -27,7 +27,7 @@ from .augment import AugmentationParams, augment_batch, numpy_augment_batch
 from .config import TrainConfig
 from .data import NUM_CLASSES, Mnist, Split, build_split
 from .model import build_model
-from .registry import lookup
+from .optimizers import build_optimizer
 from .schedules import build_schedule
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds")
@@ -163,16 +163,6 @@ class AugmentedBatches(keras.utils.PyDataset):
         if self.config.augmentation:
             x = numpy_augment_batch(x, batch_seed(self.config.seed, epoch, step), self.params)
         return x, self.one_hot[batch]
-
-
-def build_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
-    factories = {
-        "adam": lambda: keras.optimizers.Adam(config.learning_rate),
-        "adamw": lambda: keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay),
-        "nadam": lambda: keras.optimizers.Nadam(config.learning_rate),
-        "sgd": lambda: keras.optimizers.SGD(config.learning_rate, momentum=0.9, nesterov=True),
-    }
-    return lookup(factories, config.optimizer, "optimizer")()
 
 
 def effective_steps_per_execution(steps_in_epoch: int, requested: int) -> int:

@@ -1,6 +1,6 @@
 """Hyperparameter search with Optuna: the search space, the objective, shared studies, and the report.
 
-The only module that imports ``optuna`` for tuning. A study lives in an Optuna RDB storage (SQLite
+Optuna-side tuning (the space and the samplers live in ``search_space``). A study lives in an Optuna RDB storage (SQLite
 beside the MLflow store by default, PostgreSQL to share it across machines), so any number of
 workers can run ``python -m experiments.tune`` against it at once:
 
@@ -28,209 +28,45 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import keras
-import matplotlib.pyplot as plt
+import numpy as np
 import optuna
 import pandas as pd
-from mlflow import get_tracking_uri
-from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-from . import tracking
-from .config import LR_SCHEDULES, ConfigError, TrainConfig, from_dict
+from . import store, tracking
+from .config import TrainConfig, from_dict
 from .data import Mnist
+from .errors import UserError
+from .search_space import baseline_params, check_base_config, config_from_params, suggest_config
+from .storage import fail_stale_trials, quietly, retry_callback
+from .storage import open_storage as open_rdb_storage
+from .store import BEST_RETRAIN_ROLE, ROLE_TAG, RUN_ID_ATTR, STUDY_ROLE, TRIAL_ROLE
 from .train import TrainingDiverged
 
-ROLE_TAG = "mnist_ablation.role"  # same tag the ablation studies use: study / trial / best_retrain
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the one MLflow parent run of the study
-RUN_ID_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow run
 BASE_CONFIG_ATTR = "base_config"  # study user attr: the fixed config the search space is applied to
 BASELINE_ATTR = "baseline"  # trial user attr: True on the enqueued seed-recipe trial
 OBJECTIVE_METRIC = "val_accuracy"
 STORAGE_FILE = "optuna.db"
 PARENT_WAIT_SECONDS = 120.0
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # workers print one line per trial themselves
 
 
-class TuningError(ValueError):
+class TuningError(UserError, ValueError):
     """A study cannot be opened or continued as asked (a ValueError, so commands print it as a user error)."""
 
 
-# -- the search space ------------------------------------------------------------------------------
-
-BATCH_SIZES = (32, 64, 128, 256)
-
-
-def suggest_config(trial: optuna.trial.BaseTrial, base: TrainConfig) -> TrainConfig:
-    """The search space: ``base`` with the trial's choices for the fields worth tuning.
-
-    Every ``suggest_*`` call is here. Conditional parameters exist only when their switch is on
-    (dropout rates only with dropout, the step factors only for the step schedule), so "off" is a value,
-    as in the config. Fields not suggested keep ``base``'s value; ``baseline_params(base)`` is the
-    point of this space that reproduces ``base`` exactly.
-    """
-    learning_rate = trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
-    lr_schedule = trial.suggest_categorical("lr_schedule", LR_SCHEDULES)
-    if lr_schedule == "step":
-        # The step boundaries stay base's; each later step is a multiple of the initial rate.
-        step_factors = tuple(trial.suggest_float(f"lr_step_factor_{index}", 0.01, 1.0, log=True)
-                             for index in range(1, len(base.lr_step_boundaries) + 1))
-    elif lr_schedule in ("cosine", "onecycle", "exponential"):
-        min_learning_rate_fraction = trial.suggest_float("min_learning_rate_fraction", 0.0, 0.1)
-    batch_size = trial.suggest_categorical("batch_size", _with_base_value(BATCH_SIZES, base.batch_size))
-    batch_norm = trial.suggest_categorical("batch_norm", (True, False))
-    dropout = trial.suggest_categorical("dropout", (True, False))
-    if dropout:
-        conv_dropout_rate = trial.suggest_float("conv_dropout_rate", 0.0, 0.5)
-        dense_dropout_rate = trial.suggest_float("dense_dropout_rate", 0.0, 0.7)
-    augmentation = trial.suggest_categorical("augmentation", (True, False))
-    if augmentation:
-        rotation_range = trial.suggest_float("rotation_range", 0.0, 20.0)  # degrees
-        width_shift_range = trial.suggest_float("width_shift_range", 0.0, 0.2)
-        height_shift_range = trial.suggest_float("height_shift_range", 0.0, 0.2)
-        zoom_range = trial.suggest_float("zoom_range", 0.0, 0.2)
-        shear_range = trial.suggest_float("shear_range", 0.0, 20.0)  # degrees, as ImageDataGenerator reads it
-
-    changes: dict[str, Any] = {"learning_rate": learning_rate, "lr_schedule": lr_schedule, "batch_size": batch_size,
-                               "batch_norm": batch_norm, "dropout": dropout, "augmentation": augmentation}
-    if lr_schedule == "step":
-        changes["lr_step_factors"] = (base.lr_step_factors[0], *step_factors)
-    elif lr_schedule in ("cosine", "onecycle", "exponential"):
-        changes["min_learning_rate"] = min_learning_rate_fraction * learning_rate
-    if dropout:
-        changes.update(conv_dropout_rate=conv_dropout_rate, dense_dropout_rate=dense_dropout_rate)
-    if augmentation:
-        changes.update(rotation_range=rotation_range, width_shift_range=width_shift_range,
-                       height_shift_range=height_shift_range, zoom_range=zoom_range, shear_range=shear_range)
-    return base.replace(**changes)
-
-
-def _with_base_value(choices: tuple, value) -> tuple:
-    # The baseline must be a point of the space, so base's own value is always a choice.
-    return choices if value in choices else tuple(sorted((*choices, value)))
-
-
-def baseline_params(base: TrainConfig) -> dict[str, Any]:
-    """The trial parameters for which ``suggest_config`` returns ``base`` itself (enqueued as trial 0)."""
-    params: dict[str, Any] = {"learning_rate": base.learning_rate, "lr_schedule": base.lr_schedule,
-                              "batch_size": base.batch_size, "batch_norm": base.batch_norm,
-                              "dropout": base.dropout, "augmentation": base.augmentation}
-    if base.lr_schedule == "step":
-        params.update({f"lr_step_factor_{index}": base.lr_step_factors[index]
-                       for index in range(1, len(base.lr_step_factors))})
-    elif base.lr_schedule in ("cosine", "onecycle", "exponential"):
-        params["min_learning_rate_fraction"] = base.min_learning_rate / base.learning_rate
-    if base.dropout:
-        params.update(conv_dropout_rate=base.conv_dropout_rate, dense_dropout_rate=base.dense_dropout_rate)
-    if base.augmentation:
-        params.update(rotation_range=base.rotation_range, width_shift_range=base.width_shift_range,
-                      height_shift_range=base.height_shift_range, zoom_range=base.zoom_range,
-                      shear_range=base.shear_range)
-    return params
-
-
-def config_from_params(params: dict[str, Any], base: TrainConfig) -> TrainConfig:
-    """Re-create a trial's config from its parameters (e.g. ``study.best_params``)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # FixedTrial warns for values outside the ranges (a custom baseline)
-        return suggest_config(optuna.trial.FixedTrial(params), base)
-
-
-def check_base_config(base: TrainConfig) -> None:
-    """Tuning selects on the validation split, never on the test set."""
-    if base.validation != "split":
-        raise ConfigError(
-            f"validation={base.validation!r} would tune on the test set; tuning needs validation='split' "
-            "(a held-out part of the training images). Drop --set validation=... ."
-        )
-
-
-# -- samplers, pruners and storage -----------------------------------------------------------------
-
-def _tpe(seed: int | None) -> optuna.samplers.BaseSampler:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # multivariate + group model the conditional parameters jointly with their switches.
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
-
-
-SAMPLERS: dict[str, Callable[[int | None], optuna.samplers.BaseSampler]] = {
-    "tpe": _tpe,
-    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-    "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
-}
-
-PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
-    # Prune from the second epoch on, once three trials have set a median.
-    "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
-    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs,
-                                                               reduction_factor=3),
-    "none": lambda epochs: optuna.pruners.NopPruner(),
-}
-
-
-def build_sampler(name: str, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """Sampler by name; an unknown name raises ValueError listing the known ones."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}.")
-    return SAMPLERS[name](seed)
-
-
-def build_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    """Pruner by name (``epochs`` is the budget of a full trial); unknown names raise ValueError."""
-    if name not in PRUNERS:
-        raise ValueError(f"unknown pruner {name!r}; known pruners: {', '.join(PRUNERS)}.")
-    return PRUNERS[name](epochs)
-
-
-def default_storage_url(tracking_uri: str) -> str:
-    """``sqlite:///<dir>/optuna.db`` beside the local MLflow store (``mlruns/optuna.db`` by default)."""
-    return f"sqlite:///{tracking.local_state_directory(tracking_uri) / STORAGE_FILE}"
-
-
-def normalize_storage_url(url: str) -> str:
-    """Name an installed PostgreSQL driver in a bare ``postgresql://`` URL.
-
-    SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; we ship psycopg2, so without this the
-    URL every PostgreSQL guide shows would fail with "No module named 'psycopg'".
-    """
-    if not url.startswith("postgresql://"):
-        return url
-    import importlib.util
-
-    for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
-        if importlib.util.find_spec(module) is not None:
-            return f"postgresql+{driver}://" + url[len("postgresql://"):]
-    raise TuningError(f"storage {redact_url(url)} needs a PostgreSQL driver: pip install psycopg2-binary")
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, for logs and MLflow tags."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: nothing to hide that we can parse
-        return url
-
-
-def _retry_class():
-    # Optuna 4.9 renamed RetryFailedTrialCallback (and the RDBStorage argument); support both.
-    return getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+# -- storage ------------------------------------------------------------------------------------------
 
 
 class RetryDeadTrial:
     """Heartbeat-stale callback: end the dead trial's MLflow run KILLED, then enqueue a retry of it."""
 
     def __init__(self, max_retry: int | None):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.retry = _retry_class()(max_retry=max_retry)
+        self.retry = retry_callback(max_retry)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
@@ -242,37 +78,9 @@ class RetryDeadTrial:
 
 def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int = 180,
                  max_retry: int | None = 3) -> optuna.storages.RDBStorage:
-    """Optuna RDB storage with heartbeats, whose dead workers' trials are marked failed and retried."""
-    if grace_period <= heartbeat_interval:
-        raise ValueError(f"grace_period={grace_period} must exceed heartbeat_interval={heartbeat_interval} "
-                         "(a few intervals), or live trials would be declared dead.")
-    url = normalize_storage_url(url)
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}  # wait out other workers' locks
-    else:
-        engine_kwargs = {"pool_pre_ping": True}  # survive a database restart between trials
-    callback_argument = ("heartbeat_stale_trial_callback" if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
-                         else "failed_trial_callback")
-    attempts = 5
-    for attempt in range(1, attempts + 1):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in practice
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                  heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                                  **{callback_argument: RetryDeadTrial(max_retry)})
-        except (IntegrityError, ProgrammingError):
-            # Workers starting together on an empty PostgreSQL database race to create Optuna's tables
-            # and types; the loser fails on "already exists" and simply finds them on the next try.
-            if attempt == attempts:
-                raise
-            time.sleep(attempt)
-        except Exception as error:  # SQLAlchemy raises many types for bad URLs and unreachable servers
-            raise TuningError(
-                f"cannot open the Optuna storage {redact_url(url)} ({type(error).__name__}: {error}). Expected a "
-                "reachable SQLAlchemy URL such as sqlite:///mlruns/optuna.db or postgresql://user:pw@host:5432/db."
-            ) from None
+    """The tuning study's storage: a dead worker's trial is failed, its run marked KILLED, and retried."""
+    return open_rdb_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                            stale_trial_callback=RetryDeadTrial(max_retry))
 
 
 # -- the objective ---------------------------------------------------------------------------------
@@ -292,12 +100,21 @@ class PruningCallback(keras.callbacks.Callback):
                            "tuning needs validation data.")
         self.trial.report(float(value), epoch)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {self.monitor} {float(value):.4f}")
+            threshold = self.threshold(epoch)
+            self.trial.set_user_attr("pruned", {"epoch": epoch + 1, self.monitor: float(value),
+                                                "threshold": threshold,
+                                                "pruner": type(self.trial.study.pruner).__name__})
+            against = "" if threshold is None else f" (the median of completed trials there is {threshold:.4f})"
+            raise optuna.TrialPruned(f"pruned by {type(self.trial.study.pruner).__name__} after epoch {epoch + 1}: "
+                                     f"{self.monitor} {float(value):.4f}{against}")
 
-
-def experiment_name(study_name: str) -> str:
-    """The MLflow experiment that holds a tuning study."""
-    return f"tune/{study_name}"
+    def threshold(self, epoch: int) -> float | None:
+        """What the pruner compared with: the median of the completed trials' values at ``epoch`` (median pruner)."""
+        if not isinstance(self.trial.study.pruner, optuna.pruners.MedianPruner):
+            return None
+        values = [t.intermediate_values[epoch] for t in self.trial.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE,)) if epoch in t.intermediate_values]
+        return float(np.nanmedian(values)) if values else None
 
 
 class Objective:
@@ -313,7 +130,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.base)
-        tags = {ROLE_TAG: "trial", "study": self.study_name, "trial_number": str(trial.number)}
+        tags = {ROLE_TAG: TRIAL_ROLE, store.STUDY_TAG: self.study_name, "trial_number": str(trial.number)}
         retried = _frozen(trial).system_attrs.get("failed_trial")  # set by the heartbeat retry
         if retried is not None:
             tags["retry_of_trial"] = str(retried)
@@ -333,10 +150,11 @@ class Objective:
     def run_trial(self, trial: optuna.Trial, config: TrainConfig, tags: dict[str, str]) -> dict[str, list[float]]:
         """Train ``config`` as the trial's MLflow run, reporting to the pruner; returns the per-epoch history."""
         tracked = tracking.run_training(
-            config, self.data, experiment_name=experiment_name(self.study_name),
+            config, self.data, experiment_name=store.tuning_experiment(self.study_name),
             run_name=f"trial-{trial.number}", tags=tags, parent_run_id=self.parent_run_id,
             callbacks=[PruningCallback(trial)], verbose=self.verbose,
             on_run_created=lambda run_id: trial.set_user_attr(RUN_ID_ATTR, run_id),
+            stop_exceptions=(optuna.TrialPruned,),
         )
         return tracked.result.history
 
@@ -350,11 +168,13 @@ def record_trial_state(study: optuna.Study, trial: FrozenTrial) -> None:
     """After each trial: its final Optuna state on its MLflow run, and one line on the console."""
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id:
-        client = MlflowClient()
-        client.set_tag(run_id, "optuna_trial_state", trial.state.name)
-        if trial.state == TrialState.PRUNED:
-            # The trainer ended the run FAILED when TrialPruned went through it; pruning is a decision, not a fault.
-            client.set_terminated(run_id, "KILLED")
+        tags = {"optuna_trial_state": trial.state.name}
+        pruned = trial.user_attrs.get("pruned")
+        if trial.state == TrialState.PRUNED and pruned:
+            # The run ended KILLED with the pruner's reason (tracking's stop_exceptions), never as a traceback.
+            tags.update({"pruned_at_epoch": pruned["epoch"], f"pruned_{OBJECTIVE_METRIC}": pruned[OBJECTIVE_METRIC],
+                         "pruner": pruned["pruner"], "pruner_threshold": pruned["threshold"]})
+        tracking.set_tags(run_id, tags)
     value = "" if trial.value is None else f" {OBJECTIVE_METRIC} {trial.value:.4f}"
     epochs = len(trial.intermediate_values)
     try:
@@ -398,6 +218,7 @@ def open_study(study_name: str, storage: optuna.storages.BaseStorage, base: Trai
         created = False
     if created:
         study.set_user_attr(BASE_CONFIG_ATTR, base.to_dict())
+        quietly(lambda: study.set_metric_names([OBJECTIVE_METRIC]))
         study.set_user_attr("objective", f"{OBJECTIVE_METRIC} of the last epoch (validation split)")
         study.enqueue_trial(baseline_params(base), user_attrs={BASELINE_ATTR: True})
         parent_run_id = _create_parent_run(study_name, base, storage_label)
@@ -405,9 +226,8 @@ def open_study(study_name: str, storage: optuna.storages.BaseStorage, base: Trai
     else:
         parent_run_id = _wait_for_parent(study, base, storage_label)
         _check_same_base(study, study_name, base)
-        MlflowClient().update_run(parent_run_id, status="RUNNING")
-    retry = (getattr(storage, "heartbeat_stale_trial_callback", None) or getattr(storage, "failed_trial_callback", None)
-             or RetryDeadTrial(max_retry=3))
+        tracking.set_status(parent_run_id, "RUNNING")
+    retry = storage.get_heartbeat_stale_trial_callback() or RetryDeadTrial(max_retry=3)
     return TuningStudy(study, base, parent_run_id, created, retry)
 
 
@@ -427,13 +247,12 @@ def _check_same_base(study: optuna.Study, study_name: str, base: TrainConfig) ->
 
 
 def _create_parent_run(study_name: str, base: TrainConfig, storage_label: str) -> str:
-    experiment_id = tracking.get_or_create_experiment(experiment_name(study_name), {"study": study_name})
-    client = MlflowClient()
-    run = client.create_run(experiment_id, run_name=study_name,
-                            tags={ROLE_TAG: "study", "study": study_name, "optuna.storage": storage_label})
-    client.log_dict(run.info.run_id, base.to_dict(), "base_config.json")
-    client.log_dict(run.info.run_id, baseline_params(base), "baseline_params.json")
-    return run.info.run_id
+    experiment_id = tracking.get_or_create_experiment(store.tuning_experiment(study_name), {"study": study_name})
+    run_id = tracking.create_run(experiment_id, study_name, {ROLE_TAG: STUDY_ROLE, store.STUDY_TAG: study_name,
+                                                             "optuna.storage": storage_label})
+    tracking.log_json(run_id, base.to_dict(), "base_config.json")
+    tracking.log_json(run_id, baseline_params(base), "baseline_params.json")
+    return run_id
 
 
 def _wait_for_parent(study: optuna.Study, base: TrainConfig, storage_label: str) -> str:
@@ -451,14 +270,12 @@ def _wait_for_parent(study: optuna.Study, base: TrainConfig, storage_label: str)
         if run_id is not None:
             break
         time.sleep(1.0)  # study.user_attrs reads the storage afresh each time
-    try:
-        MlflowClient().get_run(run_id)
-    except Exception:  # noqa: BLE001 - MLflow raises different types for "no such run" per store
+    if not store.run_exists(run_id):
         raise TuningError(
             f"study {study_name!r} records MLflow parent run {run_id}, which the tracking store "
-            f"{get_tracking_uri()} does not have: it was created with another --tracking-uri. "
+            f"{store.redacted_tracking_uri()} does not have: it was created with another --tracking-uri. "
             "Pass that URI, or a new --study-name."
-        ) from None
+        )
     return run_id
 
 
@@ -490,9 +307,7 @@ def _retry_interrupted(tuning: TuningStudy, number: int) -> None:
 
 def other_trials_in_flight(study: optuna.Study) -> int:
     """Trials RUNNING or WAITING right now (after failing those whose worker died)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(study)
+    fail_stale_trials(study)
     return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
 
 
@@ -514,12 +329,11 @@ def trials_frame(study: optuna.Study, tracking_uri: str | None = None) -> pd.Dat
     run_column = f"user_attrs_{RUN_ID_ATTR}"
     if run_column not in frame:
         frame[run_column] = None
-    runs = tracking.runs_frame(experiment_name(study.study_name), finished_only=False)
+    runs = store.tuning_runs(study.study_name)
     if runs.empty:
         frame["run_id"] = None
         frame["mlflow_status"] = None
         return frame
-    runs = runs[runs.get(f"tags.{ROLE_TAG}") == "trial"]
     metric_columns = [c for c in runs.columns if c.startswith("metrics.")]
     runs = runs[["run_id", "status", *metric_columns]].rename(
         columns={"status": "mlflow_status", **{c: c[len("metrics."):] for c in metric_columns}})
@@ -556,29 +370,26 @@ def finalize(tuning: TuningStudy, data: Mnist, retrain_epochs: int | None = None
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise TuningError(f"study {tuning.name!r} has no complete trial yet; run some trials (--n-trials N) first.")
     best = study.best_trial
-    client = MlflowClient()
     parent = tuning.parent_run_id
-    client.log_dict(parent, {"trial_number": best.number, OBJECTIVE_METRIC: best.value, "params": best.params},
-                    "best_params.json")
+    tracking.log_json(parent, {"trial_number": best.number, OBJECTIVE_METRIC: best.value, "params": best.params},
+                      "best_params.json")
     for artifact, figure in _study_figures(study).items():
-        client.log_figure(parent, figure, artifact)
-        plt.close(figure)
+        tracking.log_figure(parent, figure, artifact)
     importances = param_importances(study)
-    client.log_dict(parent, importances, "param_importances.json")
+    tracking.log_json(parent, importances, "param_importances.json")
 
     config = config_from_params(best.params, tuning.base).replace(
         train_subset=retrain_subset, epochs=retrain_epochs or tuning.base.epochs)
     retrain_run_id, test_accuracy = _retrain(tuning, data, config, best.number, verbose)
 
     frame = trials_frame(study)
-    client.log_text(parent, frame.to_csv(index=False), "trials.csv")
+    tracking.log_text(parent, frame.to_csv(index=False), "trials.csv")
     states = frame["state"].value_counts().to_dict()
-    for key, value in {"best_val_accuracy": best.value, "best_trial_number": best.number,
-                       "best_retrain_test_accuracy": test_accuracy,
-                       **{f"trials_{state.lower()}": count for state, count in states.items()}}.items():
-        client.log_metric(parent, key, float(value))
-    client.set_tag(parent, "best_retrain_run_id", retrain_run_id)
-    client.set_terminated(parent, "FINISHED")
+    tracking.log_metrics(parent, {"best_val_accuracy": best.value, "best_trial_number": best.number,
+                                  "best_retrain_test_accuracy": test_accuracy,
+                                  **{f"trials_{state.lower()}": count for state, count in states.items()}})
+    tracking.set_tags(parent, {"best_retrain_run_id": retrain_run_id})
+    tracking.set_status(parent, "FINISHED")
     return TuningSummary(best.number, best.value, best.params, config, retrain_run_id, test_accuracy, importances,
                          frame)
 
@@ -587,10 +398,9 @@ def _retrain(tuning: TuningStudy, data: Mnist, config: TrainConfig, trial_number
              verbose: int | str) -> tuple[str, float]:
     """(run id, test accuracy) of the best config trained once more; reuses a finished identical retrain."""
     config_hash = config.hash(data.checksums)
-    existing = tracking.runs_frame(
-        experiment_name(tuning.name),
-        filter_string=f"tags.`{ROLE_TAG}` = 'best_retrain' and tags.config_hash = '{config_hash}'",
-    )
+    existing = store.tuning_runs(tuning.name, role=BEST_RETRAIN_ROLE, finished_only=True)
+    if not existing.empty:
+        existing = existing[existing[f"tags.{store.CONFIG_HASH_TAG}"] == config_hash]
     if not existing.empty:
         row = existing.iloc[0]
         print(f"best config (trial {trial_number}) was already retrained: run {row['run_id']}", flush=True)
@@ -600,10 +410,10 @@ def _retrain(tuning: TuningStudy, data: Mnist, config: TrainConfig, trial_number
           flush=True)
     try:
         tracked = tracking.run_training(
-            config, data, experiment_name=experiment_name(tuning.name), run_name=f"best-retrain-trial-{trial_number}",
-            tags={ROLE_TAG: "best_retrain", "study": tuning.name, "trial_number": str(trial_number)},
+            config, data, experiment_name=store.tuning_experiment(tuning.name), run_name=f"best-retrain-trial-{trial_number}",
+            tags={ROLE_TAG: BEST_RETRAIN_ROLE, store.STUDY_TAG: tuning.name, "trial_number": str(trial_number)},
             parent_run_id=tuning.parent_run_id, verbose=verbose,
-            checkpoint_dir=tracking.local_state_directory(get_tracking_uri()) / "checkpoints" / config_hash,
+            checkpoint_dir=tracking.local_state_directory(tracking.current_tracking_uri()) / "checkpoints" / config_hash,
         )
     finally:
         keras.backend.clear_session()

@@ -9,46 +9,36 @@ PostgreSQL across machines), and it has the two primitives exactly-once needs:
 * an atomic WAITING -> RUNNING transition (``set_trial_state_values`` returns False to the loser), so
   a cell is taken by one worker only.
 
-A worker that dies stops its heartbeat; ``fail_stale_trials`` marks its trial FAIL and
+A worker that dies stops its heartbeat; ``fail_stale_trials`` marks its trial FAIL and the storage's
 ``RetryHeartbeatStaleTrialCallback`` enqueues a copy, which another (or the rerun) worker takes. Cells that
 failed by exception (say a diverged run) are not retried within a round; running the command again
 opens a new round for every cell that has no finished run yet.
+
+Rounds read well in optuna-dashboard: each maximises a named ``val_accuracy`` objective, and a trial
+carries its cell's arm, seed and the settings that vary between arms as params.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.distributions import CategoricalDistribution
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .errors import QueueError
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-# fail_stale_trials and the heartbeat callbacks are stable in practice since Optuna 2.9; the warning is noise.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+from .storage import fail_stale_trials, quietly, retrying, study_id
+from .store import RUN_ID_ATTR, round_name, round_number
+from .studies import Cell
 
 ENQUEUED_ATTR = "enqueued"
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One unit of work: an arm of a study with one seed."""
-
-    arm: str
-    seed: int
-    config_hash: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.arm}-seed{self.seed}"
+HEARTBEAT_ATTR = "last_heartbeat"  # unix seconds of the worker's latest beat (the doctor reads it)
+OBJECTIVE = "val_accuracy"  # a cell's trial value: its final validation accuracy
 
 
 @dataclass
@@ -61,45 +51,6 @@ class Claim:
     previous_run_id: str | None  # MLflow run of an earlier attempt of this cell (a retry), if any
 
 
-def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 60,
-                 max_retry: int = 3) -> RDBStorage:
-    """Optuna RDB storage with heartbeats and retries of trials whose worker died."""
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    attempts = 6
-    for attempt in range(attempts):
-        try:
-            return RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-            )
-        except DBAPIError as error:
-            # Workers starting together race to create Optuna's tables ("already exists", duplicate
-            # keys, "database is locked"); the loser's next attempt finds them made.
-            if attempt == attempts - 1:
-                raise QueueError(f"cannot open the queue storage {url!r}: {error}") from None
-            time.sleep(0.5 * (attempt + 1))
-        except Exception as error:  # SQLAlchemy raises many types for bad URLs and dead servers
-            raise QueueError(
-                f"cannot open the queue storage {url!r} ({type(error).__name__}: {error}). Expected a SQLAlchemy "
-                "URL such as sqlite:///mlruns/optuna.db or postgresql://user:password@host:5432/db that is reachable."
-            ) from None
-    raise AssertionError("unreachable")
-
-
-def _retrying(action: Callable, attempts: int = 20):
-    """Run ``action``, retrying SQLite's transient 'database is locked' errors."""
-    for attempt in range(attempts):
-        try:
-            return action()
-        except OperationalError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2 + 0.1 * attempt)
-
-
 class CellQueue:
     """The rounds of one sweep (a study's cells at one config) in an Optuna storage."""
 
@@ -109,9 +60,12 @@ class CellQueue:
         self.poll_seconds = poll_seconds
 
     def _round_names(self) -> list[str]:
-        prefix = f"{self.name}/round-"
-        names = [s.study_name for s in _retrying(lambda: self.storage.get_all_studies()) if s.study_name.startswith(prefix)]
-        return sorted(names, key=lambda n: int(n[len(prefix):]))
+        numbered = [(round_number(self.name, s.study_name), s.study_name) for s in retrying(self.storage.get_all_studies)]
+        return [name for number, name in sorted((n, s) for n, s in numbered if n is not None)]
+
+    def latest_round(self) -> optuna.Study | None:
+        rounds = self._round_names()
+        return self._load(rounds[-1]) if rounds else None
 
     def open_round(self, cells: Sequence[Cell], is_done: Callable[[Cell], bool],
                    on_create: Callable[[optuna.Study], None] | None = None) -> optuna.Study | None:
@@ -124,34 +78,35 @@ class CellQueue:
         if rounds:
             latest = self._load(rounds[-1])
             self._wait_enqueued(latest)
-            states = {t.state for t in latest.get_trials(deepcopy=False)}
-            if states & {TrialState.WAITING, TrialState.RUNNING}:
+            if self.has_work(latest):
                 return latest
         remaining = [cell for cell in cells if not is_done(cell)]
         if not remaining:
             return None
-        name = f"{self.name}/round-{len(rounds)}"
+        name = round_name(self.name, len(rounds))
         try:
-            study = _retrying(lambda: optuna.create_study(storage=self.storage, study_name=name, load_if_exists=False))
+            study = retrying(lambda: optuna.create_study(storage=self.storage, study_name=name, direction="maximize",
+                                                         load_if_exists=False))
         except optuna.exceptions.DuplicatedStudyError:
             study = self._load(name)  # another worker won the race: it enqueues, we wait
             self._wait_enqueued(study)
             return study
+        retrying(lambda: quietly(lambda: study.set_metric_names([OBJECTIVE])))
         if on_create is not None:
             on_create(study)
         for cell in remaining:
-            _retrying(lambda cell=cell: study.enqueue_trial(
+            retrying(lambda cell=cell: study.enqueue_trial(
                 {}, user_attrs={"arm": cell.arm, "seed": cell.seed, "config_hash": cell.config_hash, "key": cell.key}
             ))
-        _retrying(lambda: study.set_user_attr(ENQUEUED_ATTR, True))
+        retrying(lambda: study.set_user_attr(ENQUEUED_ATTR, True))
         return study
 
     def _load(self, name: str) -> optuna.Study:
-        return _retrying(lambda: optuna.load_study(study_name=name, storage=self.storage))
+        return retrying(lambda: optuna.load_study(study_name=name, storage=self.storage))
 
     def _wait_enqueued(self, study: optuna.Study, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
-        while not _retrying(lambda: study.user_attrs).get(ENQUEUED_ATTR):
+        while not retrying(lambda: study.user_attrs).get(ENQUEUED_ATTR):
             if time.monotonic() > deadline:
                 raise QueueError(
                     f"queue round {study.study_name!r} was created but its cells were never published "
@@ -159,41 +114,90 @@ class CellQueue:
                 )
             time.sleep(self.poll_seconds / 4)
 
+    def _trials(self, study: optuna.Study, states: tuple[TrialState, ...]) -> list[FrozenTrial]:
+        return retrying(lambda: study.get_trials(deepcopy=False, states=states))
+
     def claim(self, study: optuna.Study) -> Claim | None:
         """Take one WAITING cell of ``study``, or None if there is none to take right now."""
-        _retrying(lambda: fail_stale_trials(study))
-        waiting = _retrying(lambda: self.storage.get_all_trials(study._study_id, deepcopy=False,
-                                                                states=(TrialState.WAITING,)))
-        for trial in waiting:
+        fail_stale_trials(study)
+        the_study_id = study_id(self.storage, study.study_name)
+        for trial in self._trials(study, (TrialState.WAITING,)):
+            trial_id = retrying(lambda t=trial: self.storage.get_trial_id_from_study_id_trial_number(
+                the_study_id, t.number))
             try:
-                won = _retrying(lambda: self.storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING))
+                won = retrying(lambda: self.storage.set_trial_state_values(trial_id, TrialState.RUNNING))
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
             if won:
                 # Beat at once: a trial that never beat is never seen as stale, so a worker dying right
                 # here would otherwise leave its cell RUNNING for ever.
-                _retrying(lambda: self.storage.record_heartbeat(trial._trial_id))
-                return self._claim_from(trial)
+                self._beat(trial_id)
+                attrs = trial.user_attrs
+                cell = Cell(arm=attrs["arm"], seed=int(attrs["seed"]), config_hash=attrs["config_hash"])
+                return Claim(trial_id, trial.number, cell, attrs.get(RUN_ID_ATTR))
         return None
 
-    def _claim_from(self, trial: FrozenTrial) -> Claim:
-        attrs = trial.user_attrs
-        cell = Cell(arm=attrs["arm"], seed=int(attrs["seed"]), config_hash=attrs["config_hash"])
-        return Claim(trial._trial_id, trial.number, cell, attrs.get("mlflow_run_id"))
+    def has_work(self, study: optuna.Study) -> bool:
+        """Whether ``study`` has cells WAITING or RUNNING (after failing those whose worker died)."""
+        return bool(self._trials(study, (TrialState.RUNNING, TrialState.WAITING)))
 
-    def has_running(self, study: optuna.Study) -> bool:
-        running = _retrying(lambda: self.storage.get_all_trials(study._study_id, deepcopy=False,
-                                                                states=(TrialState.RUNNING, TrialState.WAITING)))
-        return bool(running)
+    def round_cells(self, study: optuna.Study) -> list[Cell]:
+        """The cells a round enqueued (a retried cell once)."""
+        cells = {}
+        for trial in self._trials(study, tuple(TrialState)):
+            attrs = trial.user_attrs
+            if "arm" in attrs:
+                cell = Cell(arm=attrs["arm"], seed=int(attrs["seed"]), config_hash=attrs["config_hash"])
+                cells[cell.key] = cell
+        return list(cells.values())
+
+    def enqueued_cells(self) -> list[Cell]:
+        """Every cell any round of this queue enqueued, in order."""
+        cells = {}
+        for name in self._round_names():
+            for cell in self.round_cells(self._load(name)):
+                cells.setdefault(cell.key, cell)
+        return list(cells.values())
+
+    def _cells_in(self, study: optuna.Study, states: tuple[TrialState, ...]) -> list[Cell]:
+        return [Cell(t.user_attrs["arm"], int(t.user_attrs["seed"]), t.user_attrs["config_hash"])
+                for t in self._trials(study, states) if "arm" in t.user_attrs]
+
+    def running_cells(self, study: optuna.Study) -> list[Cell]:
+        return self._cells_in(study, (TrialState.RUNNING,))
+
+    def settled(self, study: optuna.Study) -> int:
+        """Cells of the round that are done: completed, or failed with no retry waiting."""
+        open_keys = {c.key for c in self._cells_in(study, (TrialState.WAITING, TrialState.RUNNING))}
+        return len([c for c in self.round_cells(study) if c.key not in open_keys])
+
+    def failed(self, study: optuna.Study) -> int:
+        """Cells whose latest attempt in the round failed and that no retry waits for."""
+        done = {c.key for c in self._cells_in(study, (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING))}
+        return len({c.key for c in self._cells_in(study, (TrialState.FAIL,))} - done)
 
     def record_run_id(self, claim: Claim, run_id: str) -> None:
-        _retrying(lambda: self.storage.set_trial_user_attr(claim.trial_id, "mlflow_run_id", run_id))
+        retrying(lambda: self.storage.set_trial_user_attr(claim.trial_id, RUN_ID_ATTR, run_id))
+
+    def record_params(self, claim: Claim, values: Mapping[str, object], choices: Mapping[str, Sequence]) -> None:
+        """Record the cell's arm, seed and settings as trial params, so optuna-dashboard can group by them."""
+        existing = retrying(lambda: self.storage.get_trial(claim.trial_id)).params  # a retry inherits them
+        for name, value in values.items():
+            if name in existing:
+                continue
+            distribution = CategoricalDistribution(tuple(choices[name]))
+            retrying(lambda n=name, v=value, d=distribution: self.storage.set_trial_param(
+                claim.trial_id, n, d.to_internal_repr(v), d))
 
     def finish(self, claim: Claim, state: TrialState, value: float | None = None, reason: str | None = None) -> None:
         if reason:
-            _retrying(lambda: self.storage.set_trial_user_attr(claim.trial_id, "failure_reason", reason[:1000]))
+            retrying(lambda: self.storage.set_trial_user_attr(claim.trial_id, "failure_reason", reason[:1000]))
         values = [value] if state == TrialState.COMPLETE and value is not None else None
-        _retrying(lambda: self.storage.set_trial_state_values(claim.trial_id, state, values))
+        retrying(lambda: self.storage.set_trial_state_values(claim.trial_id, state, values))
+
+    def _beat(self, trial_id: int) -> None:
+        retrying(lambda: self.storage.record_heartbeat(trial_id))
+        retrying(lambda: self.storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time()))
 
     @contextmanager
     def heartbeat(self, claim: Claim) -> Iterator[None]:
@@ -204,7 +208,7 @@ class CellQueue:
         def beat() -> None:
             while not stop.is_set():
                 try:
-                    self.storage.record_heartbeat(claim.trial_id)
+                    self._beat(claim.trial_id)
                 except Exception:  # noqa: BLE001 - a missed beat is retried; never kill the run for it
                     pass
                 stop.wait(interval)
@@ -224,6 +228,13 @@ class CellQueue:
             if claim is not None:
                 yield claim
                 continue
-            if not self.has_running(study):
+            if not self.has_work(study):
                 return
             time.sleep(self.poll_seconds)
+
+
+def stale_trials(study: optuna.Study, grace_period: float, now: float | None = None) -> list[FrozenTrial]:
+    """RUNNING trials of a queue round whose worker has not beaten for ``grace_period`` seconds (read only)."""
+    now = time.time() if now is None else now
+    running = retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return [t for t in running if now - float(t.user_attrs.get(HEARTBEAT_ATTR, 0.0)) > grace_period]

@@ -5,14 +5,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import command_env, run_module
-from mnist_ablation import compare
+from mnist_ablation import compare, store
 
 pytestmark = pytest.mark.slow
 TINY = ("--train-subset", "200", "--epochs", "1", "--no-report")
 
 
 def _children(study):
-    experiment = MlflowClient().get_experiment_by_name(compare.experiment_name(study))
+    experiment = MlflowClient().get_experiment_by_name(store.ablation_experiment(study))
     return mlflow.search_runs([experiment.experiment_id], filter_string="tags.`mnist_ablation.role` = 'cell'")
 
 
@@ -27,7 +27,7 @@ def test_leave_one_out_lands_as_nested_runs_and_reruns_add_nothing(tmp_path, tra
     assert {(a, s) for a, s in zip(children["tags.arm"], children["tags.seed"])} == {(a, s) for a in arms for s in "01"}
     assert set(children["tags.mlflow.runName"]) == {f"{a}-seed{s}" for a in arms for s in (0, 1)}
     assert children["tags.config_hash"].nunique() == 10
-    parent = compare.find_parent_run("leave-one-out")
+    parent = store.find_parent_run("leave-one-out")
     assert set(children["tags.mlflow.parentRunId"]) == {parent.info.run_id}
     assert parent.info.run_name == "leave-one-out" and parent.info.status == "FINISHED"
     assert "switches off exactly one" in parent.data.tags["mlflow.note.content"]
@@ -82,7 +82,7 @@ def test_list_shows_studies_and_arm_overrides(tmp_path, tracking_uri, data_dir):
 
 
 def test_factorial_has_all_sixteen_combinations():
-    from experiments.studies import get_study
+    from mnist_ablation.studies import get_study
 
     arms = get_study("factorial").arms
     combos = {(c.augmentation, c.batch_norm, c.dropout, c.lr_schedule) for c in arms.values()}
@@ -97,5 +97,5 @@ def test_ablate_ends_with_the_report(tmp_path, tracking_uri, data_dir):
                         env=command_env(tracking_uri, data_dir), cwd=tmp_path)
     assert f"report: {output / 'report.html'}" in result.stdout
     assert (output / "report.html").stat().st_size > 10_000 and (output / "ablation_summary.csv").exists()
-    parent = compare.find_parent_run("lr-schedule")
+    parent = store.find_parent_run("lr-schedule")
     assert "report" in {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}

@@ -70,5 +70,5 @@ def test_no_pool_rejects_more_convs_than_the_image_allows():
 
     with pytest.raises(ConfigError, match=r"conv_filters.*1 to 4 positive integers for no_pool_7x7"):
         BASELINE.replace(architecture="no_pool_7x7", conv_filters=(8, 8, 8, 8, 8))
-    with pytest.raises(ConfigError, match="three positive integers"):
+    with pytest.raises(ConfigError, match="3 positive integers for seed"):
         BASELINE.replace(conv_filters=(8, 8, 8, 8))

@@ -84,7 +84,7 @@ def test_offline_cells_import_as_complete_study_runs(tmp_path, data_dir, trackin
     from mnist_ablation import tracking
 
     tracking.use_tracking_uri(tracking_uri)
-    predictions = tracking.read_predictions(run.info.run_id)
+    predictions = store.read_predictions(run.info.run_id)
     saved = np.load(folder / "test_probabilities.npy")
     np.testing.assert_allclose(predictions[[f"prob_{k}" for k in range(10)]].to_numpy(), saved, atol=1e-6)
     import mlflow

@@ -16,14 +16,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import command_env, run_module, start_module
-from mnist_ablation import compare
+from mnist_ablation import compare, store
 
 pytestmark = pytest.mark.slow
 FAST_HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "4")
 
 
 def _cells(study):
-    experiment = MlflowClient().get_experiment_by_name(compare.experiment_name(study))
+    experiment = MlflowClient().get_experiment_by_name(store.ablation_experiment(study))
     if experiment is None:
         return []
     return MlflowClient().search_runs([experiment.experiment_id], filter_string="tags.`mnist_ablation.role` = 'cell'")

@@ -44,7 +44,7 @@ def _parent_run_id(uri: str) -> str:
     from mnist_ablation import compare
 
     mlflow.set_tracking_uri(uri)
-    return compare.find_parent_run("leave-one-out").info.run_id
+    return store.find_parent_run("leave-one-out").info.run_id
 
 
 def test_report_command_writes_summary_page_and_parent_artifacts(two_seed_study):

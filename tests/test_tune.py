@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from mnist_ablation import tuning
+from mnist_ablation import search_space, store, tuning
 from mnist_ablation.config import BASELINE, ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ TINY = ["--epochs", "1", "--train-subset", "200"]
     BASELINE.replace(lr_step_boundaries=(3,), lr_step_factors=(1.0, 0.2)),
 ], ids=["seed", "no-dropout-no-augmentation-batch100", "cosine", "one-step"])
 def test_baseline_params_reproduce_the_base_config(base):
-    assert tuning.config_from_params(tuning.baseline_params(base), base) == base
+    assert search_space.config_from_params(search_space.baseline_params(base), base) == base
 
 
 def test_search_space_yields_valid_configs_that_vary():
@@ -42,7 +42,7 @@ def test_search_space_yields_valid_configs_that_vary():
     configs = []
     for _ in range(60):
         trial = study.ask()
-        configs.append(tuning.suggest_config(trial, BASELINE))  # an invalid config would raise ConfigError
+        configs.append(search_space.suggest_config(trial, BASELINE))  # an invalid config would raise ConfigError
         study.tell(trial, 0.0)
     for name in ("learning_rate", "lr_schedule", "batch_size", "batch_norm", "dropout", "augmentation",
                  "conv_dropout_rate", "rotation_range", "lr_step_factors", "min_learning_rate"):
@@ -55,22 +55,26 @@ def test_search_space_yields_valid_configs_that_vary():
 
 def test_tuning_refuses_the_test_set_as_validation():
     with pytest.raises(ConfigError, match="validation='split'"):
-        tuning.check_base_config(BASELINE.replace(validation="test"))
+        search_space.check_base_config(BASELINE.replace(validation="test"))
 
 
 def test_registries_name_the_known_choices():
     with pytest.raises(ValueError, match="known samplers: tpe, random, qmc"):
-        tuning.build_sampler("bayes")
+        search_space.build_sampler("bayes")
     with pytest.raises(ValueError, match="known pruners: median, hyperband, none"):
-        tuning.build_pruner("asha", 4)
-    assert isinstance(tuning.build_pruner("hyperband", 4), optuna.pruners.HyperbandPruner)
+        search_space.build_pruner("asha", 4)
+    assert isinstance(search_space.build_pruner("hyperband", 4), optuna.pruners.HyperbandPruner)
 
 
 def test_storage_urls():
-    assert tuning.normalize_storage_url("postgresql://u:secret@h:5432/db").startswith("postgresql+psycopg")
-    assert tuning.normalize_storage_url("sqlite:///x.db") == "sqlite:///x.db"
-    assert "secret" not in tuning.redact_url("postgresql://u:secret@h:5432/db")
-    with pytest.raises(ValueError, match="grace_period=10 must exceed heartbeat_interval=10"):
+    from mnist_ablation import storage
+    from mnist_ablation.errors import StorageError
+    from mnist_ablation.redaction import redact
+
+    assert storage.normalize_url("postgresql://u:secret@h:5432/db").startswith("postgresql+psycopg")
+    assert storage.normalize_url("sqlite:///x.db") == "sqlite:///x.db"
+    assert "secret" not in redact("postgresql://u:secret@h:5432/db")
+    with pytest.raises(StorageError, match="grace_period=10 must exceed heartbeat_interval=10"):
         tuning.open_storage("sqlite:///unused.db", heartbeat_interval=10, grace_period=10)
 
 
@@ -79,7 +83,7 @@ def test_joining_a_study_with_another_base_config_fails(tmp_path, tracking_uri):
     created = tuning.open_study("s", storage, BASELINE.replace(epochs=2))
     assert created.created and created.study.user_attrs[tuning.PARENT_RUN_ATTR] == created.parent_run_id
     [queued] = created.study.get_trials(states=(TrialState.WAITING,))
-    assert queued.system_attrs["fixed_params"] == tuning.baseline_params(BASELINE.replace(epochs=2))
+    assert queued.system_attrs["fixed_params"] == search_space.baseline_params(BASELINE.replace(epochs=2))
     joined = tuning.open_study("s", storage, BASELINE.replace(epochs=2))
     assert not joined.created and joined.parent_run_id == created.parent_run_id
     assert len(joined.study.trials) == 1  # the joiner enqueued nothing
@@ -100,7 +104,7 @@ def test_an_interrupted_trial_is_failed_and_queued_again(tmp_path, tracking_uri,
     interrupted, retry = study.study.get_trials()
     assert interrupted.state == TrialState.FAIL and retry.state == TrialState.WAITING
     assert retry.system_attrs["failed_trial"] == interrupted.number
-    assert retry.system_attrs["fixed_params"] == interrupted.params == tuning.baseline_params(study.base)
+    assert retry.system_attrs["fixed_params"] == interrupted.params == search_space.baseline_params(study.base)
 
 
 # -- trials that train (slow) ----------------------------------------------------------------------
@@ -133,7 +137,10 @@ def test_tune_command_end_to_end_and_continues_the_study(tmp_path, tracking_uri,
             "--retrain-subset", "200", "--tracking-uri", tracking_uri, "--data-dir", str(data_dir)]
     # A first worker stops after the baseline trial; a second run continues the study and reports.
     assert main(["--n-trials", "1", "--no-final", *argv]) == 0
-    storage_url = tuning.default_storage_url(tracking_uri)
+    from mnist_ablation.storage import default_storage_url
+    from mnist_ablation.tracking import local_state_directory
+
+    storage_url = default_storage_url(local_state_directory(tracking_uri))
     assert Path(storage_url[len("sqlite:///"):]).parent == Path(tracking_uri[len("sqlite:///"):]).parent
     study = optuna.load_study(study_name="e2e", storage=storage_url)
     parent_id = study.user_attrs[tuning.PARENT_RUN_ATTR]
@@ -145,7 +152,7 @@ def test_tune_command_end_to_end_and_continues_the_study(tmp_path, tracking_uri,
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert study.user_attrs[tuning.PARENT_RUN_ATTR] == parent_id  # the same parent run
     base = BASELINE.replace(epochs=1, train_subset=200)
-    assert trials[0].params == tuning.baseline_params(base) and trials[0].user_attrs[tuning.BASELINE_ATTR]
+    assert trials[0].params == search_space.baseline_params(base) and trials[0].user_attrs[tuning.BASELINE_ATTR]
     assert not trials[1].user_attrs.get(tuning.BASELINE_ATTR)  # the baseline is enqueued once only
 
     client = MlflowClient()
@@ -196,7 +203,7 @@ def _finish(process: subprocess.Popen, tmp_path: Path, name: str, timeout: float
 def _trial_runs(study_name: str, tracking_uri: str) -> tuple[str, list]:
     """(parent run id, child runs) of a tuning study on the tracking server."""
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(tuning.experiment_name(study_name))
+    experiment = client.get_experiment_by_name(store.tuning_experiment(study_name))
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     [parent] = [r for r in runs if r.data.tags.get(tuning.ROLE_TAG) == "study"]
     return parent.info.run_id, [r for r in runs if r.data.tags.get(tuning.ROLE_TAG) != "study"]
@@ -215,7 +222,7 @@ def test_two_workers_share_a_study_and_every_trial_runs_exactly_once(tmp_path, p
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
     baseline = [t for t in trials if t.user_attrs.get(tuning.BASELINE_ATTR)]
     assert len(baseline) == 1
-    assert baseline[0].params == tuning.baseline_params(BASELINE.replace(epochs=1, train_subset=200))
+    assert baseline[0].params == search_space.baseline_params(BASELINE.replace(epochs=1, train_subset=200))
 
     parent_id, children = _trial_runs("shared", mlflow_server)
     assert study.user_attrs[tuning.PARENT_RUN_ATTR] == parent_id

@@ -1,0 +1,399 @@
+"""The tracking store's naming scheme, and every query of runs, studies and queue rounds.
+
+One home for how this project lays its work out in MLflow and Optuna:
+
+* experiments: ``ablation/<study>`` for ablation studies, ``tune/<name>`` for tuning studies;
+* runs carry the role tag ``mnist_ablation.role``: ``study`` (a study's parent run), ``cell`` (one
+  (arm, seed) of a study), ``ensemble``, ``trial`` and ``best_retrain`` (tuning); cells are tagged
+  ``study``, ``arm``, ``seed`` and ``config_hash``;
+* artifact paths every run or parent run writes (``study.json``, predictions, ``report/``...);
+* the cell queue's Optuna studies are named ``ablate/<study>/<digest>/round-<k>`` and their trials
+  record their MLflow run in the user attribute ``mlflow_run_id`` (tuning trials do too).
+
+Writing runs is ``tracking``'s job; this module reads. With ``tracking`` it is the only library module
+that imports MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .config import FIELD_NAMES, ConfigError, parse_value
+
+# -- names ------------------------------------------------------------------------------------------------
+
+ROLE_TAG = "mnist_ablation.role"
+STUDY_ROLE, CELL_ROLE, ENSEMBLE_ROLE = "study", "cell", "ensemble"  # ablation studies
+TRIAL_ROLE, BEST_RETRAIN_ROLE = "trial", "best_retrain"  # tuning studies
+STUDY_TAG, ARM_TAG, SEED_TAG, CONFIG_HASH_TAG = "study", "arm", "seed", "config_hash"
+FAILURE_REASON_TAG = "failure_reason"
+WORKER_TAG = "worker"
+MEMBER_RUN_IDS_TAG = "member_run_ids"
+SWEEP_TAG = "mnist_ablation.sweep"  # a study's parent run: the digest of its sweep (arms, configs, seeds, rule)
+PARENT_RUN_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+DESCRIPTION_TAG = "mlflow.note.content"
+
+ABLATION_EXPERIMENT_PREFIX = "ablation/"
+TUNING_EXPERIMENT_PREFIX = "tune/"
+DEFAULT_EXPERIMENT = "mnist_ablation"  # single runs of experiments.train
+
+STUDY_DEFINITION_ARTIFACT = "study.json"  # on a study's parent run: arms, seeds, cells and their configs
+SUMMARY_ARTIFACT = "summary.csv"  # on a study's parent run
+REPORT_ARTIFACT_DIR = "report"  # on a study's parent run
+PREDICTIONS_ARTIFACT = "predictions/test_predictions.parquet"
+TTA_PREDICTIONS_ARTIFACT = "predictions/test_predictions_tta.parquet"
+CONFIG_ARTIFACT = "config.json"
+ENVIRONMENT_ARTIFACT = "environment.json"
+ENSEMBLE_ARTIFACT = "ensemble.json"
+MODEL_NAME = "model"  # runs:/<run_id>/model
+
+QUEUE_PREFIX = "ablate/"
+RUN_ID_ATTR = "mlflow_run_id"  # user attribute of a queue or tuning trial: its MLflow run
+HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+MAX_RESULTS = 50_000
+
+
+def ablation_experiment(study: str) -> str:
+    """The MLflow experiment that holds an ablation study."""
+    return f"{ABLATION_EXPERIMENT_PREFIX}{study}"
+
+
+def tuning_experiment(study_name: str) -> str:
+    """The MLflow experiment that holds a tuning study."""
+    return f"{TUNING_EXPERIMENT_PREFIX}{study_name}"
+
+
+def queue_name(study: str, digest: str) -> str:
+    """The prefix of a study's queue rounds at one set of cells (``digest`` of their keys and hashes)."""
+    return f"{QUEUE_PREFIX}{study}/{digest}"
+
+
+def round_name(queue: str, number: int) -> str:
+    return f"{queue}/round-{number}"
+
+
+def round_number(queue: str, name: str) -> int | None:
+    """k of ``<queue>/round-<k>``, or None when ``name`` is not a round of ``queue``."""
+    prefix = f"{queue}/round-"
+    suffix = name[len(prefix):]
+    return int(suffix) if name.startswith(prefix) and suffix.isdigit() else None
+
+
+def is_queue_round(optuna_study_name: str) -> bool:
+    return optuna_study_name.startswith(QUEUE_PREFIX)
+
+
+def _quoted(value: str) -> str:
+    """A value for an MLflow filter string (single quotes escaped)."""
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
+# -- experiments and parent runs -------------------------------------------------------------------------
+
+
+def experiment_id(name: str) -> str | None:
+    experiment = MlflowClient().get_experiment_by_name(name)
+    return None if experiment is None else experiment.experiment_id
+
+
+def ablation_studies() -> list[str]:
+    """The ablation studies that have an experiment in the active store."""
+    return sorted(e.name[len(ABLATION_EXPERIMENT_PREFIX):] for e in MlflowClient().search_experiments()
+                  if e.name.startswith(ABLATION_EXPERIMENT_PREFIX))
+
+
+def find_parent_run(study: str, experiment: str | None = None, sweep: str | None = None):
+    """The parent run of the study's latest sweep (or of ``sweep``), or None. ``experiment``: its id if known.
+
+    Each sweep (a study at one set of arms, configs, seeds and seeding rule) has its own parent run; running
+    the same command again reuses it.
+    """
+    experiment = experiment or experiment_id(ablation_experiment(study))
+    if experiment is None:
+        return None
+    clauses = [f"tags.`{ROLE_TAG}` = '{STUDY_ROLE}'", f"tags.{STUDY_TAG} = {_quoted(study)}"]
+    if sweep is not None:
+        clauses.append(f"tags.`{SWEEP_TAG}` = {_quoted(sweep)}")
+    runs = MlflowClient().search_runs([experiment], filter_string=" and ".join(clauses),
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def read_json_artifact(run_id: str, path: str) -> dict | None:
+    """A JSON artifact of a run, or None when the run has none at ``path``."""
+    if not has_artifact(run_id, path):
+        return None
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+    with open(local) as handle:
+        return json.load(handle)
+
+
+def has_artifact(run_id: str, path: str) -> bool:
+    """Whether the run logged a file at ``path`` (e.g. ``predictions/test_predictions_tta.parquet``)."""
+    directory = path.rsplit("/", 1)[0] if "/" in path else None
+    return path in {f.path for f in MlflowClient().list_artifacts(run_id, directory)}
+
+
+def study_definition(study: str) -> dict | None:
+    """The ``study.json`` of the study's latest invocation (arms, seeds, config hashes), if any."""
+    parent = find_parent_run(study)
+    return None if parent is None else read_json_artifact(parent.info.run_id, STUDY_DEFINITION_ARTIFACT)
+
+
+# -- cell runs as pandas ---------------------------------------------------------------------------------
+
+CELL_COLUMNS = ["study", "arm", "seed", "run_id", "run_name", "status", "config_hash"]
+
+
+def _typed_param(name: str, text):
+    if text is None or (isinstance(text, float) and np.isnan(text)):
+        return None
+    try:
+        return parse_value(name, str(text))
+    except ConfigError:
+        return text
+
+
+def _column(raw: pd.DataFrame, name: str) -> pd.Series:
+    return raw[name] if name in raw else pd.Series([None] * len(raw), index=raw.index, dtype=object)
+
+
+def search_role(experiment: str, role: str, status: str | None = None) -> pd.DataFrame:
+    """``mlflow.search_runs`` of one experiment's runs with ``role`` (and ``status``); empty if none."""
+    experiment_ = experiment_id(experiment)
+    if experiment_ is None:
+        return pd.DataFrame()
+    clauses = [f"tags.`{ROLE_TAG}` = '{role}'"] + ([f"attributes.status = '{status}'"] if status else [])
+    return mlflow.search_runs([experiment_], filter_string=" and ".join(clauses), max_results=MAX_RESULTS,
+                              order_by=["attributes.start_time ASC"])
+
+
+def cell_runs(study: str, include_unfinished: bool = False, all_sweeps: bool = False) -> pd.DataFrame:
+    """One row per cell run of ``study``: study, arm, seed, run_id, status, config fields, final metrics.
+
+    By default only FINISHED runs of the study's current definition (the config hashes in its
+    ``study.json``) are returned; ``all_sweeps`` keeps runs of earlier definitions (say another
+    ``--epochs``), ``include_unfinished`` keeps FAILED, KILLED and RUNNING runs. A per-epoch metric named
+    like a config field (``learning_rate``) keeps its last value as ``final_<name>``, so the column of that
+    name stays the configured value.
+    """
+    raw = search_role(ablation_experiment(study), CELL_ROLE)
+    if raw.empty:
+        return pd.DataFrame(columns=CELL_COLUMNS)
+    frame = pd.DataFrame({
+        "study": study,
+        "arm": raw[f"tags.{ARM_TAG}"],
+        "seed": raw[f"tags.{SEED_TAG}"].astype(int),
+        "run_id": raw["run_id"],
+        "run_name": _column(raw, f"tags.{RUN_NAME_TAG}"),
+        "status": raw["status"],
+        "config_hash": raw[f"tags.{CONFIG_HASH_TAG}"],
+        "start_time": raw["start_time"],
+        "end_time": raw["end_time"],
+        "failure_reason": _column(raw, f"tags.{FAILURE_REASON_TAG}"),
+    })
+    for name in FIELD_NAMES:
+        if f"params.{name}" in raw and name != "seed":
+            frame[name] = [_typed_param(name, v) for v in raw[f"params.{name}"]]
+    for column in sorted(c for c in raw.columns if c.startswith("metrics.")):
+        name = column[len("metrics."):]
+        frame[f"final_{name}" if name in FIELD_NAMES else name] = raw[column].to_numpy()
+    definition = study_definition(study)
+    if not all_sweeps and definition is not None:
+        frame = frame[frame["config_hash"].isin({c["config_hash"] for c in definition["cells"]})]
+    if not include_unfinished:
+        frame = frame[frame["status"] == "FINISHED"]
+    known = list(dict.fromkeys(c["arm"] for c in definition["cells"])) if definition else []
+    order = {arm: i for i, arm in enumerate(known + sorted(set(frame["arm"]) - set(known)))}
+    frame = frame.assign(_order=frame["arm"].map(order)).sort_values(["_order", "seed", "start_time"])
+    return frame.drop(columns="_order").reset_index(drop=True)
+
+
+def finished_cells(study: str) -> set[tuple[str, int, str]]:
+    """(arm, seed, config_hash) of every FINISHED cell run of ``study``, whatever its definition."""
+    raw = search_role(ablation_experiment(study), CELL_ROLE, status="FINISHED")
+    if raw.empty:
+        return set()
+    return set(zip(raw[f"tags.{ARM_TAG}"], raw[f"tags.{SEED_TAG}"].astype(int), raw[f"tags.{CONFIG_HASH_TAG}"]))
+
+
+def ensemble_runs(study: str, include_unfinished: bool = False) -> pd.DataFrame:
+    """One row per ensemble run of ``study``: run_id, run_name, arm, seed, member_run_ids, metrics."""
+    columns = ["study", "arm", "seed", "run_id", "run_name", "status", MEMBER_RUN_IDS_TAG]
+    raw = search_role(ablation_experiment(study), ENSEMBLE_ROLE)
+    if raw.empty:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame({
+        "study": study,
+        "arm": raw[f"tags.{ARM_TAG}"],
+        "seed": pd.to_numeric(_column(raw, f"tags.{SEED_TAG}"), errors="coerce").astype("Int64"),
+        "run_id": raw["run_id"],
+        "run_name": _column(raw, f"tags.{RUN_NAME_TAG}"),
+        "status": raw["status"],
+        MEMBER_RUN_IDS_TAG: raw[f"tags.{MEMBER_RUN_IDS_TAG}"],
+    })
+    for column in sorted(c for c in raw.columns if c.startswith("metrics.")):
+        frame[column[len("metrics."):]] = raw[column].to_numpy()
+    if not include_unfinished:
+        frame = frame[frame["status"] == "FINISHED"]
+    return frame.reset_index(drop=True)
+
+
+def tuning_runs(study_name: str, role: str = TRIAL_ROLE, finished_only: bool = False) -> pd.DataFrame:
+    """``mlflow.search_runs`` rows of a tuning study's runs with ``role`` (trial or best_retrain)."""
+    return search_role(tuning_experiment(study_name), role, status="FINISHED" if finished_only else None)
+
+
+# -- single runs -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the store knows of one run: identity, status, tags, params and final metrics."""
+
+    run_id: str
+    run_name: str
+    experiment_id: str
+    status: str
+    tags: dict
+    params: dict
+    metrics: dict
+
+
+def run_record(run_id: str) -> RunRecord:
+    """The run ``run_id``; an unknown id raises LookupError naming the store."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        raise LookupError(
+            f"run {run_id!r} is not in the tracking store {redacted_tracking_uri()} "
+            f"({error.message.splitlines()[0]}). Check the id (the MLflow UI shows it) or pass --tracking-uri."
+        ) from None
+    tags = dict(run.data.tags)
+    return RunRecord(run_id, tags.get(RUN_NAME_TAG, run_id), run.info.experiment_id, run.info.status, tags,
+                     dict(run.data.params), dict(run.data.metrics))
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        run_record(run_id)
+    except LookupError:
+        return False
+    return True
+
+
+def metric_history(run_id: str, metrics: Iterable[str] = HISTORY_METRICS) -> pd.DataFrame:
+    """Per-epoch metrics of one run: one row per epoch (step), a column per metric; resumed epochs once."""
+    client = MlflowClient()
+    per_epoch: dict[int, dict] = {}
+    for metric in metrics:
+        for point in sorted(client.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp)):
+            per_epoch.setdefault(point.step, {})[metric] = point.value
+    frame = pd.DataFrame([{"epoch": epoch, **values} for epoch, values in sorted(per_epoch.items())],
+                         columns=["epoch", *metrics])
+    return frame
+
+
+def metric_histories(runs: pd.DataFrame, metrics: Iterable[str] = HISTORY_METRICS) -> pd.DataFrame:
+    """``metric_history`` of every run in ``runs`` (columns run_id, arm, seed), stacked."""
+    metrics = tuple(metrics)
+    frames = [metric_history(row.run_id, metrics).assign(run_id=row.run_id, arm=row.arm, seed=row.seed)
+              for row in runs.itertuples()]
+    columns = ["run_id", "arm", "seed", "epoch", *metrics]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True)[columns].sort_values(["run_id", "epoch"]).reset_index(drop=True)
+
+
+def last_activity_ms(run_id: str) -> int:
+    """Epoch milliseconds of the run's latest logged metric, or its start when it logged none."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    latest = run.info.start_time or 0
+    for key in run.data.metrics:
+        for metric in client.get_metric_history(run_id, key)[-1:]:
+            latest = max(latest, metric.timestamp)
+    return latest
+
+
+def read_predictions(run_id: str, artifact: str = PREDICTIONS_ARTIFACT) -> pd.DataFrame:
+    """The per-example test predictions a run logged (index, label, predicted, prob_0..prob_9)."""
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)
+    return pd.read_parquet(path)
+
+
+def load_model(run_id: str):
+    """The run's logged Keras model (``runs:/<run_id>/model``)."""
+    return mlflow.keras.load_model(f"runs:/{run_id}/{MODEL_NAME}")
+
+
+def all_runs(statuses: Iterable[str] | None = None) -> Iterable[tuple[str, object]]:
+    """(experiment name, run) for every run of the store (of ``statuses`` if given)."""
+    client = MlflowClient()
+    wanted = set(statuses) if statuses is not None else None
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id], max_results=MAX_RESULTS):
+            if wanted is None or run.info.status in wanted:
+                yield experiment.name, run
+
+
+def redacted_tracking_uri() -> str:
+    from .redaction import redact
+
+    return redact(mlflow.get_tracking_uri())
+
+
+# -- queue rounds (Optuna) --------------------------------------------------------------------------------
+
+
+def queue_rounds(storage) -> list:
+    """Every queue round (an Optuna study named ``ablate/...``) in ``storage``, loaded."""
+    import optuna
+
+    from .storage import retrying
+
+    return [retrying(lambda name=s.study_name: optuna.load_study(study_name=name, storage=storage))
+            for s in retrying(storage.get_all_studies) if is_queue_round(s.study_name)]
+
+
+def queue_trials_by_run(storage) -> dict[str, list]:
+    """MLflow run id -> [(queue round, trial)] for every queue trial that recorded its run."""
+    found: dict[str, list] = {}
+    for study in queue_rounds(storage):
+        for trial in study.get_trials(deepcopy=False):
+            run_id = trial.user_attrs.get(RUN_ID_ATTR)
+            if run_id:
+                found.setdefault(run_id, []).append((study, trial))
+    return found
+
+
+def prediction_correctness(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run (``runs``: run_id, arm, seed) and test image, whether the logged prediction was right.
+
+    A tidy frame with columns arm, seed, image, correct (bool): what ``stats.compare_to_baseline`` takes.
+    Every run must have predicted the same test images with the same labels.
+    """
+    frames, labels = [], None
+    for row in runs.itertuples():
+        predictions = read_predictions(row.run_id).sort_values("index")
+        if labels is None:
+            labels = predictions["label"].to_numpy()
+        elif not np.array_equal(predictions["label"].to_numpy(), labels):
+            raise ValueError(f"run {row.run_id} ({row.arm}, seed {row.seed}) predicted a different test set from "
+                             "the other runs; runs can only be compared on the same test images.")
+        frames.append(pd.DataFrame({"arm": row.arm, "seed": int(row.seed), "image": predictions["index"].to_numpy(),
+                                    "correct": (predictions["predicted"] == predictions["label"]).to_numpy()}))
+    if not frames:
+        return pd.DataFrame({"arm": pd.Series(dtype=object), "seed": pd.Series(dtype=int),
+                             "image": pd.Series(dtype=int), "correct": pd.Series(dtype=bool)})
+    return pd.concat(frames, ignore_index=True)
