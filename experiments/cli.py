@@ -45,6 +45,13 @@ def config_from_arguments(args: argparse.Namespace, base: TrainConfig = BASELINE
     return with_overrides(base, overrides)
 
 
+def _quiet_libraries() -> None:
+    """The commands print one line per cell or trial themselves; Optuna's INFO lines would repeat them."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -55,6 +62,7 @@ def run_command(main: Callable[[], int]) -> None:
     from mnist_ablation.redaction import redact
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    _quiet_libraries()
     try:
         sys.exit(main())
     except UserError as error:

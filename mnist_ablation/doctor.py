@@ -33,10 +33,15 @@ class Diagnosis:
         return not (self.stale or self.missing_cells or self.stale_trials)
 
 
+def _open(storage_url: str, grace_period: int):
+    # The doctor never beats; its heartbeat interval only has to sit below the grace period it judges by.
+    return open_storage(storage_url, heartbeat_interval=max(1, grace_period // 4), grace_period=grace_period)
+
+
 def diagnose(storage_url: str | None = None, stale_after: float = 1800.0, grace_period: int = 60) -> Diagnosis:
     """Inspect every experiment of the active tracking URI (and the queue storage, if given). Changes nothing."""
     diagnosis = Diagnosis()
-    storage = open_storage(storage_url, grace_period=grace_period) if storage_url else None
+    storage = _open(storage_url, grace_period) if storage_url else None
     trials_by_run = store.queue_trials_by_run(storage) if storage is not None else {}
     now = time.time()
     for experiment, run in store.all_runs():
@@ -79,6 +84,6 @@ def mark_stale(diagnosis: Diagnosis, storage_url: str | None, grace_period: int 
     for stale in diagnosis.stale:
         tracking.mark_run_dead(stale.run_id, f"marked by experiments.doctor: {stale.reason}")
     if storage_url is not None:
-        for study in store.queue_rounds(open_storage(storage_url, grace_period=grace_period)):
+        for study in store.queue_rounds(_open(storage_url, grace_period)):
             fail_stale_trials(study)
     return len(diagnosis.stale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,10 +15,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_ablation import ensemble
+from mnist_ablation.config import FIELD_NAMES
+from mnist_ablation.store import ROLE_TAG
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-ROLE_TAG = "mnist_ablation.role"
 
 
 # -- selection on a DataFrame (pure, fast) -----------------------------------------------------------------
@@ -146,8 +147,12 @@ def test_ensemble_command_logs_a_traceable_run(tiny_study):
     assert "val_accuracy" not in run.data.metrics  # not computable: members' val predictions are not logged
     parent = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'")[0]
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    # Config fields all members share are params (they differ only in dropout and seed here).
-    assert run.data.params["train_subset"] == "200" and "seed" not in run.data.params
+    # No config params: grouping the cells by a param in the MLflow UI must never mix the ensemble in.
+    # The config all members share (they differ only in dropout and seed here) is in ensemble.json.
+    assert not set(run.data.params) & set(FIELD_NAMES)
+    record = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                  artifact_path="ensemble.json")).read_text())
+    assert record["shared_config"]["train_subset"] == "200" and "seed" not in record["shared_config"]
 
     labels, mean = _mean_probabilities(expected_members)
     assert run.data.metrics["test_accuracy"] == pytest.approx(float(np.mean(mean.argmax(1) == labels)), abs=1e-12)
@@ -190,7 +195,10 @@ def test_ensemble_of_one_arm_and_rerun_reuses(tiny_study, capsys):
     members = runs[0].data.tags["member_run_ids"].split(",")
     arms = {client.get_run(m).data.tags["arm"] for m in members}
     assert arms == {"no_dropout"} and len(members) == 2
-    assert runs[0].data.params["dropout"] == "False"
+    assert "dropout" not in runs[0].data.params
+    shared = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id,
+                                                                  artifact_path="ensemble.json")).read_text())
+    assert shared["shared_config"]["dropout"] == "False"
 
     # One seed across arms: a repeat of the ensemble, tagged with that seed.
     logged = ensemble.log_study_ensemble("leave-one-out", top_k=2, seed=1, tracking_uri=uri)

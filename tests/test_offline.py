@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import command_env, run_module
+from mnist_ablation import store
 from mnist_ablation.config import BASELINE
 
 TINY = ["--study", "architecture", "--arms", "baseline", "--seeds", "1", "--epochs", "1", "--train-subset", "200"]

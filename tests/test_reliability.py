@@ -132,7 +132,7 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("bad, words", [
-    (("--storage", "nosuchdb://x"), ["cannot open the queue storage", "nosuchdb://x"]),
+    (("--storage", "nosuchdb://x"), ["cannot open the Optuna storage", "nosuchdb://x"]),
     (("--set", "lr_schedule=warmup"), ["lr_schedule", "warmup", "step"]),
     (("--set", "dropout_rate=0.3"), ["unknown config field 'dropout_rate'"]),
     (("--data-dir", "/nonexistent/mnist"), ["/nonexistent/mnist", "--data-dir"]),

@@ -297,7 +297,7 @@ def logged_predictions(study_store):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(study_store["uri"])
     try:
-        from mnist_ablation.tracking import read_predictions
+        from mnist_ablation.store import read_predictions
 
         return {arm: read_predictions(run_id) for arm, run_id in study_store["runs"].items()}
     finally:
