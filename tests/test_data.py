@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mnist_ablation.data import DataError, build_split, load_mnist, stratified_indices
+from mnist_ablation.data import IDX_SHA256, DataError, build_split, load_mnist, stratified_indices
 
 
 def test_loads_as_the_seed_prepares_it(mnist):
@@ -82,8 +82,6 @@ def test_stratified_subset_has_every_class():
 
 
 # --- Corruption: every damaged file is a DataError naming it and the fix, never another exception. ---
-
-from mnist_ablation.data import IDX_SHA256  # noqa: E402
 
 
 def _linked_copy(data_dir, target):
