@@ -41,8 +41,6 @@ POINT_AT_DATA = (
     f"Point at a directory holding the four MNIST IDX files (gzip or not) or mnist.npz with "
     f"--data-dir DIR or the {DATA_DIR_ENV} environment variable; with neither set, Keras downloads MNIST."
 )
-
-
 REPLACE_IT = (
     "Replace it with a fresh copy of MNIST (the four IDX files, gzip or not, or Keras' mnist.npz), or point at "
     f"another copy with --data-dir DIR or {DATA_DIR_ENV}; with neither set, Keras downloads MNIST."
@@ -146,7 +144,7 @@ def _load_idx_dir(directory: Path, verify: bool) -> tuple[dict[str, np.ndarray],
 
 
 def _check_arrays(x_train, y_train, x_test, y_test, source: str) -> None:
-    """Shapes and label range that the rest of the code relies on (only reachable with verify=False)."""
+    """Shapes and label range the rest of the code relies on (verified files pass; this guards verify=False)."""
     for split, images, labels in (("train", x_train, y_train), ("test", x_test, y_test)):
         if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (images.shape[0],):
             raise DataError(
