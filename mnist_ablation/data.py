@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +31,21 @@ IDX_SHA256 = {
 # SHA-256 of Keras' https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz
 NPZ_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
 NUM_CLASSES = 10
+# Shapes of the IDX files (which bound how far a corrupted gzip stream is decompressed).
+IDX_SHAPES = {
+    "train-images-idx3-ubyte": (60000, 28, 28),
+    "train-labels-idx1-ubyte": (60000,),
+    "t10k-images-idx3-ubyte": (10000, 28, 28),
+    "t10k-labels-idx1-ubyte": (10000,),
+}
 
 POINT_AT_DATA = (
     f"Point at a directory holding the four MNIST IDX files (gzip or not) or mnist.npz with "
     f"--data-dir DIR or the {DATA_DIR_ENV} environment variable; with neither set, Keras downloads MNIST."
+)
+REPLACE_IT = (
+    "Replace it with a fresh copy of MNIST (the four IDX files, gzip or not, or Keras' mnist.npz), or point at "
+    f"another copy with --data-dir DIR or {DATA_DIR_ENV}; with neither set, Keras downloads MNIST."
 )
 
 
@@ -55,16 +69,27 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_idx(raw: bytes, name: str) -> np.ndarray:
+def _idx_size(shape: tuple[int, ...]) -> int:
+    """Bytes of an IDX file of unsigned bytes with this shape: 4 magic bytes, 4 per dimension, the data."""
+    return 4 + 4 * len(shape) + math.prod(shape)
+
+
+def _corrupted(path: Path, reason: str) -> DataError:
+    return DataError(f"cannot read MNIST file {path}: {reason}. The file is truncated or corrupted. " + REPLACE_IT)
+
+
+def _read_idx(raw: bytes, path: Path) -> np.ndarray:
     """Parse IDX bytes: magic (0, 0, dtype 0x08, ndim), big-endian dims, then uint8 data."""
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{name} is not an IDX file of unsigned bytes (bad magic {raw[:4]!r}).")
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
+        raise _corrupted(path, f"not an IDX file of unsigned bytes with 1 to 3 dimensions (magic {raw[:4]!r})")
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
-    expected = int(np.prod(dims))
+    if len(raw) < offset:
+        raise _corrupted(path, f"the IDX header ends after {len(raw)} bytes, expected {offset}")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = math.prod(dims)
     if len(raw) - offset != expected:
-        raise DataError(f"{name} holds {len(raw) - offset} data bytes, expected {expected} for shape {dims}.")
+        raise _corrupted(path, f"it holds {len(raw) - offset} data bytes, expected {expected} for shape {dims}")
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -76,30 +101,60 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
+def _read_idx_bytes(path: Path, size_limit: int | None) -> bytes:
+    """The file's uncompressed bytes; every read or gzip failure becomes a DataError naming the file.
+
+    ``size_limit`` bounds what a corrupted gzip stream may expand to (a flipped bit can make deflate emit
+    garbage far beyond the real size); reading stops one byte past it.
+    """
+    try:
+        if path.suffix != ".gz":
+            return path.read_bytes()
+        with gzip.open(path, "rb") as stream:
+            # Reading to the end checks gzip's CRC-32 and length trailer; a read that stops at the limit does not.
+            raw = stream.read(-1 if size_limit is None else size_limit + 1)
+    except zlib.error as error:
+        raise _corrupted(path, f"its compressed data is invalid ({error})") from error
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile (bad header, CRC or length) is an OSError
+        raise _corrupted(path, str(error) or type(error).__name__) from error
+    if size_limit is not None and len(raw) > size_limit:
+        raise _corrupted(path, f"it decompresses to more than the {size_limit} bytes this MNIST file has")
+    return raw
+
+
 def _load_idx_dir(directory: Path, verify: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     arrays, checksums = {}, {}
-    for stem, expected in IDX_SHA256.items():
+    # Smallest first: a corrupted label file is reported before 47 MB of training images are decompressed.
+    for stem in sorted(IDX_SHA256, key=lambda stem: math.prod(IDX_SHAPES[stem])):
+        expected = IDX_SHA256[stem]
         path = _find_idx(directory, stem)
         if path is None:
             raise DataError(
                 f"MNIST file {stem}[.gz] not found in {directory} (looked for {stem} and {stem}.gz). "
                 + POINT_AT_DATA
             )
-        try:
-            raw = path.read_bytes()
-            if path.suffix == ".gz":
-                raw = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as error:
-            raise DataError(f"cannot read {path}: {error}. The file is truncated or corrupted; restore it.") from error
+        raw = _read_idx_bytes(path, _idx_size(IDX_SHAPES[stem]) if verify else None)
         digest = _sha256(raw)
         if verify and digest != expected:
             raise DataError(
                 f"checksum mismatch for {path}: SHA-256 of its content is {digest}, expected {expected}. "
-                "The file is corrupted or not the original MNIST; replace it with a fresh copy."
+                "The file is corrupted or not the original MNIST. " + REPLACE_IT
             )
-        arrays[stem] = _read_idx(raw, str(path))
+        arrays[stem] = _read_idx(raw, path)
         checksums[stem] = digest
-    return arrays, checksums
+    return arrays, {stem: checksums[stem] for stem in IDX_SHA256}  # the published order, as before
+
+
+def _check_arrays(x_train, y_train, x_test, y_test, source: str) -> None:
+    """Shapes and label range the rest of the code relies on (verified files pass; this guards verify=False)."""
+    for split, images, labels in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != (images.shape[0],):
+            raise DataError(
+                f"{source}: {split} images have shape {images.shape} and labels {labels.shape}; expected "
+                "(N, 28, 28) and (N,). " + REPLACE_IT
+            )
+        if labels.size and not 0 <= labels.min() <= labels.max() < NUM_CLASSES:
+            raise DataError(f"{source}: {split} labels outside 0..{NUM_CLASSES - 1}. " + REPLACE_IT)
 
 
 def _from_uint8(x_train, y_train, x_test, y_test, source: str, checksums: dict) -> Mnist:
@@ -120,15 +175,32 @@ def _from_uint8(x_train, y_train, x_test, y_test, source: str, checksums: dict) 
 
 
 def _load_npz(path: Path, verify: bool) -> Mnist:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise _corrupted(path, str(error)) from error
     digest = _sha256(raw)
     if verify and digest != NPZ_SHA256:
         raise DataError(
             f"checksum mismatch for {path}: SHA-256 is {digest}, expected {NPZ_SHA256} (Keras' mnist.npz). "
-            "Replace it with a fresh copy."
+            "The file is corrupted or not Keras' MNIST. " + REPLACE_IT
         )
-    with np.load(path) as f:
-        return _from_uint8(f["x_train"], f["y_train"], f["x_test"], f["y_test"], str(path), {"mnist.npz": digest})
+    names = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        archive = np.load(io.BytesIO(raw), allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise _corrupted(path, "it is a single .npy array, not an .npz archive")
+        with archive:
+            missing = [name for name in names if name not in archive.files]
+            if missing:
+                raise _corrupted(path, f"it lacks the arrays {missing} (it has {archive.files})")
+            arrays = [np.asarray(archive[name]) for name in names]
+    except DataError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a damaged archive fails in zipfile, zlib, struct or numpy alike
+        raise _corrupted(path, f"{type(error).__name__}: {error}") from error
+    _check_arrays(*arrays, source=str(path))
+    return _from_uint8(*arrays, str(path), {"mnist.npz": digest})
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
@@ -153,6 +225,8 @@ def load_mnist(data_dir: str | os.PathLike | None = None, verify: bool = True) -
             f"no MNIST files in {directory} (it contains: {listing or 'nothing'}). " + POINT_AT_DATA
         )
     arrays, checksums = _load_idx_dir(directory, verify)
+    _check_arrays(arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"],
+                  arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"], str(directory))
     return _from_uint8(
         arrays["train-images-idx3-ubyte"],
         arrays["train-labels-idx1-ubyte"],

@@ -1,4 +1,4 @@
-"""Shared fixtures: MNIST from ../shared/data/mnist (or $MNIST_DATA_DIR) and temporary MLflow stores."""
+"""Shared fixtures: MNIST from ../shared/data/mnist (or $MNIST_DATA_DIR), temporary MLflow stores, services."""
 
 from __future__ import annotations
 
@@ -43,4 +43,4 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
         mlflow.end_run()
 
 
-from servers import mlflow_server, postgres_url  # noqa: E402,F401
+from servers import chromium, mlflow_server, postgres_url  # noqa: E402,F401

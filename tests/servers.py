@@ -1,9 +1,14 @@
-"""Real servers on 127.0.0.1 for tests: a PostgreSQL cluster and an ``mlflow server``.
+"""Real services on 127.0.0.1 for tests: a PostgreSQL cluster, an ``mlflow server`` and headless Chromium.
 
-Both are session-scoped and live in a temporary directory that is removed afterwards. Nothing is
-mocked: distributed tuning and ablation tests talk to them exactly as workers on several machines
-would. ``tests/conftest.py`` imports the two fixtures, so any test can ask for ``postgres_url`` or
-``mlflow_server``.
+All are session-scoped; the servers live in a temporary directory that is removed afterwards. Nothing is
+mocked: distributed tuning and ablation tests talk to them exactly as workers on several machines would.
+``tests/conftest.py`` imports the fixtures, so any test can ask for ``postgres_url``, ``mlflow_server`` or
+``chromium``.
+
+A service that is not installed (PostgreSQL's server binaries, Chromium) skips the tests that need it with
+a one-line reason saying how to install it, so the test command passes on a fresh machine; under CI
+(``CI`` set to anything but empty/0/false/no) it is a failure instead, so CI never passes by skipping.
+A service that is installed but fails to start is always a failure.
 """
 
 from __future__ import annotations
@@ -17,15 +22,34 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
+CI_ENV = "CI"
 POSTGRES_BIN_ENV = "POSTGRES_BIN"  # directory holding initdb and pg_ctl, when not in the usual place
-POSTGRES_INSTALL_HINT = (
-    "Install PostgreSQL's server binaries (Debian/Ubuntu: `apt-get install postgresql`, which puts them "
-    "in /usr/lib/postgresql/<version>/bin) or point ${env} at the directory holding initdb and pg_ctl."
-).format(env=POSTGRES_BIN_ENV)
+POSTGRES_DEBIAN_ROOT = Path("/usr/lib/postgresql")  # Debian/Ubuntu: <root>/<major version>/bin
+CHROMIUM_PATH_ENV = "CHROMIUM_PATH"  # the Chromium executable, when not /usr/bin/chromium
+CHROMIUM_DEFAULT = Path("/usr/bin/chromium")  # Debian's chromium package
+CHROMIUM_NAMES = ("chromium", "chromium-browser")  # looked up on PATH after the default
 STARTUP_TIMEOUT_SECONDS = 120.0
+
+
+class ServiceNotFound(Exception):
+    """A service a test needs is not installed here; the message says where we looked and how to install it."""
+
+
+def in_ci() -> bool:
+    """True when ``$CI`` is set to a true value (GitHub Actions, GitLab, .ci/run all set CI=true)."""
+    return os.environ.get(CI_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_service(reason: str) -> NoReturn:
+    """Skip the requesting tests (a developer's machine) or fail them (CI) for a service that is not installed."""
+    if in_ci():
+        pytest.fail(f"{reason} [{CI_ENV}={os.environ[CI_ENV]}: a missing service fails under CI, never skips]",
+                    pytrace=False)
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -35,23 +59,60 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
 def find_postgres_bin() -> Path:
-    """The directory with initdb/pg_ctl: $POSTGRES_BIN, else the newest /usr/lib/postgresql/*/bin, else PATH."""
-    candidates: list[Path] = []
+    """The directory with initdb and pg_ctl: $POSTGRES_BIN alone when set, else the newest
+    /usr/lib/postgresql/*/bin, else the directory of initdb on PATH. Raises ServiceNotFound."""
     if os.environ.get(POSTGRES_BIN_ENV):
-        candidates.append(Path(os.environ[POSTGRES_BIN_ENV]))
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
-                    key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0, reverse=True)
-    candidates.extend(debian)
-    on_path = shutil.which("initdb")
-    if on_path:
-        candidates.append(Path(on_path).parent)
+        # An explicit setting is the only place looked: a wrong one is reported, not silently bypassed.
+        candidates = [Path(os.environ[POSTGRES_BIN_ENV])]
+        looked = f"${POSTGRES_BIN_ENV}={candidates[0]}"
+    else:
+        candidates = sorted(POSTGRES_DEBIAN_ROOT.glob("*/bin"),
+                            key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0,
+                            reverse=True)
+        on_path = shutil.which("initdb")
+        if on_path:
+            candidates.append(Path(on_path).parent)
+        looked = f"{POSTGRES_DEBIAN_ROOT}/*/bin and PATH"
     for directory in candidates:
-        if (directory / "initdb").is_file() and (directory / "pg_ctl").is_file():
+        if _is_executable(directory / "initdb") and _is_executable(directory / "pg_ctl"):
             return directory
-    looked = ", ".join(str(c) for c in candidates) or "/usr/lib/postgresql/*/bin and PATH"
-    raise FileNotFoundError(f"PostgreSQL's initdb and pg_ctl were not found (looked in {looked}). "
-                            f"{POSTGRES_INSTALL_HINT}")
+    raise ServiceNotFound(
+        f"PostgreSQL server binaries (initdb, pg_ctl) not found (looked in {looked}): "
+        f"apt-get install postgresql, or set {POSTGRES_BIN_ENV} to the directory holding them"
+    )
+
+
+def find_chromium() -> Path:
+    """The Chromium executable: $CHROMIUM_PATH alone when set, else /usr/bin/chromium, else chromium on PATH.
+    Raises ServiceNotFound."""
+    if os.environ.get(CHROMIUM_PATH_ENV):
+        candidates = [Path(os.environ[CHROMIUM_PATH_ENV])]
+        looked = f"${CHROMIUM_PATH_ENV}={candidates[0]}"
+    else:
+        candidates = [CHROMIUM_DEFAULT] + [Path(found) for found in map(shutil.which, CHROMIUM_NAMES) if found]
+        looked = f"{CHROMIUM_DEFAULT} and {', '.join(CHROMIUM_NAMES)} on PATH"
+    for candidate in candidates:
+        if _is_executable(candidate):
+            return candidate
+    raise ServiceNotFound(
+        f"Chromium not found (looked for {looked}): apt-get install chromium, or set {CHROMIUM_PATH_ENV} "
+        "to the executable"
+    )
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Path of a Chromium executable for Playwright (``executable_path=``); skips, or fails under CI, without one."""
+    try:
+        return find_chromium()
+    except ServiceNotFound as error:
+        reason = str(error)
+    missing_service(reason)  # outside the except block: one message, no chained traceback
 
 
 def _as_postgres_user(command: list[str]) -> list[str]:
@@ -99,20 +160,17 @@ class PostgresServer:
              self.root, "pg_ctl start")
 
     def url(self, database: str = "postgres") -> str:
-        # The driver is named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, and we ship psycopg2.
-        return f"postgresql+psycopg2://{self.user}@127.0.0.1:{self.port}/{database}"
+        # Bare postgresql://, as users write it: SQLAlchemy 2.1 reads it as psycopg 3, the driver we ship.
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` and return its SQLAlchemy URL."""
-        import psycopg2
+        import psycopg
 
-        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres")
-        try:
-            connection.autocommit = True  # CREATE DATABASE cannot run inside a transaction
-            with connection.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            connection.close()
+        # autocommit: CREATE DATABASE cannot run inside a transaction
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres",
+                             autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def stop(self) -> None:
@@ -128,14 +186,17 @@ class PostgresServer:
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """SQLAlchemy URL ``postgresql+psycopg2://postgres@127.0.0.1:<port>/<fresh db>`` of a real, temporary PostgreSQL.
+    """SQLAlchemy URL ``postgresql://postgres@127.0.0.1:<port>/<fresh db>`` of a real, temporary PostgreSQL.
 
-    Fails (never skips) with an install hint when PostgreSQL's binaries are missing.
+    Without PostgreSQL's server binaries it skips (fails under CI) with a one-line install hint; binaries
+    that are there but fail to start a cluster are a failure.
     """
     try:
         bin_dir = find_postgres_bin()
-    except FileNotFoundError as error:
-        pytest.fail(str(error))
+    except ServiceNotFound as error:
+        bin_dir, reason = None, str(error)
+    if bin_dir is None:
+        missing_service(reason)  # outside the except block: one message, no chained traceback
     # Not under pytest's tmp_path: its parents are private to root, and the server runs as `postgres`.
     root = Path(tempfile.mkdtemp(prefix="mnist_ablation_postgres_"))
     server = PostgresServer(root, bin_dir)
