@@ -20,7 +20,8 @@ import subprocess
 import sys
 import time
 
-from experiments.cli import add_config_arguments, add_data_arguments, add_tracking_arguments, run_command
+from experiments.cli import (add_config_arguments, add_data_arguments, add_tracking_arguments,
+                             apply_tracking_arguments, run_command)
 from experiments.studies import DEFAULT_STUDY, STUDIES, Study, get_study
 from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
 
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
         return run_offline(configs, args)
     from mnist_ablation import ablation
 
+    apply_tracking_arguments(args)
     # Opening the runner checks the stores and the data, and creates the MLflow and queue databases, so
     # that workers started next never race to create the same tables.
     runner = ablation.StudyRunner.open(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from experiments.cli import (add_config_arguments, add_data_arguments, add_tracking_arguments,
-                             config_from_arguments, run_command)
+                             apply_tracking_arguments, config_from_arguments, run_command)
 
 SAMPLER_NAMES = ("tpe", "random", "qmc")  # mnist_ablation.tuning.SAMPLERS (not imported: keeps --help fast)
 PRUNER_NAMES = ("median", "hyperband", "none")  # mnist_ablation.tuning.PRUNERS
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
 
     tuning.check_base_config(base)
     uri = tracking.use_tracking_uri(args.tracking_uri)
+    apply_tracking_arguments(args)
     storage_url = args.storage or tuning.default_storage_url(uri)
     storage = tuning.open_storage(storage_url, heartbeat_interval=args.heartbeat_interval,
                                   grace_period=args.grace_period, max_retry=args.max_retry)
