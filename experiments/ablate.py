@@ -18,7 +18,8 @@ import json
 import sys
 import time
 
-from experiments.cli import add_config_arguments, add_data_arguments, add_tracking_arguments, run_command
+from experiments.cli import (add_config_arguments, add_data_arguments, add_tracking_arguments,
+                             apply_tracking_arguments, run_command)
 from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
 from mnist_ablation.redaction import redact
 from mnist_ablation.studies import DEFAULT_STUDY, STUDIES, Study, describe_identical, identical_arms
@@ -134,6 +135,7 @@ def main(argv=None) -> int:
 
     precision = (ablation.PrecisionRule(args.target_ci_width, args.max_seeds)
                  if args.target_ci_width is not None else None)
+    apply_tracking_arguments(args)
     # Opening the runner checks the stores and the data, and creates the MLflow and queue databases, so
     # that workers started next never race to create the same tables.
     runner = ablation.StudyRunner.open(

@@ -33,6 +33,17 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (also $MLFLOW_TRACKING_URI); default sqlite:///mlruns/mlflow.db")
+    parser.add_argument("--system-metrics", action="store_true",
+                        help="record CPU, memory, disk, network (and GPU) use as system/* metrics of every run "
+                             "(MLflow's system metrics; also MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true)")
+
+
+def apply_tracking_arguments(args: argparse.Namespace) -> None:
+    """Process-wide tracking switches from the command line (worker processes inherit them)."""
+    if getattr(args, "system_metrics", False):
+        from mnist_ablation import tracking
+
+        tracking.enable_system_metrics()
 
 
 def config_from_arguments(args: argparse.Namespace, base: TrainConfig = BASELINE) -> TrainConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from experiments.cli import (add_config_arguments, add_data_arguments, add_tracking_arguments,
-                             config_from_arguments, run_command)
+                             apply_tracking_arguments, config_from_arguments, run_command)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     from mnist_ablation.data import load_mnist
 
     uri = tracking.use_tracking_uri(args.tracking_uri)
+    apply_tracking_arguments(args)
     data = load_mnist(args.data_dir)
     checkpoint_dir = tracking.local_state_directory(uri) / "checkpoints" / config.hash(data.checksums)
     print(f"training {config.epochs} epochs on {'all' if config.train_subset is None else config.train_subset} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from experiments.cli import (add_config_arguments, add_data_arguments, add_tracking_arguments,
-                             config_from_arguments, run_command)
+                             apply_tracking_arguments, config_from_arguments, run_command)
 from mnist_ablation.config import ConfigError
 
 from mnist_ablation.search_space import PRUNERS, SAMPLERS  # noqa: E402 - import-light: no Optuna or TensorFlow
@@ -64,6 +64,7 @@ def main(argv=None) -> int:
 
     search_space.check_base_config(base)
     uri = tracking.use_tracking_uri(args.tracking_uri)
+    apply_tracking_arguments(args)
     storage_url = args.storage or default_storage_url(tracking.local_state_directory(uri))
     storage = tuning.open_storage(storage_url, heartbeat_interval=args.heartbeat_interval,
                                   grace_period=args.grace_period, max_retry=args.max_retry)

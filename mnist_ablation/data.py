@@ -20,6 +20,7 @@ import numpy as np
 from .errors import UserError
 
 DATA_DIR_ENV = "MNIST_DATA_DIR"
+KERAS_DOWNLOAD_SOURCE = "keras-download"  # Mnist.source when Keras downloaded the data
 
 # SHA-256 of the uncompressed IDX files, as published with MNIST (and shipped in SHA256SUMS.uncompressed).
 IDX_SHA256 = {
@@ -61,7 +62,7 @@ class Mnist:
     y_train: np.ndarray  # int64 (60000,)
     x_test: np.ndarray  # float32 (10000, 28, 28, 1) in [0, 1]
     y_test: np.ndarray  # int64 (10000,)
-    source: str  # directory, npz path or "keras-download"
+    source: str  # directory, npz path or KERAS_DOWNLOAD_SOURCE
     checksums: dict  # file name -> SHA-256 of its uncompressed content
 
 
@@ -247,7 +248,7 @@ def _load_keras_download() -> Mnist:
     keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
     cache = Path(keras_home) / "datasets" / "mnist.npz"
     checksums = {"mnist.npz": _sha256(cache.read_bytes())} if cache.is_file() else {}
-    return _from_uint8(x_train, y_train, x_test, y_test, "keras-download", checksums)
+    return _from_uint8(x_train, y_train, x_test, y_test, KERAS_DOWNLOAD_SOURCE, checksums)
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,21 @@
 
 With ``store`` (which reads), the only library module that imports ``mlflow``. A run logs every config field as a param,
 per-epoch metrics, final metrics, the seed's two figures, per-example test predictions, config.json, an
-environment record and the model. A run that fails is ended FAILED (with ``failure_reason``), one that
-is interrupted KILLED; only a run whose every artifact landed is FINISHED.
+environment record, its three datasets (``mlflow.log_input``: train, validation, test) and the model (a
+LoggedModel with signature, input example and the run's final metrics). A run that fails is ended FAILED
+(with ``failure_reason``), one that is interrupted KILLED; only a run whose every artifact landed is
+FINISHED. With MLflow's system metrics switched on (``enable_system_metrics`` or
+``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true``) runs also record ``system/*`` metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
+import importlib.util
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,11 +31,18 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.data.dataset import Dataset
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.schema import TensorDatasetSchema
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
 
 from .config import TrainConfig
-from .data import Mnist
+from .data import NUM_CLASSES, Mnist
 from .environment import environment_record
 from .errors import TrackingError
 from .model import inference_copy
@@ -41,6 +55,22 @@ from .train import EPOCH_METRICS, RunResult, train
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_STORE_DIR = Path("mlruns")
+# The file keras.datasets.mnist.load_data() downloads: the source of runs on Keras' own copy of MNIST.
+KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+TRAIN_DATASET, VALIDATION_DATASET, TEST_DATASET = "mnist-train", "mnist-validation", "mnist-test"
+# Dataset name -> MLflow's input context (the ``mlflow.data.context`` tag the UI shows).
+DATASET_CONTEXTS = {TRAIN_DATASET: "training", VALIDATION_DATASET: "validation", TEST_DATASET: "testing"}
+IMAGE_SHAPE = (28, 28, 1)
+# The dataset each metric is measured on; the Models tab groups a model's metrics by it.
+METRIC_DATASETS = {"loss": TRAIN_DATASET, "accuracy": TRAIN_DATASET, "val_loss": VALIDATION_DATASET,
+                   "val_accuracy": VALIDATION_DATASET, "test_loss": TEST_DATASET, "test_accuracy": TEST_DATASET,
+                   "test_loss_tta": TEST_DATASET, "test_accuracy_tta": TEST_DATASET}
+# log_model(step=N) links every run metric at step N to the model: epoch N's metrics, but also whatever
+# system/* sample has step N. The model is logged at a step no metric uses (the run page's "Logged models"
+# table shows it as step -1); log_final_metrics links the right metrics itself.
+_UNLINKED_STEP = -1
+
+_logger = logging.getLogger(__name__)
 
 
 def default_tracking_uri() -> str:
@@ -152,6 +182,133 @@ def flatten_params(config: TrainConfig) -> dict[str, str]:
     }
 
 
+# -- system metrics ----------------------------------------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        _logger.warning(message)
+
+
+def enable_system_metrics() -> None:
+    """Record MLflow's system metrics (``system/*``: CPU, memory, disk, network, GPU) in every run started next.
+
+    Sets MLflow's own switch (``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true``), so worker processes started
+    from this one inherit it.
+    """
+    mlflow.enable_system_metrics_logging()
+
+
+def system_metrics_requested() -> bool:
+    """Whether MLflow's switch asks for system metrics (``--system-metrics`` or the environment variable)."""
+    return bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get())
+
+
+def _nvidia_gpu_present() -> bool:
+    return shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia").exists()
+
+
+def system_metrics_available() -> bool:
+    """Whether this machine can record system metrics; warns once, in one line, about what is missing.
+
+    MLflow needs ``psutil`` for any system metric (without it ``mlflow.start_run`` raises), and
+    ``nvidia-ml-py`` (module ``pynvml``) for GPU metrics (without it MLflow silently skips them).
+    """
+    if importlib.util.find_spec("psutil") is None:
+        _warn_once("warning: system metrics are off: MLflow needs psutil to record them (pip install psutil); "
+                   "the runs go on without them.")
+        return False
+    if _nvidia_gpu_present() and importlib.util.find_spec("pynvml") is None:
+        _warn_once("warning: GPU system metrics are off: MLflow needs nvidia-ml-py (pip install nvidia-ml-py); "
+                   "CPU, memory, disk and network are recorded.")
+    return True
+
+
+# -- datasets ------------------------------------------------------------------------------------------
+
+class MnistSplitDataset(Dataset):
+    """One MNIST split as MLflow sees it, described by metadata only.
+
+    MLflow's array datasets hash their contents; here the digest comes from the files' SHA-256 (already
+    checked when the data was loaded) and the split's definition, so logging costs no pass over the pixels.
+    """
+
+    def __init__(self, source: DatasetSource, name: str, digest: str, profile: dict):
+        self._profile = profile
+        super().__init__(source=source, name=name, digest=digest)
+
+    def _compute_digest(self) -> str:  # the digest is always given
+        raise NotImplementedError
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    @property
+    def schema(self) -> TensorDatasetSchema:
+        return TensorDatasetSchema(
+            features=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE), "image")]),
+            targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "label")]),
+        )
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "schema": json.dumps(self.schema.to_dict()), "profile": json.dumps(self.profile)}
+
+
+def dataset_source(data_source: str) -> DatasetSource:
+    """Where the data came from: Keras' download URL, or the local directory (or mnist.npz) it was read from."""
+    if data_source == KERAS_DOWNLOAD_SOURCE:
+        return HTTPDatasetSource(KERAS_MNIST_URL)
+    return get_dataset_source_from_json(json.dumps({"uri": data_source}), "local")
+
+
+def split_definitions(config: TrainConfig) -> dict[str, dict]:
+    """Per dataset name, the config fields that decide which images it holds (part of its digest)."""
+    if config.validation == "test":
+        validation = {"split": "test", "validation": "test"}
+        train = {"split": "train", "validation": "test"}
+    else:
+        held_out = {"validation_size": config.validation_size, "split_seed": config.split_seed}
+        validation = {"split": "validation", "validation": config.validation, **held_out}
+        train = {"split": "train", "validation": config.validation, **held_out}
+    train["train_subset"] = config.train_subset
+    if config.train_subset is not None:
+        train["split_seed"] = config.split_seed  # the subset is drawn with split_seed + 1
+    return {TRAIN_DATASET: train, VALIDATION_DATASET: validation, TEST_DATASET: {"split": "test"}}
+
+
+def split_sizes(config: TrainConfig, num_train_pool: int, num_test: int) -> dict[str, int]:
+    """Images per dataset name, as ``data.build_split`` makes them, computed without touching the arrays."""
+    validation = num_test if config.validation == "test" else config.validation_size
+    train = num_train_pool if config.validation == "test" else num_train_pool - config.validation_size
+    if config.train_subset is not None:
+        train = min(train, config.train_subset)
+    return {TRAIN_DATASET: train, VALIDATION_DATASET: validation, TEST_DATASET: num_test}
+
+
+def mnist_datasets(config: TrainConfig, checksums: Mapping[str, str], data_source: str,
+                   sizes: Mapping[str, int]) -> dict[str, MnistSplitDataset]:
+    """The run's train, validation and test datasets by name, digests from the files' SHA-256 and the split."""
+    source = dataset_source(data_source)
+    datasets = {}
+    for name, definition in split_definitions(config).items():
+        identity = {"sha256": dict(sorted(checksums.items())), **definition}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        profile = {"num_images": int(sizes[name]), "image_shape": list(IMAGE_SHAPE), "dtype": "float32",
+                   "num_classes": NUM_CLASSES, **definition}
+        datasets[name] = MnistSplitDataset(source, name, digest, profile)
+    return datasets
+
+
+def log_datasets(datasets: Mapping[str, MnistSplitDataset]) -> None:
+    """Record the datasets as inputs of the active run, each with its context (training, validation, testing)."""
+    mlflow.log_inputs(datasets=list(datasets.values()), contexts=[DATASET_CONTEXTS[name] for name in datasets],
+                      tags_list=[None] * len(datasets))
+
+
 class MlflowEpochLogger(keras.callbacks.Callback):
     """Logs the per-epoch metrics of a run as MLflow metrics with ``step=epoch``."""
 
@@ -179,25 +336,60 @@ def predictions_frame(labels: np.ndarray, probabilities: np.ndarray) -> pd.DataF
     return frame
 
 
-def log_result_artifacts(result: RunResult, title: str) -> None:
-    """Final metrics, figures, predictions and the model, into the active run."""
-    metrics = {
+def log_result_artifacts(result: RunResult, title: str, input_example: np.ndarray,
+                         datasets: Mapping[str, MnistSplitDataset] | None = None) -> str:
+    """Figures, predictions, the model and the final metrics, into the active run; returns the model's id.
+
+    The final metrics and the last epoch's per-epoch metrics are linked to the logged model (each to the
+    dataset it was measured on), so the Models tab shows the run's final numbers.
+    """
+    predicted = result.test_probabilities.argmax(1)
+    for name, figure in (
+        ("plots/training_curves.png", training_curves_figure(result.history, title)),
+        ("plots/confusion_matrix.png", confusion_matrix_figure(result.test_labels, predicted)),
+    ):
+        mlflow.log_figure(figure, name)
+    log_predictions(result.test_labels, result.test_probabilities, PREDICTIONS_ARTIFACT)
+    if result.tta_probabilities is not None:
+        log_predictions(result.test_labels, result.tta_probabilities, TTA_PREDICTIONS_ARTIFACT)
+    model_id = log_keras_model(result.model, input_example).model_id
+    log_final_metrics(mlflow.active_run().info.run_id, model_id, result, datasets or {})
+    return model_id
+
+
+def final_metrics(result: RunResult) -> dict[str, float]:
+    """The metrics a run logs once, at the end."""
+    return {
         "test_loss": result.test_loss,
         "test_accuracy": result.test_accuracy,
         "train_seconds": result.train_seconds,
         "train_images_per_second": result.train_images_per_second,
         **result.extra_metrics,
     }
-    mlflow.log_metrics(metrics)
-    for name, figure in (
-        ("plots/training_curves.png", training_curves_figure(result.history, title)),
-        ("plots/confusion_matrix.png", confusion_matrix_figure(result.test_labels, result.test_probabilities.argmax(1))),
-    ):
-        mlflow.log_figure(figure, name)
-    log_predictions(result.test_labels, result.test_probabilities, PREDICTIONS_ARTIFACT)
-    if result.tta_probabilities is not None:
-        log_predictions(result.test_labels, result.tta_probabilities, TTA_PREDICTIONS_ARTIFACT)
-    log_keras_model(result.model)
+
+
+def log_final_metrics(run_id: str, model_id: str, result: RunResult,
+                      datasets: Mapping[str, MnistSplitDataset]) -> None:
+    """Log the final metrics, and link them and the last epoch's metrics to the logged model.
+
+    The last epoch's points are re-sent with their original timestamps, so the run's history gains no
+    duplicate; MLflow keeps the model's copies apart (its Models tab and ``LoggedModel.metrics``).
+    """
+    client = MlflowClient()
+    final_epoch = len(result.history["loss"]) - 1
+
+    def linked(key: str, value: float, timestamp: int, step: int) -> Metric:
+        dataset = datasets.get(METRIC_DATASETS.get(key, ""))
+        return Metric(key, float(value), timestamp, step, model_id=model_id, run_id=run_id,
+                      dataset_name=dataset.name if dataset else None,
+                      dataset_digest=dataset.digest if dataset else None)
+
+    metrics = [linked(point.key, point.value, point.timestamp, point.step)
+               for key in EPOCH_METRICS
+               for point in client.get_metric_history(run_id, key) if point.step == final_epoch]
+    now = int(time.time() * 1000)
+    metrics += [linked(key, value, now, 0) for key, value in final_metrics(result).items()]
+    client.log_batch(run_id, metrics=metrics)
 
 
 def log_predictions(labels: np.ndarray, probabilities: np.ndarray, artifact: str) -> None:
@@ -207,16 +399,38 @@ def log_predictions(labels: np.ndarray, probabilities: np.ndarray, artifact: str
         mlflow.log_artifact(str(path), artifact_path=str(Path(artifact).parent))
 
 
-def log_keras_model(model: keras.Model) -> None:
-    """Log the model so ``mlflow.keras.load_model(f"runs:/{run_id}/model")`` returns it."""
-    from mlflow.models import infer_signature
+class _KerasFlavor:
+    """``mlflow.keras`` as the flavor of ``Model.log``, with two fixes for this project.
 
-    example = np.zeros((1, 28, 28, 1), dtype=np.float32)
-    signature = infer_signature(example, np.zeros((1, 10), dtype=np.float32))
+    ``mlflow.keras.save_model`` writes the input example before it creates the model directory, so an
+    input example fails with FileNotFoundError (mlflow/mlflow#16183); the directory is made first here.
+    ``Model.log`` also hands its ``validate_serving_input`` switch to the flavor, which
+    ``mlflow.keras.save_model`` does not accept: it is dropped here. We switch that check off: it reloads
+    the model and predicts the example (0.5 s a run) to re-prove the signature we state.
+    """
+
+    @staticmethod
+    def save_model(model, path, mlflow_model, validate_serving_input=False, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(model, path=path, mlflow_model=mlflow_model, **kwargs)
+
+
+def log_keras_model(model: keras.Model, input_example: np.ndarray):
+    """Log the model so ``mlflow.keras.load_model(f"runs:/{run_id}/model")`` returns it; returns its ModelInfo.
+
+    ``input_example``: float32 images (N, 28, 28, 1) in [0, 1], saved with the model (and shown by the
+    UI). No run metric is linked to the model here (``log_final_metrics`` links the right ones).
+    """
+    from mlflow.models import Model, infer_signature
+
+    input_example = np.asarray(input_example, dtype=np.float32).reshape((-1, *IMAGE_SHAPE))
+    signature = infer_signature(input_example[:1], np.zeros((1, NUM_CLASSES), dtype=np.float32))
     inference_model = inference_copy(model)  # logged for inference, without the optimizer's state
     # Stated, not inferred: MLflow's requirement inference re-imports the model in a subprocess (~20 s a run).
     requirements = [f"{name}=={importlib.metadata.version(name)}" for name in ("tensorflow", "keras")]
-    mlflow.keras.log_model(inference_model, name=MODEL_NAME, signature=signature, pip_requirements=requirements)
+    return Model.log(artifact_path=None, name=MODEL_NAME, flavor=_KerasFlavor, flavor_name="mlflow.keras",
+                     model=inference_model, signature=signature, input_example=input_example,
+                     pip_requirements=requirements, step=_UNLINKED_STEP, validate_serving_input=False)
 
 
 @dataclass
@@ -253,7 +467,10 @@ def _start_run(config: TrainConfig, config_hash: str, experiment_name: str, run_
     all_tags = {CONFIG_HASH_TAG: config_hash, SEED_TAG: str(config.seed), **dict(tags or {})}
     if parent_run_id:
         all_tags[PARENT_RUN_TAG] = parent_run_id
-    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags).info.run_id
+    # Decided here, not by MLflow: without psutil its switch makes start_run raise; we warn and go on.
+    log_system_metrics = system_metrics_requested() and system_metrics_available()
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags,
+                            log_system_metrics=log_system_metrics).info.run_id
 
 
 def _log_config(run_id: str, config: TrainConfig, environment: Mapping) -> None:
@@ -302,6 +519,9 @@ def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEF
     with _finished_only_if_complete(run_id, stop_exceptions):
         client = MlflowClient()
         _log_config(run_id, config, environment_record(data.checksums, data.source))
+        datasets = mnist_datasets(config, data.checksums, data.source,
+                                  split_sizes(config, len(data.y_train), len(data.y_test)))
+        log_datasets(datasets)
         result = train(config, data, callbacks=[MlflowEpochLogger(run_id), *callbacks],
                        checkpoint_dir=checkpoint_dir, verbose=verbose)
         # Epochs trained before a resume come from the checkpoint's history, so the curve is whole.
@@ -309,7 +529,7 @@ def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEF
             log_epoch_metrics(client, run_id, epoch, {k: v[epoch] for k, v in result.history.items()})
         if result.initial_epoch:
             mlflow.set_tag("resumed_from_epoch", str(result.initial_epoch))
-        log_result_artifacts(result, run_name or "")
+        log_result_artifacts(result, run_name or "", input_example=data.x_test[:1], datasets=datasets)
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrackedRun(run_id, result)
@@ -317,21 +537,30 @@ def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEF
 
 def log_offline_result(result: RunResult, record: Mapping, *, experiment_name: str = DEFAULT_EXPERIMENT,
                        run_name: str | None = None, tags: Mapping[str, str] | None = None,
-                       parent_run_id: str | None = None) -> TrackedRun:
+                       parent_run_id: str | None = None, input_example: np.ndarray | None = None) -> TrackedRun:
     """Log a run trained elsewhere (``offline.load_result``) with everything ``run_training`` logs.
 
     Its environment.json is the record of the machine that trained it; tags ``trained_offline`` and
-    ``keras_backend`` say so. Like ``run_training``, it is FINISHED only once every artifact landed.
+    ``keras_backend`` say so; its datasets come from the record's data checksums and source. Like
+    ``run_training``, it is FINISHED only once every artifact landed. ``input_example``: images saved
+    with the model (e.g. ``data.x_test[:1]``); without it, a blank image of the right shape and type.
     """
     run_id = _start_run(result.config, record["config_hash"], experiment_name, run_name,
                         {**dict(tags or {}), "trained_offline": "true", "keras_backend": record["keras_backend"]},
                         parent_run_id)
     with _finished_only_if_complete(run_id):
         _log_config(run_id, result.config, record["environment"])
+        data_record = record["environment"]["data"]
+        num_test = len(result.test_labels)
+        sizes = {**split_sizes(result.config, 0, num_test), TRAIN_DATASET: result.num_train_images}
+        datasets = mnist_datasets(result.config, data_record["sha256"], data_record["source"], sizes)
+        log_datasets(datasets)
         client = MlflowClient()
         for epoch in range(len(result.history["loss"])):
             log_epoch_metrics(client, run_id, epoch, {k: v[epoch] for k, v in result.history.items()})
-        log_result_artifacts(result, run_name or "")
+        if input_example is None:
+            input_example = np.zeros((1, *IMAGE_SHAPE), dtype=np.float32)
+        log_result_artifacts(result, run_name or "", input_example=input_example, datasets=datasets)
     return TrackedRun(run_id, result)
 
 

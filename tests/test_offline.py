@@ -92,6 +92,14 @@ def test_offline_cells_import_as_complete_study_runs(tmp_path, data_dir, trackin
 
     model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
     np.testing.assert_allclose(model.predict(mnist.x_test[:200], verbose=0), saved[:200], atol=1e-5)
+    # Datasets from the record's checksums and source; the run's final metrics on the logged model.
+    imported_run = client.get_run(run.info.run_id)
+    assert {d.dataset.name for d in imported_run.inputs.dataset_inputs} == {"mnist-train", "mnist-validation",
+                                                                          "mnist-test"}
+    (output,) = imported_run.outputs.model_outputs
+    model_metrics = {m.key: m.value for m in mlflow.get_logged_model(output.model_id).metrics}
+    assert model_metrics["test_accuracy"] == pytest.approx(record["test_accuracy"])
+    assert model_metrics["val_accuracy"] == pytest.approx(record["history"]["val_accuracy"][-1])
 
     # Importing again adds nothing; the same folder does not match a study defined with other epochs.
     twice = run_module("experiments.ablate", *TINY, "--import-offline", str(cells), "--no-report", env=env)
