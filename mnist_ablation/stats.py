@@ -20,7 +20,9 @@ The crossed-design API (what the report is being rewired onto):
   cells) and ``factorial_block_ols`` (run-level OLS with seed blocks, saturated model, imbalance warning);
 * ``precision_stop_reason`` / ``precision_stop_reasons`` / ``arms_needing_seeds``: the precision-only stopping
   rule for adding seeds;
-* ``holm``: Holm's step-down adjustment in which a NaN p-value stays NaN but counts in the family.
+* ``holm``: Holm's step-down adjustment in which a NaN p-value stays NaN but counts in the family;
+* ``correct_frame`` / ``correctness_array``: the tidy per-image frame (arm, seed, image, correct) and its
+  validated array form.
 
 Legacy, seed-only functions kept until report.py is rewired: ``ablation_table``, ``paired_comparison``,
 ``pooled_mcnemar`` and ``factorial_effects``. They treat the test set as fixed (and pooled McNemar treats the
@@ -128,7 +130,10 @@ class PairedComparison:
 
 
 def paired_comparison(baseline, arm, confidence: float = DEFAULT_CONFIDENCE) -> PairedComparison:
-    """Compare ``arm`` with ``baseline``, element i of each being the same seed.
+    """Compare ``arm`` with ``baseline``, element i of each being the same seed (test set fixed).
+
+    Legacy, kept until report.py is rewired: this is the "this test set only" analysis; ``compare_to_baseline``
+    also counts the test images and reports it in its ``*_this_test_set`` columns.
 
     The interval and t-test come from ``scipy.stats.ttest_rel``, the non-parametric check from
     ``scipy.stats.wilcoxon`` (exact for small n). Fewer than two pairs, or differences with no spread
@@ -199,7 +204,12 @@ def mcnemar_exact(baseline_only_correct: int, arm_only_correct: int) -> float:
 
 
 def pooled_mcnemar(pairs) -> McNemarResult:
-    """McNemar over several seeds: ``pairs`` of (baseline_correct, arm_correct) vectors, discordant counts summed."""
+    """McNemar over several seeds: ``pairs`` of (baseline_correct, arm_correct) vectors, discordant counts summed.
+
+    Legacy, kept until report.py is rewired: all seeds are scored on the same images, so the pooled discordant
+    pairs are not independent trials and this is not a valid test of two recipes (its false-positive rate is
+    16-38% in tests/test_calibration.py). Use ``compare_to_baseline``.
+    """
     baseline_only, arm_only, any_pair = 0, 0, False
     for baseline_correct, arm_correct in pairs:
         b, c = mcnemar_counts(baseline_correct, arm_correct)
@@ -238,6 +248,9 @@ def latest_finished(runs: pd.DataFrame) -> pd.DataFrame:
 def ablation_table(runs: pd.DataFrame, correct_by_run: dict | None = None, baseline: str = "baseline",
                    confidence: float = DEFAULT_CONFIDENCE, planned: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per arm against ``baseline``: the columns of ``SUMMARY_COLUMNS`` then ``EXTRA_SUMMARY_COLUMNS``.
+
+    Legacy (seed-only tests and pooled McNemar), kept until report.py is rewired onto ``compare_to_baseline`` and
+    ``accuracy_table``; Holm here already counts every compared arm, NaN p-values included.
 
     ``runs`` has one row per run with at least arm, seed, test_accuracy (and status and run_id; runs
     that are not FINISHED count as failed or running, never as results). ``correct_by_run`` maps a
@@ -349,6 +362,9 @@ def factorial_design(runs: pd.DataFrame) -> pd.DataFrame:
 def factorial_effects(runs: pd.DataFrame, confidence: float = DEFAULT_CONFIDENCE) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Main effects and two-way interactions of the four components: (effects table, ANOVA table).
 
+    Legacy, kept until report.py is rewired: no seed block, and the three- and four-way interactions are folded
+    into the residual. Use ``factorial_contrasts`` (seeds and images random) and ``factorial_block_ols``.
+
     OLS (statsmodels) of ``FACTORIAL_FORMULA`` on the -0.5/+0.5 coded design. The effects table has one row
     per term (without the intercept): term, effect, ci_low, ci_high, std_error, t_statistic, p_value,
     p_value_holm (over the 10 terms). The ANOVA table is ``anova_lm(typ=2)`` (for a balanced design all
@@ -457,6 +473,7 @@ class ContrastEstimate:
         return self.seed_mean_variance / n_seeds + self.image_variance / self.n_images
 
     def standard_error_at(self, n_seeds: float) -> float:
+        """Standard error of the mean with ``n_seeds`` seeds, from the observed components."""
         return math.sqrt(self.variance_at(n_seeds))
 
     def df_at(self, n_seeds: float) -> float:
@@ -473,10 +490,12 @@ class ContrastEstimate:
 
     @property
     def standard_error(self) -> float:
+        """Standard error of ``estimate`` with seeds and images random (NaN with one seed)."""
         return self.standard_error_at(self.n_seeds) if self.estimable else float("nan")
 
     @property
     def df(self) -> float:
+        """Satterthwaite degrees of freedom of ``standard_error``."""
         return self.df_at(self.n_seeds)
 
     # -- intervals and tests ------------------------------------------------------------------------------
@@ -671,9 +690,9 @@ def crossed_contrast(values, weights=None) -> ContrastEstimate:
         n=n, m=m, row_sums=row_sums - m * grand, column_sums=column_sums - n * grand,
         column_squares=column_squares - 2 * grand * column_sums + n * grand ** 2,
     )
-    # (centred row sums) . (column i), for every i; the centred row sums add up to 0, so the raw values do.
-    # One matrix-vector product serves the per-image residual sums of squares and every leave-one-image-out
-    # row sum.
+    # (centred row sums) . (column i) for every image i; as the centred row sums add up to 0, the raw values give
+    # the same products as the centred ones. This one matrix-vector product serves the per-image residual sums
+    # of squares and every leave-one-image-out row sum.
     sums_cross = np.einsum("s,si->i", sums.row_sums, values)
     seed_means, image_means = sums.row_sums / m, sums.column_sums / n
     # Residual sum of squares of image i: sum_s (d_si - r_s)^2 - n (c_i - g)^2, with g = 0 after centring.
@@ -753,6 +772,34 @@ class CorrectnessArray:
             raise ValueError(f"arm {arm!r} is not in the study's results; its arms are {list(self.arms)}. "
                              "Pass one of those (e.g. baseline='baseline').")
         return self.arms.index(arm)
+
+
+def correct_frame(runs: pd.DataFrame, correct_by_run: dict) -> pd.DataFrame:
+    """The tidy per-image frame (arm, seed, image, correct) from runs and their per-image correctness vectors.
+
+    ``runs`` has one row per run to analyse, with columns arm, seed and run_id (e.g. ``latest_finished`` of the
+    study's runs, less those without predictions); ``correct_by_run`` maps a run_id to a boolean vector
+    "test image i was classified correctly" (predicted == label), in the same image order for every run.
+    """
+    missing = [column for column in ("arm", "seed", "run_id") if column not in runs]
+    if missing:
+        raise ValueError(f"runs frame has no column(s) {missing}; expected one row per run with arm, seed and "
+                         f"run_id; got columns {list(runs.columns)}.")
+    absent = [run_id for run_id in runs["run_id"] if run_id not in correct_by_run]
+    if absent:
+        raise ValueError(f"no per-image results for {len(absent)} run(s), e.g. run {absent[0]!r}; leave runs without "
+                         "logged predictions out of the frame (and report them as failed cells).")
+    vectors = [np.asarray(correct_by_run[run_id], dtype=bool) for run_id in runs["run_id"]]
+    lengths = {len(vector) for vector in vectors}
+    if len(lengths) > 1:
+        raise ValueError(f"the runs were scored on different numbers of test images ({sorted(lengths)}); every run "
+                         "must be scored on the same test set.")
+    n_images = lengths.pop() if lengths else 0
+    return pd.DataFrame({
+        "arm": np.repeat(runs["arm"].to_numpy(), n_images), "seed": np.repeat(runs["seed"].to_numpy(), n_images),
+        "image": np.tile(np.arange(n_images), len(vectors)),
+        "correct": np.concatenate(vectors) if vectors else np.array([], dtype=bool),
+    })
 
 
 def _plain(value):

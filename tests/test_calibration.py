@@ -40,7 +40,7 @@ from mnist_ablation import stats
 ALPHA = 0.05
 SEED_COUNTS = (3, 5, 10)
 N_NULL = 2000  # studies per seed count with no real difference
-N_EFFECT = 1000  # studies per seed count and effect size
+N_EFFECT = 1500  # studies per seed count and effect size
 N_EQUIVALENCE = 3000  # studies at the equivalence margin, per seed count
 N_STOPPING = 2000
 EQUIVALENCE_MARGIN = 0.001  # +-0.1 points, the library's default
@@ -126,10 +126,12 @@ def null_studies(n_seeds: int) -> pd.DataFrame:
         correct = MODEL.simulate(rng, n_seeds)
         estimate = _estimate(correct)
         low, high = estimate.interval()
+        low_fixed, high_fixed = estimate.interval_this_test_set()
         accuracy = stats.accuracy_interval(correct[0])
         per_seed = correct.mean(axis=2)
         rows.append({
             "p_value": estimate.p_value, "covered": low <= 0 <= high, "width": high - low,
+            "covered_this_test_set": low_fixed <= 0 <= high_fixed,
             "p_value_this_test_set": estimate.p_value_this_test_set, "p_value_mcnemar": _pooled_mcnemar_p(correct),
             "equivalence_p_value": estimate.equivalence_p_value(EQUIVALENCE_MARGIN),
             "accuracy_covered": accuracy.low <= true_accuracy <= accuracy.high,
@@ -149,10 +151,14 @@ def effect_studies(n_seeds: int, difference: float) -> pd.DataFrame:
     effect = MODEL.effect_for(difference)
     rows = []
     for _ in range(N_EFFECT):
-        estimate = _estimate(MODEL.simulate(rng, n_seeds, (0.0, effect)))
+        correct = MODEL.simulate(rng, n_seeds, (0.0, effect))
+        estimate = _estimate(correct)
         low, high = estimate.interval()
+        low_fixed, high_fixed = estimate.interval_this_test_set()
         rows.append({"p_value": estimate.p_value, "covered": low <= difference <= high,
-                     "p_value_this_test_set": estimate.p_value_this_test_set})
+                     "covered_this_test_set": low_fixed <= difference <= high_fixed,
+                     "p_value_this_test_set": estimate.p_value_this_test_set,
+                     "p_value_mcnemar": _pooled_mcnemar_p(correct)})
     return pd.DataFrame(rows)
 
 
@@ -301,28 +307,34 @@ def main() -> None:
     def percent(value):
         return f"{100 * value:.1f}%"
 
-    print(f"image population: accuracy {100 * MODEL.true_accuracy():.2f}%")
-    print("seeds | false positives: crossed / seed-only t / pooled McNemar | coverage at 0 | accuracy coverage | "
-          "per-seed SD | seed error (3 seeds) | image error")
+    print(f"image population: accuracy {100 * MODEL.true_accuracy():.2f}%; studies of {MODEL.n_images} images")
+    print("\nNo real difference, N =", N_NULL, "studies per row")
+    print("| seeds | false positives: crossed | seed-only paired t | pooled McNemar | coverage: crossed | seed-only "
+          "| accuracy interval coverage | per-seed SD | seed error of the mean difference | image error |")
     for n in SEED_COUNTS:
         s = null_studies(n)
-        print(f"{n:5d} | {percent(_rate(s['p_value']))} / {percent(_rate(s['p_value_this_test_set']))} / "
+        print(f"| {n} | {percent(_rate(s['p_value']))} | {percent(_rate(s['p_value_this_test_set']))} | "
               f"{percent(_rate(s['p_value_mcnemar']))} | {percent(s['covered'].mean())} | "
-              f"{percent(s['accuracy_covered'].mean())} | {100 * s['accuracy_sd'].mean():.3f} pt | "
-              f"{100 * s['seed_error'].mean():.3f} pt | {100 * s['image_error'].mean():.3f} pt")
-    print("seeds | difference | power crossed (seed-only t) | coverage")
+              f"{percent(s['covered_this_test_set'].mean())} | {percent(s['accuracy_covered'].mean())} | "
+              f"{100 * s['accuracy_sd'].mean():.3f} pt | {100 * s['seed_error'].mean() * math.sqrt(3 / n):.3f} pt | "
+              f"{100 * s['image_error'].mean():.3f} pt |")
+    print("\nA real difference, N =", N_EFFECT, "studies per row")
+    print("| seeds | true difference | power: crossed | seed-only paired t | pooled McNemar | coverage: crossed | "
+          "seed-only |")
     for difference in EFFECT_SIZES:
         for n in SEED_COUNTS:
             s = effect_studies(n, difference)
-            print(f"{n:5d} | {100 * difference:.1f} pt | {percent(_rate(s['p_value']))} "
-                  f"({percent(_rate(s['p_value_this_test_set']))}) | {percent(s['covered'].mean())}")
-    print("seeds | false equivalence at the margin | equivalence found at 0")
+            print(f"| {n} | {100 * difference:.1f} pt | {percent(_rate(s['p_value']))} | "
+                  f"{percent(_rate(s['p_value_this_test_set']))} | {percent(_rate(s['p_value_mcnemar']))} | "
+                  f"{percent(s['covered'].mean())} | {percent(s['covered_this_test_set'].mean())} |")
+    print("\nEquivalence (TOST, margin 0.1 pt), N =", N_EQUIVALENCE, "studies at the margin")
+    print("| seeds | 'equivalent' when the difference is the margin | 'equivalent' when there is no difference |")
     for n in (3, 10):
-        print(f"{n:5d} | {percent(_rate(margin_studies(n)['equivalence_p_value']))} | "
-              f"{percent(_rate(null_studies(n)['equivalence_p_value']))}")
+        print(f"| {n} | {percent(_rate(margin_studies(n)['equivalence_p_value']))} | "
+              f"{percent(_rate(null_studies(n)['equivalence_p_value']))} |")
     s = stopped_studies()
-    print(f"stopping rule {STOPPING_RULE}: false positives {percent(_rate(s['p_value']))}, mean seeds "
-          f"{s['n_seeds'].mean():.2f}, reasons {dict(Counter(s['reason']))}")
+    print(f"\nstopping rule {STOPPING_RULE}, N = {N_STOPPING}: false positives {percent(_rate(s['p_value']))}, "
+          f"mean seeds {s['n_seeds'].mean():.2f}, reasons {dict(Counter(s['reason']))}")
 
 
 if __name__ == "__main__":

@@ -647,3 +647,16 @@ def test_mean_curves_bands_respect_the_metric_range():
     loss = stats.mean_curves(histories, "val_loss")
     assert (accuracy["ci_high"] <= 1).all() and (accuracy["ci_low"] >= 0).all()
     assert (loss["ci_low"] >= 0).all() and loss["ci_high"].iloc[0] > 0.2
+
+
+def test_correct_frame_from_runs_and_their_correctness_vectors():
+    runs = pd.DataFrame({"arm": ["baseline", "baseline", "arm"], "seed": [0, 1, 0], "run_id": ["b0", "b1", "a0"]})
+    vectors = {"b0": [True, True, False], "b1": [True, False, True], "a0": [False, True, True], "x": [True]}
+    frame = stats.correct_frame(runs, vectors)
+    assert list(frame.columns) == ["arm", "seed", "image", "correct"] and len(frame) == 9
+    assert frame[(frame["arm"] == "baseline") & (frame["seed"] == 1)]["correct"].tolist() == [True, False, True]
+    assert stats.accuracy_table(frame).set_index("arm").loc["arm", "test_accuracy_mean"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="no per-image results for 1 run"):
+        stats.correct_frame(runs.assign(run_id=["b0", "b1", "zz"]), vectors)
+    with pytest.raises(ValueError, match="different numbers of test images"):
+        stats.correct_frame(runs, {**vectors, "a0": [True, False]})
