@@ -660,3 +660,15 @@ def test_correct_frame_from_runs_and_their_correctness_vectors():
         stats.correct_frame(runs.assign(run_id=["b0", "b1", "zz"]), vectors)
     with pytest.raises(ValueError, match="different numbers of test images"):
         stats.correct_frame(runs, {**vectors, "a0": [True, False]})
+
+
+def test_an_arm_identical_to_the_baseline_has_zero_width_and_no_test():
+    rng = np.random.default_rng(8)
+    baseline = rng.random((4, 200)) < 0.9
+    row = stats.compare_to_baseline(_tidy({"baseline": baseline, "same": baseline})).iloc[0]
+    assert row["delta"] == 0 and row["delta_ci_low"] == 0 and row["delta_ci_high"] == 0
+    assert row["ci_width_floor"] == 0 and row["mde"] == 0 and row["seeds_needed"] == math.inf
+    for column in ("p_value", "p_value_holm", "equivalence_p_value", "wilcoxon_p_value", "effect_size"):
+        assert math.isnan(row[column]), column  # a test divides by a spread that is not there
+    # The precision rule stops at once: nothing to resolve.
+    assert stats.precision_stop_reason(0.0, 0.0, 4, 0.001, 10) == stats.TARGET_REACHED
