@@ -1,40 +1,58 @@
 """The statistics of an ablation study: pure functions on arrays and DataFrames (no MLflow here).
 
-Everything rests on SciPy and statsmodels; this module only decides what is compared with what:
+The unit of inference is a *recipe* (a training configuration), not one trained model and not this one test
+set: a claim such as "batch norm is worth 0.1 points" is about training with new seeds and testing on new
+images from the same population. Every run (arm, training seed) of a study is scored on the same test images,
+so seeds and images form a *crossed* design and both are random. docs/statistics.md explains every choice.
 
-* an arm's mean test accuracy over seeds gets a Student-t interval;
-* an arm is compared with the baseline *paired by seed* (same seed, same data order and initial
-  weights where the arms allow it): mean difference with a t interval, the paired t-test, the Wilcoxon
-  signed-rank test as a non-parametric check, and Cohen's d_z (mean difference / its standard deviation);
-* McNemar's exact test uses the per-example test predictions. Seeds are pooled by **summing the
-  discordant counts** over the seed pairs (baseline right & arm wrong, and the reverse) and running one
-  exact binomial test on the sums. It asks "do these trained models err on different test images in one
-  direction more than chance?"; it treats the 10,000 x seeds image pairs as independent and so ignores
-  seed-to-seed variance - the paired t-test over seeds is the primary test, McNemar the per-example check;
-* the paired t-test p-values (and separately the McNemar ones) are corrected with Holm over the arms
-  whose test could be computed;
-* the factorial study's main effects and two-way interactions come from an OLS fit with the components
-  coded -1/2 (off) and +1/2 (on), so a main-effect coefficient is "on minus off", averaged over the other
-  components, and an interaction coefficient is how much one component's effect changes when the other
-  is switched on.
+The crossed-design API (what the report is being rewired onto):
 
-With fewer than two seeds (or paired seeds) intervals and seed-level tests are not computable and come
-back as NaN, never as a number that looks like one.
+* ``crossed_contrast`` -> ``ContrastEstimate``: a contrast between arms (arm minus baseline, or a factorial
+  effect) per (seed, image), a two-way random-effects analysis (seeds x images, no replication) with
+  method-of-moments variance components as in multi-reader multi-case analysis (Obuchowski & Rockette 1995;
+  Hillis 2007): interval, p-value, TOST equivalence, power and planning (``width_at``, ``seeds_for_width``);
+* ``compare_to_baseline``: one row per arm against the baseline from the tidy per-image frame, with Holm over
+  every compared arm, the minimum detectable effect, seeds needed, the test-image floor, the "this test set
+  only" seed-level columns, Wilcoxon on integer counts and Hedges-corrected d_z;
+* ``accuracy_interval`` / ``accuracy_table``: one arm's accuracy, seeds and images random, on the logit scale
+  (always within [0, 1]);
+* ``factorial_contrasts`` (every term of the 2^k factorial through the same machinery, seeds paired across
+  cells) and ``factorial_block_ols`` (run-level OLS with seed blocks, saturated model, imbalance warning);
+* ``precision_stop_reason`` / ``precision_stop_reasons`` / ``arms_needing_seeds``: the precision-only stopping
+  rule for adding seeds;
+* ``holm``: Holm's step-down adjustment in which a NaN p-value stays NaN but counts in the family;
+* ``correct_frame`` / ``correctness_array``: the tidy per-image frame (arm, seed, image, correct) and its
+  validated array form.
+
+Legacy, seed-only functions kept until report.py is rewired: ``ablation_table``, ``paired_comparison``,
+``pooled_mcnemar`` and ``factorial_effects``. They treat the test set as fixed (and pooled McNemar treats the
+seeds' image pairs as independent), so their false-positive rate is far above the nominal level when
+recipes, not models, are compared: tests/test_calibration.py measures it.
+
+With fewer than two seeds (or paired seeds) seed variance cannot be estimated: intervals and tests come back
+as NaN, never as a number that looks like one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import special
 from scipy import stats as scipy_stats
 from statsmodels.stats.contingency_tables import mcnemar
-from statsmodels.stats.multitest import multipletests
 
 DEFAULT_CONFIDENCE = 0.95
+DEFAULT_EQUIVALENCE_MARGIN = 0.001  # +-0.1 points of accuracy
+DEFAULT_POWER = 0.8
+WILCOXON_MIN_PAIRS = 6  # below this the two-sided signed-rank test cannot reach p < 0.05 (2 / 2**5 = 0.0625)
 FACTORIAL_COMPONENTS = ("augmentation", "batch_norm", "dropout", "step_lr")
 FACTORIAL_FORMULA = "test_accuracy ~ (augmentation + batch_norm + dropout + step_lr)**2"
+FACTORIAL_BLOCK_FORMULA = "test_accuracy ~ C(seed) + augmentation * batch_norm * dropout * step_lr"
 SUMMARY_COLUMNS = [
     "arm", "n_seeds", "test_accuracy_mean", "test_accuracy_ci_low", "test_accuracy_ci_high",
     "delta_vs_baseline", "delta_ci_low", "delta_ci_high", "p_value", "p_value_holm", "mcnemar_p_value",
@@ -44,6 +62,23 @@ EXTRA_SUMMARY_COLUMNS = [
     "wilcoxon_p_value", "effect_size", "mcnemar_baseline_only_correct", "mcnemar_arm_only_correct",
     "mcnemar_p_value_holm", "n_planned_seeds", "n_failed", "n_running", "status",
 ]
+COMPARISON_COLUMNS = [
+    "arm", "n_pairs", "baseline_accuracy", "arm_accuracy", "delta", "delta_ci_low", "delta_ci_high",
+    "standard_error", "df", "p_value", "p_value_holm", "mde", "seeds_needed", "ci_width_floor",
+    "seed_variance", "image_variance", "residual_variance",
+    "delta_ci_low_this_test_set", "delta_ci_high_this_test_set", "p_value_this_test_set",
+    "wilcoxon_p_value", "effect_size", "equivalence_margin", "equivalence_p_value", "equivalence_p_value_holm",
+]
+ACCURACY_COLUMNS = [
+    "arm", "n_seeds", "n_images", "test_accuracy_mean", "test_accuracy_ci_low", "test_accuracy_ci_high",
+    "standard_error", "df",
+]
+FACTORIAL_EFFECT_COLUMNS = [
+    "term", "kind", "order", "effect", "ci_low", "ci_high", "standard_error", "df", "p_value", "p_value_holm",
+    "holm_family", "n_seeds", "seed_variance", "image_variance",
+]
+LEADING_FAMILY = "main effects and two-way interactions"
+HIGHER_ORDER_FAMILY = "three-way and higher interactions"
 
 
 def _check_confidence(confidence: float) -> None:
@@ -95,7 +130,10 @@ class PairedComparison:
 
 
 def paired_comparison(baseline, arm, confidence: float = DEFAULT_CONFIDENCE) -> PairedComparison:
-    """Compare ``arm`` with ``baseline``, element i of each being the same seed.
+    """Compare ``arm`` with ``baseline``, element i of each being the same seed (test set fixed).
+
+    Legacy, kept until report.py is rewired: this is the "this test set only" analysis; ``compare_to_baseline``
+    also counts the test images and reports it in its ``*_this_test_set`` columns.
 
     The interval and t-test come from ``scipy.stats.ttest_rel``, the non-parametric check from
     ``scipy.stats.wilcoxon`` (exact for small n). Fewer than two pairs, or differences with no spread
@@ -166,7 +204,12 @@ def mcnemar_exact(baseline_only_correct: int, arm_only_correct: int) -> float:
 
 
 def pooled_mcnemar(pairs) -> McNemarResult:
-    """McNemar over several seeds: ``pairs`` of (baseline_correct, arm_correct) vectors, discordant counts summed."""
+    """McNemar over several seeds: ``pairs`` of (baseline_correct, arm_correct) vectors, discordant counts summed.
+
+    Legacy, kept until report.py is rewired: all seeds are scored on the same images, so the pooled discordant
+    pairs are not independent trials and this is not a valid test of two recipes (its false-positive rate is
+    16-38% in tests/test_calibration.py). Use ``compare_to_baseline``.
+    """
     baseline_only, arm_only, any_pair = 0, 0, False
     for baseline_correct, arm_correct in pairs:
         b, c = mcnemar_counts(baseline_correct, arm_correct)
@@ -177,12 +220,20 @@ def pooled_mcnemar(pairs) -> McNemarResult:
 
 
 def holm(p_values) -> np.ndarray:
-    """Holm-adjusted p-values; NaN entries stay NaN and do not count towards the number of tests."""
+    """Holm-adjusted p-values over a family of tests; a NaN p-value stays NaN but still counts in the family.
+
+    Every compared arm belongs to the family, including one whose test could not be computed (too few seeds, no
+    spread): leaving it out would shrink the family and make the others look stronger. The adjustment is that of
+    Holm (1979) with the family size k = len(p_values): the j-th smallest present p-value (j from 0) is multiplied
+    by k - j, made monotone and capped at 1, which is what treating the NaN entries as p = 1 gives.
+    """
     p_values = np.asarray(p_values, dtype=float)
     adjusted = np.full_like(p_values, np.nan)
-    present = ~np.isnan(p_values)
-    if present.any():
-        adjusted[present] = multipletests(p_values[present], method="holm")[1]
+    present = np.flatnonzero(~np.isnan(p_values))
+    if len(present):
+        order = present[np.argsort(p_values[present], kind="stable")]
+        multipliers = len(p_values) - np.arange(len(order))
+        adjusted[order] = np.minimum(np.maximum.accumulate(p_values[order] * multipliers), 1.0)
     return adjusted
 
 
@@ -197,6 +248,9 @@ def latest_finished(runs: pd.DataFrame) -> pd.DataFrame:
 def ablation_table(runs: pd.DataFrame, correct_by_run: dict | None = None, baseline: str = "baseline",
                    confidence: float = DEFAULT_CONFIDENCE, planned: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per arm against ``baseline``: the columns of ``SUMMARY_COLUMNS`` then ``EXTRA_SUMMARY_COLUMNS``.
+
+    Legacy (seed-only tests and pooled McNemar), kept until report.py is rewired onto ``compare_to_baseline`` and
+    ``accuracy_table``; Holm here already counts every compared arm, NaN p-values included.
 
     ``runs`` has one row per run with at least arm, seed, test_accuracy (and status and run_id; runs
     that are not FINISHED count as failed or running, never as results). ``correct_by_run`` maps a
@@ -257,6 +311,7 @@ def ablation_table(runs: pd.DataFrame, correct_by_run: dict | None = None, basel
 
     table = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS + EXTRA_SUMMARY_COLUMNS)
     compared = table["arm"] != baseline
+    # Every compared arm is in the Holm family, also one whose p-value is NaN.
     table.loc[compared, "p_value_holm"] = holm(table.loc[compared, "p_value"])
     table.loc[compared, "mcnemar_p_value_holm"] = holm(table.loc[compared, "mcnemar_p_value"])
     for column in ("n_seeds", "n_failed", "n_running"):
@@ -307,6 +362,9 @@ def factorial_design(runs: pd.DataFrame) -> pd.DataFrame:
 def factorial_effects(runs: pd.DataFrame, confidence: float = DEFAULT_CONFIDENCE) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Main effects and two-way interactions of the four components: (effects table, ANOVA table).
 
+    Legacy, kept until report.py is rewired: no seed block, and the three- and four-way interactions are folded
+    into the residual. Use ``factorial_contrasts`` (seeds and images random) and ``factorial_block_ols``.
+
     OLS (statsmodels) of ``FACTORIAL_FORMULA`` on the -0.5/+0.5 coded design. The effects table has one row
     per term (without the intercept): term, effect, ci_low, ci_high, std_error, t_statistic, p_value,
     p_value_holm (over the 10 terms). The ANOVA table is ``anova_lm(typ=2)`` (for a balanced design all
@@ -343,6 +401,914 @@ def factorial_effects(runs: pd.DataFrame, confidence: float = DEFAULT_CONFIDENCE
     effects.insert(1, "kind", np.where(effects["term"].str.contains(":"), "interaction", "main effect"))
     anova = sm.stats.anova_lm(model, typ=2).reset_index().rename(columns={"index": "term"})
     return effects, anova
+
+
+# -- the crossed design: training seeds x test images, both random -------------------------------------
+
+
+def _t_quantile(probability: float, df: float) -> float:
+    """Student-t quantile; ``special.stdtrit`` is the same function as ``scipy.stats.t.ppf``, 100x faster."""
+    return float(special.stdtrit(df, probability))
+
+
+def _t_two_sided_p(statistic: float, df: float) -> float:
+    return float(2 * special.stdtr(df, -abs(statistic)))
+
+
+def _nonnegative(value: float) -> float:
+    return float(np.maximum(value, 0.0))  # unlike max(), keeps NaN
+
+
+@dataclass(frozen=True)
+class ContrastEstimate:
+    """The mean of a contrast over a seeds x test-images design, with seeds and images both random.
+
+    The model is two-way random effects without replication, ``d_si = mu + S_s + I_i + E_si``, for the contrast
+    value ``d_si`` of seed s on image i. The variance of the mean ``estimate`` is estimated, as in multi-reader
+    multi-case analysis (Obuchowski & Rockette 1995; Hillis 2007), by
+
+        ``standard_error**2 = seed_mean_variance / n_seeds + image_variance / n_images``
+
+    where ``seed_mean_variance = MS_seeds / n_images`` is the variance of the per-seed mean contrast over seeds
+    (exactly what a paired t-test over seeds uses: the "this test set only" analysis) and ``image_variance =
+    max(0, (MS_images - MS_residual) / n_seeds)`` the variance over images of the per-image expected contrast
+    (what the finite test set adds). Degrees of freedom: Satterthwaite over the two terms, the seed term with
+    ``n_seeds - 1`` and the image term with ``image_df``, its effective degrees of freedom measured from the
+    spread of the per-image contributions (on MNIST only a few hundred images ever differ, so the image term is
+    far less precise than its nominal ``n_images - 1``). With one seed the seed term cannot be estimated and
+    every interval, p-value and plan is NaN.
+
+    ``skewness`` (the estimate's standardized third cumulant) and ``skew_covariance`` (the standardized
+    covariance of the estimate with its own variance estimate) come from a jackknife over test images. Sparse
+    per-image differences make the estimate skewed; two-sided intervals and tests are unaffected to first order
+    (the Edgeworth terms cancel), one-sided tests are not, so the equivalence test corrects for them.
+    """
+
+    estimate: float
+    n_seeds: int
+    n_images: int
+    seed_mean_variance: float
+    image_variance: float
+    residual_variance: float
+    image_df: float
+    skewness: float = 0.0
+    skew_covariance: float = 0.0
+
+    # -- variance components and precision ----------------------------------------------------------------
+
+    @property
+    def seed_variance(self) -> float:
+        """Variance component of the seed effects, ``max(0, (MS_seeds - MS_residual) / n_images)``."""
+        return _nonnegative(self.seed_mean_variance - self.residual_variance / self.n_images)
+
+    @property
+    def estimable(self) -> bool:
+        """Whether the variance could be estimated (two seeds or more)."""
+        return self.n_seeds >= 2 and not math.isnan(self.seed_mean_variance)
+
+    def variance_at(self, n_seeds: float) -> float:
+        """Variance of the mean with ``n_seeds`` seeds on the same number of images, from the observed components."""
+        if not self.estimable:
+            return float("nan")
+        return self.seed_mean_variance / n_seeds + self.image_variance / self.n_images
+
+    def standard_error_at(self, n_seeds: float) -> float:
+        """Standard error of the mean with ``n_seeds`` seeds, from the observed components."""
+        return math.sqrt(self.variance_at(n_seeds))
+
+    def df_at(self, n_seeds: float) -> float:
+        """Satterthwaite degrees of freedom with ``n_seeds`` seeds (``inf`` seeds: the image term's alone)."""
+        if not self.estimable:
+            return float("nan")
+        image_part = self.image_variance / self.n_images
+        image_term = image_part ** 2 / self.image_df if image_part > 0 else 0.0
+        if math.isinf(n_seeds):
+            return self.image_df if image_part > 0 else float("nan")
+        seed_part = self.seed_mean_variance / n_seeds
+        denominator = seed_part ** 2 / (n_seeds - 1) + image_term
+        return (seed_part + image_part) ** 2 / denominator if denominator > 0 else float("nan")
+
+    @property
+    def standard_error(self) -> float:
+        """Standard error of ``estimate`` with seeds and images random (NaN with one seed)."""
+        return self.standard_error_at(self.n_seeds) if self.estimable else float("nan")
+
+    @property
+    def df(self) -> float:
+        """Satterthwaite degrees of freedom of ``standard_error``."""
+        return self.df_at(self.n_seeds)
+
+    # -- intervals and tests ------------------------------------------------------------------------------
+
+    def interval(self, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+        """Student-t interval ``estimate +- t(df) * standard_error`` (NaN with one seed; zero width with no spread)."""
+        _check_confidence(confidence)
+        se = self.standard_error
+        if math.isnan(se):
+            return float("nan"), float("nan")
+        if se == 0:
+            return self.estimate, self.estimate
+        half_width = _t_quantile(0.5 + confidence / 2, self.df) * se
+        return self.estimate - half_width, self.estimate + half_width
+
+    @property
+    def p_value(self) -> float:
+        """Two-sided p-value for "the recipe-level contrast is zero" (NaN with one seed or no spread at all)."""
+        se = self.standard_error
+        if math.isnan(se) or se == 0:
+            return float("nan")
+        return _t_two_sided_p(self.estimate / se, self.df)
+
+    def equivalence_p_value(self, margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> float:
+        """Two one-sided tests (Schuirmann 1987) of "|contrast| >= margin"; small p: equivalent within +-margin.
+
+        The larger of the two one-sided p-values, with the same standard error and degrees of freedom as the
+        difference test. One-sided tests feel the estimate's skewness at first order (an effect carried by a few
+        hundred images is skewed, and its variance estimate grows with it), so each statistic goes through Hall's
+        (1992) monotone skewness-removing transformation, a form of Johnson's (1978) modified t, before the t
+        distribution is applied. NaN where the difference test is.
+        """
+        if not margin > 0:
+            raise ValueError(f"equivalence margin {margin!r}: expected a positive fraction of accuracy, "
+                             "e.g. 0.001 for +-0.1 points.")
+        se = self.standard_error
+        if math.isnan(se) or se == 0:
+            return float("nan")
+        above_lower = float(special.stdtr(self.df, -self._unskewed((self.estimate + margin) / se)))  # H0: <= -margin
+        below_upper = float(special.stdtr(self.df, self._unskewed((self.estimate - margin) / se)))  # H0: >= +margin
+        return max(above_lower, below_upper)
+
+    def _unskewed(self, statistic: float) -> float:
+        """Hall's (1992) transformation g(T) = T + a T^2 + a^2 T^3 / 3 + b of the studentized statistic.
+
+        To first order (Edgeworth), T = (estimate - true) / standard_error has mean -c/2 and third cumulant
+        s - 3c, with s = ``skewness`` and c = ``skew_covariance``; with a = -(s - 3c) / 6 and b = (s - 3c) / 6 + c / 2
+        the transformed statistic is symmetric, and g is monotone (g' = (1 + aT)^2).
+        """
+        third_cumulant = self.skewness - 3 * self.skew_covariance
+        a = -third_cumulant / 6
+        b = third_cumulant / 6 + self.skew_covariance / 2
+        return statistic + a * statistic ** 2 + a ** 2 * statistic ** 3 / 3 + b
+
+    # -- "this test set only": images fixed, seeds random ---------------------------------------------------
+
+    @property
+    def standard_error_this_test_set(self) -> float:
+        """The paired t-test's standard error over seeds: what the estimate would vary by on these same images."""
+        return math.sqrt(self.seed_mean_variance / self.n_seeds) if self.estimable else float("nan")
+
+    def interval_this_test_set(self, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+        """Paired t interval over seeds (df = n_seeds - 1): about these test images only, not the recipe."""
+        _check_confidence(confidence)
+        se = self.standard_error_this_test_set
+        if math.isnan(se):
+            return float("nan"), float("nan")
+        if se == 0:
+            return self.estimate, self.estimate
+        half_width = _t_quantile(0.5 + confidence / 2, self.n_seeds - 1) * se
+        return self.estimate - half_width, self.estimate + half_width
+
+    @property
+    def p_value_this_test_set(self) -> float:
+        """Paired t-test over seeds (images fixed). Not a test of the recipe: it ignores the test set's sampling."""
+        se = self.standard_error_this_test_set
+        if math.isnan(se) or se == 0:
+            return float("nan")
+        return _t_two_sided_p(self.estimate / se, self.n_seeds - 1)
+
+    # -- power and planning ---------------------------------------------------------------------------------
+
+    def width_at(self, n_seeds: float, confidence: float = DEFAULT_CONFIDENCE) -> float:
+        """Expected full width of the interval with ``n_seeds`` seeds (same images), from the observed components."""
+        _check_confidence(confidence)
+        if n_seeds < 2:
+            return float("nan")
+        df = self.df_at(n_seeds)
+        se = self.standard_error_at(n_seeds) if not math.isinf(n_seeds) else math.sqrt(
+            self.image_variance / self.n_images)
+        if se == 0:
+            return 0.0
+        return 2 * _t_quantile(0.5 + confidence / 2, df) * se
+
+    def floor_width(self, confidence: float = DEFAULT_CONFIDENCE) -> float:
+        """The interval width that infinitely many seeds would leave: the test set's own sampling (image term)."""
+        return self.width_at(math.inf, confidence) if self.estimable else float("nan")
+
+    def seeds_for_width(self, width: float, confidence: float = DEFAULT_CONFIDENCE) -> float:
+        """Seeds per arm for an interval of full width ``width``: a whole number, ``inf`` when the test-image
+        floor is at or above ``width`` (no number of seeds gets there), NaN with fewer than two seeds."""
+        if not width > 0:
+            raise ValueError(f"target interval width {width!r}: expected a positive fraction, e.g. 0.001.")
+        if not self.estimable:
+            return float("nan")
+        if self.floor_width(confidence) >= width:
+            return math.inf
+        return self._smallest_seeds(lambda n: self.width_at(n, confidence) <= width)
+
+    def minimum_detectable_effect(self, alpha: float = 1 - DEFAULT_CONFIDENCE, power: float = DEFAULT_POWER) -> float:
+        """Smallest |contrast| a two-sided level-``alpha`` test detects with probability ``power`` in this design.
+
+        ``(t(1 - alpha/2, df) + t(power, df)) * standard_error``, the usual normal-theory approximation with the
+        observed standard error and degrees of freedom.
+        """
+        return self._detectable_at(self.n_seeds, alpha, power) if self.estimable else float("nan")
+
+    def seeds_for_effect(self, effect: float, alpha: float = 1 - DEFAULT_CONFIDENCE,
+                         power: float = DEFAULT_POWER) -> float:
+        """Seeds per arm for a two-sided level-``alpha`` test to detect ``|effect|`` with probability ``power``.
+
+        A whole number; ``inf`` when the test-image floor alone keeps the detectable effect above ``|effect|``
+        (or the effect is zero); NaN with fewer than two seeds.
+        """
+        if not self.estimable or math.isnan(effect):
+            return float("nan")
+        effect = abs(effect)
+        if effect == 0 or self._detectable_at(math.inf, alpha, power) >= effect:
+            return math.inf
+        return self._smallest_seeds(lambda n: self._detectable_at(n, alpha, power) <= effect)
+
+    def _detectable_at(self, n_seeds: float, alpha: float, power: float) -> float:
+        if not (0 < alpha < 1 and 0 < power < 1):
+            raise ValueError(f"alpha {alpha!r} and power {power!r}: expected both strictly between 0 and 1.")
+        df = self.df_at(n_seeds)
+        se = self.standard_error_at(n_seeds) if not math.isinf(n_seeds) else math.sqrt(
+            self.image_variance / self.n_images)
+        if se == 0:
+            return 0.0
+        return (_t_quantile(1 - alpha / 2, df) + _t_quantile(power, df)) * se
+
+    @staticmethod
+    def _smallest_seeds(reaches) -> float:
+        """Smallest n >= 2 with ``reaches(n)``; the criteria here only get easier with more seeds."""
+        if reaches(2):
+            return 2.0
+        low, high = 2, 4
+        while not reaches(high):
+            low, high = high, high * 2
+            if high > 2 ** 40:
+                return math.inf
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if reaches(middle) else (middle, high)
+        return float(high)
+
+
+def crossed_contrast(values, weights=None) -> ContrastEstimate:
+    """Estimate the mean of a contrast over a crossed seeds x test-images design, both random.
+
+    ``values`` is either a (seeds, images) array of per-(seed, image) contrast values ``d_si`` (for example
+    ``arm_correct - baseline_correct``, 0/1 each), or, with ``weights`` (one per arm), an (arms, seeds, images)
+    array of 0/1 correctness that is combined as ``d_si = sum_a weights[a] * values[a, s, i]``; every arm must
+    then be present on every seed given (pair the seeds first). See ``ContrastEstimate`` for the estimator.
+    """
+    values = np.asarray(values)
+    if values.dtype != bool and not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"crossed_contrast needs numbers (or booleans); got an array of {values.dtype}.")
+    if weights is not None:
+        weights = np.asarray(weights, dtype=float)
+        if values.ndim != 3 or weights.shape != (values.shape[0],):
+            raise ValueError(f"with weights, values must be an (arms, seeds, images) array with one weight per arm; "
+                             f"got values of shape {values.shape} and {weights.size} weight(s).")
+        values = np.tensordot(weights, values, axes=1)
+    if values.ndim != 2 or values.shape[0] < 1 or values.shape[1] < 2:
+        raise ValueError(f"crossed_contrast needs a (seeds, images) array with at least one seed and two test "
+                         f"images; got shape {values.shape}. Pass one row per seed, one column per test image.")
+    if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+        raise ValueError("crossed_contrast got NaN or infinite values; every (seed, image) cell needs a value. "
+                         "Drop the runs that have no predictions before forming the contrast.")
+    n, m = values.shape
+    # Sums only, accumulated in float64: no float copy of a (seeds, images) matrix of 0/1 values is ever made.
+    row_sums, column_sums = values.sum(axis=1, dtype=float), values.sum(axis=0, dtype=float)
+    grand = float(row_sums.sum()) / (n * m)
+    if n == 1:
+        nan = float("nan")
+        return ContrastEstimate(grand, 1, m, nan, nan, nan, nan)
+    # The sums of the centred values (d - grand), which change no sum of squares; the data are small integers
+    # (or weighted sums of them), so the expansions below lose nothing to cancellation.
+    column_squares = np.einsum("si,si->i", values, values, dtype=float)
+    sums = _CrossedSums(
+        n=n, m=m, row_sums=row_sums - m * grand, column_sums=column_sums - n * grand,
+        column_squares=column_squares - 2 * grand * column_sums + n * grand ** 2,
+    )
+    # (centred row sums) . (column i) for every image i; as the centred row sums add up to 0, the raw values give
+    # the same products as the centred ones. This one matrix-vector product serves the per-image residual sums
+    # of squares and every leave-one-image-out row sum.
+    sums_cross = np.einsum("s,si->i", sums.row_sums, values)
+    seed_means, image_means = sums.row_sums / m, sums.column_sums / n
+    # Residual sum of squares of image i: sum_s (d_si - r_s)^2 - n (c_i - g)^2, with g = 0 after centring.
+    residual_by_image = (sums.column_squares - 2 * sums_cross / m + float(seed_means @ seed_means)
+                         - n * image_means ** 2)
+    ms_seeds = m * float(seed_means @ seed_means) / (n - 1)
+    ms_images = n * float(image_means @ image_means) / (m - 1)
+    ms_residual = max(float(residual_by_image.sum()), 0.0) / ((n - 1) * (m - 1))
+    image_variance = (ms_images - ms_residual) / n
+    # Each image's contribution to the unbiased image-variance estimate; their spread gives the estimate's own
+    # variance, hence the Satterthwaite degrees of freedom of the image term (2 * estimate^2 / its variance).
+    contributions = image_means ** 2 - residual_by_image / (n * (n - 1))
+    spread = float(contributions.var(ddof=1))
+    image_df = 2 * image_variance ** 2 * m / spread if image_variance > 0 and spread > 0 else float(m - 1)
+    estimate = ContrastEstimate(
+        estimate=grand, n_seeds=n, n_images=m, seed_mean_variance=ms_seeds / m,
+        image_variance=max(image_variance, 0.0), residual_variance=ms_residual, image_df=max(image_df, 1.0),
+    )
+    variance = estimate.standard_error ** 2
+    if m < 3 or not variance > 0:
+        return estimate
+    third_moment, covariance = _image_jackknife(sums, sums_cross, image_means)
+    return dataclasses.replace(estimate, skewness=third_moment / variance ** 1.5,
+                               skew_covariance=covariance / variance ** 1.5)
+
+
+@dataclass(frozen=True)
+class _CrossedSums:
+    """Row sums, column sums and column sums of squares of the centred (seeds, images) values."""
+
+    n: int
+    m: int
+    row_sums: np.ndarray
+    column_sums: np.ndarray
+    column_squares: np.ndarray
+
+
+def _image_jackknife(sums: _CrossedSums, sums_cross: np.ndarray, image_means: np.ndarray) -> tuple[float, float]:
+    """(third cumulant of the mean, covariance of the mean with its variance estimate), both over test images.
+
+    Jackknife influences: leaving image i out moves the mean by (c_i - mean) / (m - 1) and the variance estimate
+    by what the closed-form leave-one-out sums of squares below give (no loop over images; ``sums_cross`` is
+    ``row_sums @ centred``, so row s loses d_si when image i leaves).
+    """
+    n, m, kept = sums.n, sums.m, sums.m - 1
+    column_sums, column_squares = sums.column_sums, sums.column_squares
+    grand_term = column_sums ** 2 / (n * kept)  # the centred total is 0, so the total left is -column_sums
+    ss_seeds = (float(sums.row_sums @ sums.row_sums) - 2 * sums_cross + column_squares) / kept - grand_term
+    ss_images = (float(column_sums @ column_sums) - column_sums ** 2) / n - grand_term
+    ss_residual = (float(column_squares.sum()) - column_squares) - grand_term - ss_seeds - ss_images
+    ms_images, ms_residual = ss_images / (kept - 1), ss_residual / ((n - 1) * (kept - 1))
+    variance_left = (ss_seeds / (n - 1) + np.maximum(ms_images - ms_residual, 0.0)) / (n * kept)
+    mean_influence = image_means - image_means.mean()
+    variance_influence = kept * (variance_left.mean() - variance_left)
+    return (float(np.sum(mean_influence * mean_influence * mean_influence)) / m ** 3,  # ** 3 is slow near 0
+            float(mean_influence @ variance_influence) / m ** 2)
+
+
+# -- from the tidy per-image frame ------------------------------------------------------------------------
+
+CORRECT_COLUMNS = ("arm", "seed", "image", "correct")
+
+
+@dataclass(frozen=True)
+class CorrectnessArray:
+    """A study's per-image results as arrays: ``correct[a, s, i]`` for arm ``arms[a]``, seed ``seeds[s]`` and test
+    image ``images[i]``; ``present[a, s]`` says whether that run was scored (``correct`` is False where not)."""
+
+    arms: tuple
+    seeds: np.ndarray
+    images: np.ndarray
+    correct: np.ndarray
+    present: np.ndarray
+
+    def arm_index(self, arm) -> int:
+        if arm not in self.arms:
+            raise ValueError(f"arm {arm!r} is not in the study's results; its arms are {list(self.arms)}. "
+                             "Pass one of those (e.g. baseline='baseline').")
+        return self.arms.index(arm)
+
+
+def correct_frame(runs: pd.DataFrame, correct_by_run: dict) -> pd.DataFrame:
+    """The tidy per-image frame (arm, seed, image, correct) from runs and their per-image correctness vectors.
+
+    ``runs`` has one row per run to analyse, with columns arm, seed and run_id (e.g. ``latest_finished`` of the
+    study's runs, less those without predictions); ``correct_by_run`` maps a run_id to a boolean vector
+    "test image i was classified correctly" (predicted == label), in the same image order for every run.
+    """
+    missing = [column for column in ("arm", "seed", "run_id") if column not in runs]
+    if missing:
+        raise ValueError(f"runs frame has no column(s) {missing}; expected one row per run with arm, seed and "
+                         f"run_id; got columns {list(runs.columns)}.")
+    absent = [run_id for run_id in runs["run_id"] if run_id not in correct_by_run]
+    if absent:
+        raise ValueError(f"no per-image results for {len(absent)} run(s), e.g. run {absent[0]!r}; leave runs without "
+                         "logged predictions out of the frame (and report them as failed cells).")
+    vectors = [np.asarray(correct_by_run[run_id], dtype=bool) for run_id in runs["run_id"]]
+    lengths = {len(vector) for vector in vectors}
+    if len(lengths) > 1:
+        raise ValueError(f"the runs were scored on different numbers of test images ({sorted(lengths)}); every run "
+                         "must be scored on the same test set.")
+    n_images = lengths.pop() if lengths else 0
+    return pd.DataFrame({
+        "arm": np.repeat(runs["arm"].to_numpy(), n_images), "seed": np.repeat(runs["seed"].to_numpy(), n_images),
+        "image": np.tile(np.arange(n_images), len(vectors)),
+        "correct": np.concatenate(vectors) if vectors else np.array([], dtype=bool),
+    })
+
+
+def _plain(value):
+    """A NumPy scalar as the Python value it holds, so that error messages read 2, not np.int64(2)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def correctness_array(correct: pd.DataFrame) -> CorrectnessArray:
+    """Validate the tidy frame (columns arm, seed, image, correct; one row per arm, seed and test image) and
+    arrange it as arrays. Arms keep their order of first appearance; seeds and images are sorted.
+
+    Raises ValueError, naming the offending value, for missing columns, missing or non-boolean values, duplicate
+    (arm, seed, image) rows and runs that were not scored on the same test images as the others.
+    """
+    if not isinstance(correct, pd.DataFrame):
+        raise TypeError(f"expected a pandas DataFrame with columns {list(CORRECT_COLUMNS)}, got "
+                         f"{type(correct).__name__}.")
+    missing = [column for column in CORRECT_COLUMNS if column not in correct]
+    if missing:
+        raise ValueError(f"the per-image frame has no column(s) {missing}; expected one row per (arm, seed, test "
+                         f"image) with columns {list(CORRECT_COLUMNS)} (correct = predicted label == true label), "
+                         f"got columns {list(correct.columns)}.")
+    if correct.empty:
+        raise ValueError("the per-image frame is empty; expected one row per (arm, seed, test image). Are the "
+                         "runs' predictions logged?")
+    for column in ("arm", "seed", "image", "correct"):
+        nulls = correct[column].isna().to_numpy()
+        if nulls.any():
+            row = correct.iloc[int(np.argmax(nulls))]
+            raise ValueError(f"column {column!r} has {int(nulls.sum())} missing value(s), the first at arm "
+                             f"{_plain(row['arm'])!r}, seed {_plain(row['seed'])!r}, image {_plain(row['image'])!r}; "
+                             "every row needs all four values. Drop the runs without predictions (a run that failed "
+                             "is not a result).")
+    values = correct["correct"].to_numpy()
+    if values.dtype != bool:
+        numeric = pd.to_numeric(correct["correct"], errors="coerce").to_numpy(dtype=float)
+        bad = ~np.isin(numeric, (0.0, 1.0))
+        if bad.any():
+            raise ValueError(f"column 'correct' has value {_plain(values[int(np.argmax(bad))])!r}; expected booleans "
+                             "(or 0/1): whether the run classified that test image correctly.")
+        values = numeric.astype(bool)
+    arm_codes, arms = pd.factorize(correct["arm"], sort=False)
+    seed_codes, seeds = pd.factorize(correct["seed"], sort=True)
+    image_codes, images = pd.factorize(correct["image"], sort=True)
+    n_arms, n_seeds, n_images = len(arms), len(seeds), len(images)
+    cell = (arm_codes.astype(np.int64) * n_seeds + seed_codes) * n_images + image_codes
+    counts = np.bincount(cell, minlength=n_arms * n_seeds * n_images)
+    if counts.max() > 1:
+        arm, seed, image = np.unravel_index(int(np.argmax(counts)), (n_arms, n_seeds, n_images))
+        raise ValueError(f"{int((counts > 1).sum())} (arm, seed, image) cell(s) appear more than once, e.g. arm "
+                         f"{_plain(arms[arm])!r}, seed {_plain(seeds[seed])!r}, image {_plain(images[image])!r} "
+                         f"({counts.max()} rows); expected one row per cell. Keep one run per (arm, seed) (the "
+                         "latest FINISHED one).")
+    scored = counts.reshape(n_arms, n_seeds, n_images).astype(bool)
+    present = scored.any(axis=2)
+    incomplete = present & ~scored.all(axis=2)
+    if incomplete.any():
+        arm, seed = np.argwhere(incomplete)[0]
+        missing_image = images[int(np.argmin(scored[arm, seed]))]
+        raise ValueError(f"arm {_plain(arms[arm])!r}, seed {_plain(seeds[seed])!r} was scored on "
+                         f"{int(scored[arm, seed].sum())} of the {n_images} test images the study's runs cover "
+                         f"(image {_plain(missing_image)!r} is missing); every run must be scored on the same test "
+                         "images. Log predictions for the full test set.")
+    array = np.zeros(n_arms * n_seeds * n_images, dtype=bool)
+    array[cell] = values
+    return CorrectnessArray(tuple(arms), np.asarray(seeds), np.asarray(images),
+                            array.reshape(n_arms, n_seeds, n_images), present)
+
+
+def hedges_dz(differences) -> float:
+    """Cohen's d_z of paired differences times Hedges' small-sample correction J(n - 1) (NaN below 3 values).
+
+    d_z = mean / standard deviation overestimates the standardized effect at small n (by about 1.8x at n = 3);
+    ``J(df) = Gamma(df / 2) / (sqrt(df / 2) * Gamma((df - 1) / 2))`` removes that bias (Hedges 1981).
+    """
+    differences = np.asarray(differences, dtype=float)
+    df = len(differences) - 1
+    if df < 2 or differences.std(ddof=1) == 0:
+        return float("nan")
+    correction = math.exp(math.lgamma(df / 2) - 0.5 * math.log(df / 2) - math.lgamma((df - 1) / 2))
+    return float(correction * differences.mean() / differences.std(ddof=1))
+
+
+def wilcoxon_counts(arm_counts, baseline_counts) -> float:
+    """Two-sided Wilcoxon signed-rank p-value on the per-seed counts of correctly classified images (integers).
+
+    Integer counts keep real ties tied (float accuracies can break them by rounding). Zero differences are
+    dropped (Wilcoxon's convention) and tied magnitudes get average ranks; the p-value is exact, from the
+    permutation distribution of the signs given those ranks (what ``scipy.stats.wilcoxon`` computes with a
+    ``PermutationMethod``, but in milliseconds), with SciPy's tie-corrected normal approximation beyond 100
+    nonzero pairs. NaN below ``WILCOXON_MIN_PAIRS`` (6) pairs: with 5 or fewer the smallest attainable two-sided
+    p is 2 / 2**5 = 0.0625, so the test could never reach 0.05. NaN too when every difference is zero.
+    """
+    differences = np.asarray(arm_counts, dtype=np.int64) - np.asarray(baseline_counts, dtype=np.int64)
+    if len(differences) < WILCOXON_MIN_PAIRS or not differences.any():
+        return float("nan")
+    nonzero = differences[differences != 0]
+    if len(nonzero) > 100:
+        return float(scipy_stats.wilcoxon(nonzero, method="approx").pvalue)
+    # Average ranks are multiples of 1/2, so twice the rank is an integer: the null distribution of the sum of
+    # the positive differences' doubled ranks is a product of "0 or r" steps, each sign equally likely.
+    doubled = np.rint(2 * scipy_stats.rankdata(np.abs(nonzero))).astype(np.int64)
+    distribution = np.zeros(int(doubled.sum()) + 1)
+    distribution[0] = 1.0
+    for rank in doubled:
+        shifted = np.zeros_like(distribution)
+        shifted[rank:] = distribution[:-rank]
+        distribution = (distribution + shifted) / 2
+    centre = doubled.sum() / 2
+    observed = abs(doubled[nonzero > 0].sum() - centre)
+    at_least_as_extreme = np.abs(np.arange(len(distribution)) - centre) >= observed - 1e-9
+    return float(min(1.0, distribution[at_least_as_extreme].sum()))
+
+
+def contrasts_to_baseline(correct: pd.DataFrame | CorrectnessArray,
+                          baseline: str = "baseline") -> dict[str, ContrastEstimate | None]:
+    """``arm - baseline`` as a ``ContrastEstimate`` per compared arm, on the seeds both have (None when none).
+
+    Use it for planning (``seeds_for_width``, ``width_at``); ``compare_to_baseline`` tabulates the same estimates.
+    """
+    array = correct if isinstance(correct, CorrectnessArray) else correctness_array(correct)
+    base = array.arm_index(baseline)
+    estimates = {}
+    for index, arm in enumerate(array.arms):
+        if index == base:
+            continue
+        paired = array.present[index] & array.present[base]
+        if not paired.any():
+            estimates[arm] = None
+            continue
+        difference = array.correct[index, paired].astype(np.int8) - array.correct[base, paired]
+        estimates[arm] = crossed_contrast(difference)
+    return estimates
+
+
+def compare_to_baseline(correct: pd.DataFrame, baseline: str = "baseline", confidence: float = DEFAULT_CONFIDENCE,
+                        equivalence_margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> pd.DataFrame:
+    """Every arm against ``baseline``, with training seeds *and* test images random: one row per compared arm.
+
+    ``correct`` is the tidy frame of ``correctness_array`` (arm, seed, image, correct). Arms are paired by seed:
+    only seeds present in both the arm and the baseline are used, for the accuracies, the difference and every
+    test alike. Rows follow the arms' first appearance; the columns are ``COMPARISON_COLUMNS`` (fractions of
+    accuracy, not points):
+
+    * ``n_pairs``, ``baseline_accuracy``, ``arm_accuracy``, ``delta`` (arm minus baseline, mean over the paired
+      seeds and all images);
+    * ``delta_ci_low``/``delta_ci_high``, ``standard_error``, ``df``, ``p_value``: the crossed analysis of
+      ``crossed_contrast`` (a claim about the recipes); ``p_value_holm``: Holm over every compared arm (an arm
+      whose p is NaN still counts);
+    * ``mde``: the smallest |delta| this design (n_pairs seeds, these many images) detects with 80% power at the
+      family's corrected level ``(1 - confidence) / k`` for k compared arms, two-sided; ``seeds_needed``: about
+      how many seeds per arm would detect the observed |delta| so (inf when the test-image floor forbids it);
+      ``ci_width_floor``: the width that infinitely many seeds would leave (the test set's limit);
+    * ``seed_variance``, ``image_variance``, ``residual_variance``: the contrast's variance components;
+    * ``delta_ci_low_this_test_set``, ``delta_ci_high_this_test_set``, ``p_value_this_test_set``: the paired
+      t-test over seeds, images fixed: about these test images only, not the recipe;
+    * ``wilcoxon_p_value``: signed-rank test on the per-seed integer counts of correct images (NaN below 6
+      pairs, where it can never reach 0.05); ``effect_size``: Hedges-corrected d_z of the per-seed accuracy
+      differences (standardized by seed-to-seed spread on this test set; NaN below 3 pairs);
+    * ``equivalence_margin``, ``equivalence_p_value`` (TOST against +-margin with the same standard error and
+      df), ``equivalence_p_value_holm`` (Holm over every compared arm).
+
+    With one paired seed the seed variance is not estimable: the interval, the tests and the plans are NaN.
+    """
+    _check_confidence(confidence)
+    if not equivalence_margin > 0:
+        raise ValueError(f"equivalence_margin {equivalence_margin!r}: expected a positive fraction of accuracy, "
+                         "e.g. 0.001 for +-0.1 points.")
+    array = correct if isinstance(correct, CorrectnessArray) else correctness_array(correct)
+    base = array.arm_index(baseline)
+    estimates = contrasts_to_baseline(array, baseline)
+    family_alpha = (1 - confidence) / max(len(estimates), 1)
+    nan = float("nan")
+    rows = []
+    for arm, estimate in estimates.items():
+        row = dict.fromkeys(COMPARISON_COLUMNS, nan)
+        row.update(arm=arm, n_pairs=0, equivalence_margin=equivalence_margin)
+        if estimate is not None:
+            index = array.arm_index(arm)
+            paired = array.present[index] & array.present[base]
+            arm_counts = array.correct[index, paired].sum(axis=1)
+            baseline_counts = array.correct[base, paired].sum(axis=1)
+            m = array.correct.shape[2]
+            low, high = estimate.interval(confidence)
+            low_fixed, high_fixed = estimate.interval_this_test_set(confidence)
+            row.update(
+                n_pairs=estimate.n_seeds, baseline_accuracy=baseline_counts.sum() / (estimate.n_seeds * m),
+                arm_accuracy=arm_counts.sum() / (estimate.n_seeds * m), delta=estimate.estimate,
+                delta_ci_low=low, delta_ci_high=high, standard_error=estimate.standard_error, df=estimate.df,
+                p_value=estimate.p_value, mde=estimate.minimum_detectable_effect(family_alpha),
+                seeds_needed=estimate.seeds_for_effect(estimate.estimate, family_alpha),
+                ci_width_floor=estimate.floor_width(confidence), seed_variance=estimate.seed_variance,
+                image_variance=estimate.image_variance, residual_variance=estimate.residual_variance,
+                delta_ci_low_this_test_set=low_fixed, delta_ci_high_this_test_set=high_fixed,
+                p_value_this_test_set=estimate.p_value_this_test_set,
+                wilcoxon_p_value=wilcoxon_counts(arm_counts, baseline_counts),
+                effect_size=hedges_dz((arm_counts - baseline_counts) / m),
+                equivalence_p_value=estimate.equivalence_p_value(equivalence_margin),
+            )
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    table["n_pairs"] = table["n_pairs"].astype(int)
+    table["p_value_holm"] = holm(table["p_value"])
+    table["equivalence_p_value_holm"] = holm(table["equivalence_p_value"])
+    return table
+
+
+# -- one arm's accuracy -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccuracyInterval:
+    """One arm's mean accuracy over seeds and test images, with an interval for the recipe's accuracy."""
+
+    n_seeds: int
+    n_images: int
+    accuracy: float
+    low: float
+    high: float
+    standard_error: float
+    df: float
+
+
+def accuracy_interval(correct_matrix, confidence: float = DEFAULT_CONFIDENCE) -> AccuracyInterval:
+    """The accuracy of one arm from its (seeds, images) 0/1 matrix, seeds and images random, on the logit scale.
+
+    The variance of the mean accuracy comes from ``crossed_contrast`` (seed term + image term, Satterthwaite
+    df). The interval is built for logit(accuracy) with the delta method (standard error / (p (1 - p))) and
+    transformed back, so it always lies within [0, 1] and is asymmetric near 100%. Degenerate cases:
+
+    * one seed: the seed variance is not estimable; ``low`` and ``high`` are NaN (the accuracy is still given);
+    * every image right in every run (or every one wrong): the sample has no variance at all; the interval is
+      the exact Clopper-Pearson interval for ``n_images`` of ``n_images`` images, [(alpha/2)^(1/m), 1] (or its
+      mirror), i.e. only the test set's size limits what can be said;
+    * no variance estimable although some images differ (possible only in tiny toy matrices): NaN bounds.
+    """
+    _check_confidence(confidence)
+    values = np.asarray(correct_matrix)
+    if values.dtype != bool and values.ndim == 2 and np.any((values != 0) & (values != 1)):
+        raise ValueError("accuracy_interval expects a 0/1 (or boolean) matrix of correct classifications, one row "
+                         "per seed and one column per test image.")
+    estimate = crossed_contrast(values)
+    p, n, m = estimate.estimate, estimate.n_seeds, estimate.n_images
+    se, df = estimate.standard_error, estimate.df
+    nan = float("nan")
+    if not estimate.estimable:
+        return AccuracyInterval(n, m, p, nan, nan, nan, nan)
+    if p in (0.0, 1.0):
+        tail = (1 - confidence) / 2
+        bound = tail ** (1 / m)
+        low, high = (bound, 1.0) if p == 1.0 else (0.0, 1 - bound)
+        return AccuracyInterval(n, m, p, low, high, 0.0, nan)
+    if se == 0:  # some images wrong, yet no variance estimable at all (a degenerate toy matrix)
+        return AccuracyInterval(n, m, p, nan, nan, se, df)
+    half_width = _t_quantile(0.5 + confidence / 2, df) * se / (p * (1 - p))
+    centre = special.logit(p)
+    return AccuracyInterval(n, m, p, float(special.expit(centre - half_width)),
+                            float(special.expit(centre + half_width)), se, df)
+
+
+def accuracy_table(correct: pd.DataFrame | CorrectnessArray, confidence: float = DEFAULT_CONFIDENCE) -> pd.DataFrame:
+    """Per arm (first-appearance order): seeds, images, mean test accuracy and its ``accuracy_interval``."""
+    array = correct if isinstance(correct, CorrectnessArray) else correctness_array(correct)
+    rows = []
+    for index, arm in enumerate(array.arms):
+        result = accuracy_interval(array.correct[index, array.present[index]], confidence)
+        rows.append({"arm": arm, "n_seeds": result.n_seeds, "n_images": result.n_images,
+                     "test_accuracy_mean": result.accuracy, "test_accuracy_ci_low": result.low,
+                     "test_accuracy_ci_high": result.high, "standard_error": result.standard_error,
+                     "df": result.df})
+    return pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
+
+
+# -- when to stop adding seeds --------------------------------------------------------------------------
+
+TARGET_REACHED = "target width reached"
+MAX_SEEDS_REACHED = "max seeds reached"
+
+
+def precision_stop_reason(ci_width: float, ci_width_floor: float, n_seeds: int, target_width: float,
+                          max_seeds: int) -> str | None:
+    """Why an arm needs no more seeds, or None if it should get the next one. Precision only, by design.
+
+    In order: "target width reached" (``ci_width <= target_width``), "max seeds reached" (``n_seeds >=
+    max_seeds``), "test set limits this difference to +-X points" (the interval that infinitely many seeds
+    would leave, ``ci_width_floor``, is already at least ``target_width``). The rule never looks at the
+    estimate or its p-value: the interval's width depends on the variance estimates only, so stopping cannot
+    select for large estimates and the false-positive rate stays at its nominal level (checked by simulation
+    in tests/test_calibration.py). A NaN width (fewer than two seeds) never stops the arm before ``max_seeds``.
+    """
+    if not target_width > 0:
+        raise ValueError(f"target interval width {target_width!r}: expected a positive fraction, e.g. 0.001 for "
+                         "an interval 0.1 points wide.")
+    if max_seeds < 2:
+        raise ValueError(f"max_seeds {max_seeds!r}: expected at least 2 (an interval needs two seeds).")
+    if ci_width <= target_width:  # False for NaN
+        return TARGET_REACHED
+    if n_seeds >= max_seeds:
+        return MAX_SEEDS_REACHED
+    if ci_width_floor >= target_width:
+        return f"test set limits this difference to ±{100 * ci_width_floor / 2:.2f} points"
+    return None
+
+
+def precision_stop_reasons(comparison: pd.DataFrame, target_width: float, max_seeds: int) -> pd.Series:
+    """``precision_stop_reason`` for every row of ``compare_to_baseline``'s table, indexed by arm."""
+    reasons = [
+        precision_stop_reason(row.delta_ci_high - row.delta_ci_low, row.ci_width_floor, int(row.n_pairs),
+                              target_width, max_seeds)
+        for row in comparison.itertuples()
+    ]
+    return pd.Series(reasons, index=pd.Index(comparison["arm"], name="arm"), name="stop_reason", dtype=object)
+
+
+def arms_needing_seeds(comparison: pd.DataFrame, target_width: float, max_seeds: int) -> list[str]:
+    """The compared arms that should get the next seed (those with no ``precision_stop_reason``), in table order."""
+    reasons = precision_stop_reasons(comparison, target_width, max_seeds)
+    return [arm for arm, reason in reasons.items() if reason is None]
+
+
+# -- the factorial study ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FactorialContrasts:
+    """Every term of a 2^k factorial as a crossed contrast: the effects table and which seeds could be used.
+
+    ``effects`` has ``FACTORIAL_EFFECT_COLUMNS``; ``n_seeds`` seeds had every cell and were used;
+    ``seeds_dropped`` lacked at least one cell and were left out; ``note`` says so in words (None when none).
+    """
+
+    effects: pd.DataFrame
+    n_seeds: int
+    seeds_dropped: tuple
+    note: str | None
+
+
+def _factorial_cells(design: pd.DataFrame, arms, components) -> tuple[list[str], np.ndarray]:
+    """(components, on[a, c]) for the study's arms, checking that the arms form a complete 2^k factorial."""
+    frame = design.reset_index() if "arm" not in design.columns else design
+    if "arm" not in frame.columns:
+        raise ValueError("the design frame needs an 'arm' column (or index) and one column per component coded "
+                         f"on/off (bool, 0/1 or -0.5/+0.5); got columns {list(design.columns)}.")
+    components = list(components) if components is not None else [c for c in frame.columns if c != "arm"]
+    missing = [c for c in components if c not in frame.columns]
+    if missing or not components:
+        raise ValueError(f"the design frame lacks component column(s) {missing or '(none given)'}; got columns "
+                         f"{list(frame.columns)}. Code each component on/off per arm (stats.factorial_design "
+                         "gives the -0.5/+0.5 coding).")
+    frame = frame.drop_duplicates(["arm", *components])
+    duplicated = frame["arm"][frame["arm"].duplicated()]
+    if len(duplicated):
+        raise ValueError(f"arm {duplicated.iloc[0]!r} has more than one coding in the design frame; expected one "
+                         "row per arm.")
+    coding = frame.set_index("arm")[components]
+    unknown = [arm for arm in arms if arm not in coding.index]
+    if unknown:
+        raise ValueError(f"arm(s) {unknown} have results but no row in the design frame (arms in the design: "
+                         f"{list(coding.index)}); add their component coding.")
+    on = np.column_stack([
+        coding.loc[list(arms), c].astype(bool).to_numpy() if coding[c].dtype == bool
+        else coding.loc[list(arms), c].astype(float).to_numpy() > 0
+        for c in components
+    ])
+    cells = [tuple(row) for row in on.astype(int)]
+    expected = set(itertools.product((0, 1), repeat=len(components)))
+    repeated = {cell for cell in cells if cells.count(cell) > 1}
+    absent = sorted(expected - set(cells))
+    if repeated or absent:
+        def name(cell):
+            return "{" + ", ".join(f"{c}={'on' if v else 'off'}" for c, v in zip(components, cell)) + "}"
+        raise ValueError(
+            f"the arms do not form a complete 2^{len(components)} factorial over {components}: "
+            + (f"cells without an arm: {[name(c) for c in absent]}; " if absent else "")
+            + (f"cells with several arms: {[name(c) for c in sorted(repeated)]}; " if repeated else "")
+            + "expected exactly one arm per combination. Run every arm of the factorial study."
+        )
+    return components, on
+
+
+def factorial_contrasts(correct: pd.DataFrame | CorrectnessArray, design: pd.DataFrame,
+                        confidence: float = DEFAULT_CONFIDENCE, components=None) -> FactorialContrasts:
+    """Main effects and every interaction of a 2^k factorial, each a contrast with seeds and images random.
+
+    ``correct`` is the tidy per-image frame (see ``correctness_array``); ``design`` maps each arm to its
+    components coded on/off (an ``arm`` column or index; bool, 0/1 or -0.5/+0.5, e.g. ``factorial_design``'s
+    columns). ``components`` picks and orders the component columns (default: all but ``arm``).
+
+    The effect of a term (a set of components) is the regression coefficient of the -0.5/+0.5 coding: a main
+    effect is "on minus off", averaged over the other components; a two-way interaction is how much one
+    component's effect changes when the other is switched on. As a contrast over the 2^k cells it has weights
+    ``sign * 2^order / 2^k`` (sign: product of +-1 codes), and ``crossed_contrast`` analyses it per (seed,
+    image): seeds are blocks by pairing (only seeds with every cell are used; the others are counted in
+    ``seeds_dropped``), images are random. ``p_value_holm`` is Holm over the main effects and two-way
+    interactions (the terms a report leads with, ``holm_family`` = ``LEADING_FAMILY``); the three-way and
+    higher interactions form a second Holm family (``HIGHER_ORDER_FAMILY``).
+    """
+    _check_confidence(confidence)
+    array = correct if isinstance(correct, CorrectnessArray) else correctness_array(correct)
+    components, on = _factorial_cells(design, array.arms, components)
+    complete = array.present.all(axis=0)
+    seeds_with_runs = array.present.any(axis=0)
+    dropped = tuple(array.seeds[seeds_with_runs & ~complete].tolist())
+    if not complete.any():
+        raise ValueError(f"no seed has a run in every one of the {len(array.arms)} cells, so no factorial contrast "
+                         "can be paired by seed; finish the missing cells (python -m experiments.ablate --study "
+                         "factorial resumes them).")
+    values = array.correct[:, complete].astype(np.float64)
+    codes = np.where(on, 1.0, -1.0)
+    rows = []
+    for order in range(1, len(components) + 1):
+        for term in itertools.combinations(range(len(components)), order):
+            weights = codes[:, term].prod(axis=1) * 2.0 ** order / len(array.arms)
+            estimate = crossed_contrast(values, weights)
+            low, high = estimate.interval(confidence)
+            rows.append({
+                "term": ":".join(components[c] for c in term),
+                "kind": "main effect" if order == 1 else "interaction", "order": order,
+                "effect": estimate.estimate, "ci_low": low, "ci_high": high,
+                "standard_error": estimate.standard_error, "df": estimate.df, "p_value": estimate.p_value,
+                "holm_family": LEADING_FAMILY if order <= 2 else HIGHER_ORDER_FAMILY,
+                "n_seeds": estimate.n_seeds, "seed_variance": estimate.seed_variance,
+                "image_variance": estimate.image_variance,
+            })
+    effects = pd.DataFrame(rows)
+    for family in (LEADING_FAMILY, HIGHER_ORDER_FAMILY):
+        members = effects["holm_family"] == family
+        effects.loc[members, "p_value_holm"] = holm(effects.loc[members, "p_value"])
+    note = None
+    if dropped:
+        note = (f"{len(dropped)} seed(s) lack at least one of the {len(array.arms)} cells and are left out of the "
+                f"factorial contrasts (seeds {list(dropped)}); {int(complete.sum())} seed(s) with every cell are used.")
+    return FactorialContrasts(effects.reindex(columns=FACTORIAL_EFFECT_COLUMNS), int(complete.sum()), dropped, note)
+
+
+@dataclass(frozen=True)
+class FactorialOLS:
+    """Run-level OLS of ``FACTORIAL_BLOCK_FORMULA``: effects, ANOVA and a warning when the design is unbalanced."""
+
+    effects: pd.DataFrame
+    anova: pd.DataFrame
+    warning: str | None
+    n_runs: int
+
+
+def factorial_block_ols(runs: pd.DataFrame, confidence: float = DEFAULT_CONFIDENCE) -> FactorialOLS:
+    """Run-level OLS with seed as a block and the saturated factorial: ``FACTORIAL_BLOCK_FORMULA``.
+
+    One observation per FINISHED run (test accuracy; a NaN accuracy is dropped and counted in ``warning``).
+    Seeds are shared by all cells, so ``C(seed)`` removes seed-to-seed shifts; all interactions up to the
+    four-way are in the model (none is folded into the residual), so the residual is the seed x cell
+    interaction, with (cells - 1)(seeds - 1) degrees of freedom in a balanced design. This treats the test set
+    as fixed (like the "this test set only" columns); ``factorial_contrasts`` is the analysis that also counts
+    the test images. ``anova`` is ``anova_lm(typ=2)``. When not every seed has every cell exactly once the
+    design is unbalanced: types I/II/III of the ANOVA then disagree with each other and with the coefficient
+    t-tests, and ``warning`` says so. The effects table has the ``FACTORIAL_EFFECT_COLUMNS`` that apply
+    (``holm_family`` as in ``factorial_contrasts``) plus ``t_statistic``.
+    """
+    import statsmodels.api as sm
+    import statsmodels.formula.api as smf
+
+    _check_confidence(confidence)
+    if "seed" not in runs:
+        raise ValueError(f"the block model needs a 'seed' column in the runs frame; got columns {list(runs.columns)}.")
+    design = factorial_design(runs)
+    notes = []
+    failed = design["test_accuracy"].isna()
+    if failed.any():
+        notes.append(f"{int(failed.sum())} run(s) without a test accuracy are left out")
+        design = design[~failed]
+    constant = [c for c in FACTORIAL_COMPONENTS if design[c].nunique() < 2]
+    n_cells = 2 ** len(FACTORIAL_COMPONENTS)
+    n_seeds = design["seed"].nunique()
+    n_parameters = n_cells + n_seeds - 1
+    if constant or len(design) <= n_parameters:
+        raise ValueError(
+            f"the block model {FACTORIAL_BLOCK_FORMULA!r} has {n_parameters} coefficients with {n_seeds} seed(s) and "
+            f"needs more runs than that, with every component both on and off; got {len(design)} runs"
+            + (f" and components that never vary: {constant}" if constant else "")
+            + ". Run all 16 arms of the factorial study with at least two seeds "
+            "(python -m experiments.ablate --study factorial --seeds 2)."
+        )
+    per_cell = design.groupby(["seed", *FACTORIAL_COMPONENTS]).size()
+    if len(per_cell) != n_cells * n_seeds or (per_cell != 1).any():
+        notes.append(f"the design is unbalanced ({len(design)} runs, not one per seed and cell: {n_seeds} seeds x "
+                     f"{n_cells} cells = {n_cells * n_seeds}), so the ANOVA's types I/II/III disagree with each "
+                     "other and with the coefficient t-tests; read the effects with care")
+    model = smf.ols(FACTORIAL_BLOCK_FORMULA, data=design).fit()
+    interval = model.conf_int(alpha=1 - confidence)
+    treatment = [name for name in model.params.index if name != "Intercept" and not name.startswith("C(seed)")]
+    order = np.array([name.count(":") + 1 for name in treatment])
+    effects = pd.DataFrame({
+        "term": treatment, "kind": np.where(order == 1, "main effect", "interaction"), "order": order,
+        "effect": model.params[treatment].to_numpy(), "ci_low": interval.loc[treatment, 0].to_numpy(),
+        "ci_high": interval.loc[treatment, 1].to_numpy(), "standard_error": model.bse[treatment].to_numpy(),
+        "df": float(model.df_resid), "t_statistic": model.tvalues[treatment].to_numpy(),
+        "p_value": model.pvalues[treatment].to_numpy(),
+        "holm_family": np.where(order <= 2, LEADING_FAMILY, HIGHER_ORDER_FAMILY),
+    })
+    for family in (LEADING_FAMILY, HIGHER_ORDER_FAMILY):
+        members = effects["holm_family"] == family
+        effects.loc[members, "p_value_holm"] = holm(effects.loc[members, "p_value"])
+    effects = effects.sort_values("order", kind="stable").reset_index(drop=True)
+    anova = sm.stats.anova_lm(model, typ=2).reset_index().rename(columns={"index": "term"})
+    warning = None
+    if notes:
+        text = "; ".join(notes)
+        warning = text[0].upper() + text[1:] + "."
+    return FactorialOLS(effects, anova, warning, len(design))
 
 
 def learning_curve_table(histories: pd.DataFrame, threshold: float = 0.99) -> pd.DataFrame:
@@ -393,10 +1359,18 @@ def learning_curve_summary(per_run: pd.DataFrame, threshold: float = 0.99) -> pd
 
 def mean_curves(histories: pd.DataFrame, metric: str = "val_accuracy",
                 confidence: float = DEFAULT_CONFIDENCE) -> pd.DataFrame:
-    """Per arm and epoch: the mean of ``metric`` over seeds with its t interval (NaN bounds with one seed)."""
+    """Per arm and epoch: the mean of ``metric`` over seeds with its t interval (NaN bounds with one seed).
+
+    The band respects the metric's range: for an accuracy (a name containing "accuracy") it is clipped to
+    [0, 1], for a loss (a name containing "loss") to [0, inf); a t interval knows nothing of either bound, and
+    with two or three seeds it can cross them. Clipping is a display convention for learning-curve bands, not a
+    valid interval method; one arm's test accuracy has ``accuracy_interval``, which stays in range by design.
+    """
+    lower, upper = (0.0, 1.0) if "accuracy" in metric else ((0.0, np.inf) if "loss" in metric else (-np.inf, np.inf))
     rows = []
     for (arm, epoch), group in histories.groupby(["arm", "epoch"], sort=False):
         interval = mean_confidence_interval(group[metric], confidence)
         rows.append({"arm": arm, "epoch": epoch, "n": interval.n, "mean": interval.mean,
-                     "ci_low": interval.low, "ci_high": interval.high})
+                     "ci_low": float(np.clip(interval.low, lower, upper)),
+                     "ci_high": float(np.clip(interval.high, lower, upper))})
     return pd.DataFrame(rows, columns=["arm", "epoch", "n", "mean", "ci_low", "ci_high"])
