@@ -42,7 +42,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from .config import TrainConfig
-from .data import NUM_CLASSES, Mnist
+from .data import KERAS_DOWNLOAD_SOURCE, NUM_CLASSES, Mnist
 from .environment import environment_record
 from .errors import TrackingError
 from .model import inference_copy
