@@ -1,113 +1,202 @@
-"""Why a model decided: fast prediction, gradient saliency, Grad-CAM and conv activation maps.
+"""Why a model decided: gradient saliency, Grad-CAM and conv activation maps, on TensorFlow or JAX.
 
-Works on any Keras functional model whose last layer is a softmax ``Dense`` (the seed's CNN and its
-variants); explanations use the pre-softmax score (logit) of the class, as Grad-CAM prescribes.
+Works on every architecture the studies train (``model.ARCHITECTURES``). Their output layer, named
+``predictions``, is a softmax: a ``Dense`` with softmax activation (seed, extra_block) or an
+``Activation("softmax")`` after Dense ``logits`` (+ BatchNormalization ``logits_bn``) (no_pool_*).
+Explanations use the pre-softmax score (logit) of a class, as Grad-CAM prescribes: a probe model outputs
+the softmax's input, and for a softmax ``Dense`` the logits are computed from its kernel and bias.
+
+Everything is ``keras.ops`` except taking a gradient, the one backend-specific step (``gradient``).
+Prediction needs none of this: call the model itself (``model.predict_on_batch``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 IMAGE_SIZE = 28
+OUTPUT_LAYER = "predictions"  # model.py's name for every architecture's softmax output
+GRADIENT_BACKENDS = ("tensorflow", "jax")
 
 
-def _as_batch(image: np.ndarray) -> tf.Tensor:
-    """A (28, 28) or (N, 28, 28[, 1]) array as a float32 (N, 28, 28, 1) tensor."""
-    array = np.asarray(image, dtype=np.float32)
+def as_batch(images: np.ndarray) -> np.ndarray:
+    """A (28, 28) or (N, 28, 28[, 1]) array as a float32 (N, 28, 28, 1) batch."""
+    array = np.asarray(images, dtype=np.float32)
     if array.ndim == 2:
         array = array[None]
     if array.ndim == 3:
         array = array[..., None]
     if array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
-        raise ValueError(f"expected images of shape (28, 28) or (N, 28, 28, 1), got {np.asarray(image).shape}.")
-    return tf.constant(array)
+        raise ValueError(f"expected images of shape (28, 28) or (N, 28, 28, 1), got {np.asarray(images).shape}.")
+    return array
+
+
+def gradient(function: Callable, x):
+    """d function(x) / dx for a scalar-valued ``function`` of one tensor, on the active Keras backend.
+
+    The only backend-specific code of the explorer: Keras 3 has no backend-neutral gradient.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = function(x)
+        return tape.gradient(value, x)
+    if backend == "jax":
+        import jax
+
+        return jax.grad(function)(x)
+    raise ValueError(f"explanations need gradients, which are implemented for the Keras backends "
+                     f"{', '.join(GRADIENT_BACKENDS)}, not {backend!r}; set KERAS_BACKEND to one of them.")
 
 
 @dataclass
 class Activations:
-    """The output of one conv layer for one image."""
+    """The feature maps of one conv layer for one image, after its ReLU."""
 
-    layer: str
-    maps: np.ndarray  # (height, width, channels) float32, after the layer's ReLU
+    layer: str  # the layer whose output the maps are: the conv itself, or the ReLU that follows it
+    maps: np.ndarray  # (height, width, channels) float32
+
+
+@dataclass
+class Explanation:
+    """Why the model gave one image its class: both heat maps are 28x28 in [0, 1]."""
+
+    predicted_class: int
+    target_class: int  # the class explained
+    probabilities: np.ndarray  # (10,) float32
+    saliency: np.ndarray  # |d logit / d pixel|, scaled so the strongest pixel is 1
+    gradcam: np.ndarray  # Grad-CAM on ``gradcam_layer``, upsampled to 28x28
+    gradcam_layer: str
+    activations: list[Activations]
+
+
+def _activation_name(activation) -> str:
+    return getattr(activation, "__name__", "")
+
+
+def _is_softmax(activation) -> bool:
+    return activation is keras.activations.softmax or _activation_name(activation) == "softmax"
+
+
+def _is_linear(activation) -> bool:
+    return activation is None or activation is keras.activations.linear or _activation_name(activation) == "linear"
+
+
+def output_layer(model: keras.Model) -> keras.layers.Layer:
+    """The model's softmax output layer: the one named ``predictions``, else the last layer."""
+    names = {layer.name for layer in model.layers}
+    return model.get_layer(OUTPUT_LAYER) if OUTPUT_LAYER in names else model.layers[-1]
+
+
+def feature_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Per Conv2D, the layer whose output is its rectified feature maps.
+
+    A conv with its own ReLU (seed, extra_block) is its own; a linear conv (no_pool_*: conv, BN, ReLU) is
+    followed by an ``Activation``/``ReLU`` layer before the next conv, flatten or dense layer.
+    """
+    boundaries = (keras.layers.Conv2D, keras.layers.Flatten, keras.layers.Dense)
+    layers = model.layers
+    chosen = []
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, keras.layers.Conv2D):
+            continue
+        feature = layer
+        if _is_linear(layer.activation):
+            for following in layers[index + 1:]:
+                if isinstance(following, boundaries):
+                    break
+                if isinstance(following, (keras.layers.Activation, keras.layers.ReLU)):
+                    feature = following
+                    break
+        chosen.append(feature)
+    return chosen
 
 
 class Explainer:
-    """Wraps one trained model: compiled prediction plus the extra outputs explanations need."""
+    """Saliency, Grad-CAM and activations of one trained model (built once per model, reused per request)."""
 
     def __init__(self, model: keras.Model):
         self.model = model
-        self.conv_layers = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-        if not self.conv_layers:
-            raise ValueError(f"model {model.name!r} has no Conv2D layer to explain.")
-        final = model.layers[-1]
-        if not isinstance(final, keras.layers.Dense) or final.activation is not keras.activations.softmax:
+        final = output_layer(model)
+        if isinstance(final, keras.layers.Dense) and _is_softmax(final.activation):
+            self._dense = final  # logits = input @ kernel + bias
+        elif isinstance(final, keras.layers.Activation) and _is_softmax(final.activation):
+            self._dense = None  # logits = the activation's input
+        else:
             raise ValueError(
-                f"model {model.name!r} must end in a softmax Dense layer to explain its logits; "
-                f"its last layer is {type(final).__name__} {final.name!r}."
+                f"model {model.name!r} must end in a softmax (a Dense with softmax activation, or an "
+                f"Activation('softmax') layer) named {OUTPUT_LAYER!r} to explain its logits; its output layer is "
+                f"{type(final).__name__} {final.name!r}."
             )
-        self._final = final
-        # Everything explanations need in one forward pass: each conv output and the classifier's input.
-        self._probe = keras.Model(
-            model.inputs, [layer.output for layer in self.conv_layers] + [final.input], name="explain_probe"
-        )
-        # A traced graph answers in a millisecond or two; eager Keras calls cost ~10x more per image.
-        self._predict = tf.function(
-            lambda images: model(images, training=False),
-            input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32)],
-            reduce_retracing=True,
-        )
+        features = feature_layers(model)
+        if not features:
+            raise ValueError(f"model {model.name!r} has no Conv2D layer to explain.")
+        self.feature_layer_names = [layer.name for layer in features]
+        image = model.inputs[0]
+        classifier_input = final.input
+        # One forward pass gives every feature map and the softmax's input; the head maps the last feature
+        # map to the softmax's input, for Grad-CAM's gradient with respect to that map.
+        self._probe = keras.Model(image, [layer.output for layer in features] + [classifier_input],
+                                  name="explain_probe")
+        self._head = keras.Model(features[-1].output, classifier_input, name="explain_head")
 
-    def warm_up(self) -> None:
-        """Trace the graph now so the first real request is fast."""
-        self.predict(np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32))
+    def _logits(self, classifier_input):
+        if self._dense is None:
+            return classifier_input
+        logits = keras.ops.matmul(classifier_input, self._dense.kernel)
+        return logits if self._dense.bias is None else logits + self._dense.bias
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities, (N, 10) float32, for (28, 28) or (N, 28, 28[, 1]) images in [0, 1]."""
-        return self._predict(_as_batch(images)).numpy()
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Pre-softmax scores, (N, 10) float32, for (28, 28) or (N, 28, 28[, 1]) images."""
+        outputs = self._probe(keras.ops.convert_to_tensor(as_batch(images)), training=False)
+        return keras.ops.convert_to_numpy(self._logits(outputs[-1]))
 
-    def _logits(self, classifier_input: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(classifier_input, self._final.kernel) + self._final.bias
+    def explain(self, image: np.ndarray, target_class: int | None = None) -> Explanation:
+        """Saliency, Grad-CAM and conv activations for one 28x28 image in [0, 1].
 
-    def explain(self, image: np.ndarray, target_class: int | None = None) -> dict:
-        """Saliency, Grad-CAM (both 28x28 in [0, 1]) and conv activations for one image.
-
-        ``target_class`` defaults to the predicted class. Saliency is |d logit / d pixel|; Grad-CAM
-        weights the last conv layer's maps by their mean gradient, keeps the positive part and
-        upsamples it to the input size.
+        ``target_class`` defaults to the predicted class. Saliency is |d logit / d pixel|; Grad-CAM weights
+        the last conv layer's rectified maps by their mean gradient, keeps the positive part and upsamples
+        it bilinearly to the input size.
         """
-        batch = _as_batch(image)
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(batch)
-            *conv_outputs, classifier_input = self._probe(batch, training=False)
-            logits = self._logits(classifier_input)
-            predicted = int(tf.argmax(logits[0]))
-            target = predicted if target_class is None else int(target_class)
-            if not 0 <= target < logits.shape[-1]:
-                raise ValueError(f"target_class={target_class} is not a class; expected 0..{logits.shape[-1] - 1}.")
-            score = logits[0, target]
-        pixel_gradient = tape.gradient(score, batch)[0, :, :, 0].numpy()
-        last_conv = conv_outputs[-1]
-        conv_gradient = tape.gradient(score, last_conv)[0]
-        del tape
-        channel_weights = tf.reduce_mean(conv_gradient, axis=(0, 1))
-        cam = tf.nn.relu(tf.reduce_sum(last_conv[0] * channel_weights, axis=-1))
-        cam = tf.image.resize(cam[None, :, :, None], (IMAGE_SIZE, IMAGE_SIZE), method="bilinear")[0, :, :, 0]
-        probabilities = tf.nn.softmax(logits[0]).numpy()
-        return {
-            "predicted_class": predicted,
-            "target_class": target,
-            "probabilities": probabilities,
-            "saliency": _unit_range(np.abs(pixel_gradient)),
-            "gradcam": _unit_range(cam.numpy()),
-            "gradcam_layer": self.conv_layers[-1].name,
-            "activations": [
-                Activations(layer.name, output[0].numpy()) for layer, output in zip(self.conv_layers, conv_outputs)
-            ],
-        }
+        ops = keras.ops
+        batch = ops.convert_to_tensor(as_batch(image))
+        *feature_maps, classifier_input = self._probe(batch, training=False)
+        logits = ops.convert_to_numpy(self._logits(classifier_input))[0]
+        predicted = int(np.argmax(logits))
+        target = predicted if target_class is None else int(target_class)
+        if not 0 <= target < logits.shape[-1]:
+            raise ValueError(f"target_class={target_class} is not a class; expected 0..{logits.shape[-1] - 1}.")
+
+        def input_score(x):
+            return self._logits(self._probe(x, training=False)[-1])[0, target]
+
+        def feature_score(last_maps):
+            return self._logits(self._head(last_maps, training=False))[0, target]
+
+        pixel_gradient = ops.convert_to_numpy(gradient(input_score, batch))[0, :, :, 0]
+        last_maps = feature_maps[-1]
+        channel_weights = ops.mean(gradient(feature_score, last_maps)[0], axis=(0, 1))
+        cam = ops.relu(ops.sum(last_maps[0] * channel_weights, axis=-1))
+        cam = ops.image.resize(cam[None, :, :, None], (IMAGE_SIZE, IMAGE_SIZE), interpolation="bilinear")
+        probabilities = ops.convert_to_numpy(ops.softmax(ops.convert_to_tensor(logits)))
+        return Explanation(
+            predicted_class=predicted,
+            target_class=target,
+            probabilities=probabilities.astype(np.float32),
+            saliency=_unit_range(np.abs(pixel_gradient)),
+            gradcam=_unit_range(ops.convert_to_numpy(cam)[0, :, :, 0]),
+            gradcam_layer=self.feature_layer_names[-1],
+            activations=[Activations(name, ops.convert_to_numpy(maps)[0].astype(np.float32))
+                         for name, maps in zip(self.feature_layer_names, feature_maps, strict=True)],
+        )
 
 
 def _unit_range(values: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["explorer_fixtures"]  # the model explorer's trained study store and server
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MNIST_DATA_DIR") or REPO_ROOT.parent / "shared" / "data" / "mnist").resolve()
 # Absolute, so that commands the tests start in temporary directories find the data too.
@@ -43,4 +44,4 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
         mlflow.end_run()
 
 
-from servers import chromium, mlflow_server, postgres_url  # noqa: E402,F401
+from servers import browser, chromium, mlflow_server, postgres_url  # noqa: E402,F401

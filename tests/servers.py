@@ -105,6 +105,24 @@ def find_chromium() -> Path:
     )
 
 
+# Headless Chromium on a closed network: no background connections, no first-run chatter.
+CHROMIUM_ARGUMENTS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser(chromium):
+    """One headless Chromium (Playwright) for the session; tests open their own pages in it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGUMENTS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
 @pytest.fixture(scope="session")
 def chromium() -> Path:
     """Path of a Chromium executable for Playwright (``executable_path=``); skips, or fails under CI, without one."""

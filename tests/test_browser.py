@@ -1,53 +1,35 @@
-"""End to end in a real headless Chromium: draw a digit, read the prediction, browse the confusion matrix.
+"""End to end in a real headless Chromium: draw a digit, read the prediction, explain it, browse the test set.
 
-Debian's /usr/bin/chromium driven by Playwright against ``python -m mnist_ablation.serve --study`` on a
-free 127.0.0.1 port, over the same tiny trained study as tests/test_serve.py. Screenshots go to tmp_path
-and to /work/notes/screenshots/ (when that directory can be made) for people to look at.
+Debian's /usr/bin/chromium driven by Playwright against the session's explorer server (tests/explorer_fixtures.py:
+four tiny trained runs, one pooling-free and one with an arm named in HTML markup). Screenshots go to tmp_path.
 """
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from tests.test_serve import ARMS, start_study_server, trained_study_store
-except ImportError:
-    from test_serve import ARMS, start_study_server, trained_study_store
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGUMENTS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync", "--no-first-run"]
-NOTES_SCREENSHOTS = Path("/work/notes/screenshots")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, mnist, data_dir):
-    store = trained_study_store(tmp_path_factory, mnist)
-    process = start_study_server(tmp_path_factory, data_dir, store)
-    yield process
-    process.stop()
+from explorer_fixtures import ARMS, MARKUP_ARM, NO_POOL_ARM
 
 
 @pytest.fixture()
-def page(server):
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found; install Debian's chromium package (apt-get install chromium).")
-    from playwright.sync_api import sync_playwright
+def page(browser, explorer_server):
+    """A fresh page that records page errors, console errors and any dialog (alert, confirm...) it is shown."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.problems = []
+    page.dialogs = []
+    page.on("pageerror", lambda error: page.problems.append(f"page error: {error}"))
+    page.on("console", lambda message: message.type == "error"
+            and page.problems.append(f"console error: {message.text}"))
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGUMENTS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.problems = []
-            page.on("pageerror", lambda error: page.problems.append(f"page error: {error}"))
-            page.on("console", lambda message: message.type == "error"
-                    and page.problems.append(f"console error: {message.text}"))
-            yield page
-        finally:
-            browser.close()
+    def on_dialog(dialog):
+        page.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    try:
+        yield page
+    finally:
+        context.close()
 
 
 def draw_seven(page) -> None:
@@ -63,14 +45,24 @@ def draw_seven(page) -> None:
     page.mouse.up()
 
 
+def requests_made(page) -> int:
+    return int(page.evaluate("() => Number(document.body.dataset.requests || 0)"))
+
+
 def wait_until_settled(page, requests_before: int = 0) -> None:
     """Wait until more than ``requests_before`` API requests were made and none is in flight.
 
-    The page mirrors both counts in <body data-requests data-busy>.
+    The page mirrors both counts in <body data-requests data-busy>. Predicates are functions, not expressions:
+    the page's CSP forbids the eval Playwright would use for an expression.
     """
     page.wait_for_function(
-        f"Number(document.body.dataset.requests) > {requests_before} && document.body.dataset.busy === '0'",
-        timeout=30_000)
+        "(before) => Number(document.body.dataset.requests) > before && document.body.dataset.busy === '0'",
+        arg=requests_before, timeout=60_000)
+
+
+def wait_for_digit(page, selector: str) -> None:
+    page.wait_for_function("(selector) => /^[0-9]$/.test(document.querySelector(selector).textContent.trim())",
+                           arg=selector, timeout=60_000)
 
 
 def canvas_has_ink(page, selector: str) -> bool:
@@ -85,26 +77,46 @@ def canvas_has_ink(page, selector: str) -> bool:
     )
 
 
-@pytest.mark.slow
-def test_draw_predict_explain_and_browse_the_test_set(page, server, tmp_path):
-    page.goto(server.url + "/")
+def open_explorer(page, url: str) -> None:
+    page.goto(url + "/")
     page.wait_for_selector("#confusion td.cm-cell", timeout=60_000)
+    wait_until_settled(page)
+
+
+def choose_run(page, label: str) -> None:
+    """Pick the run whose option starts with ``label`` and wait until its curves and matrix are in."""
+    value = page.evaluate(
+        "(label) => [...document.querySelectorAll('#run-select option')].find(o => o.text.startsWith(label)).value",
+        label)
+    before = requests_made(page)
+    page.select_option("#run-select", value)
+    wait_until_settled(page, before)
+
+
+def draw_and_wait_for_explanation(page) -> int:
+    """Draw a 7, wait for every answer (prediction, saliency, activations); the predicted class."""
+    before = requests_made(page)
+    draw_seven(page)
+    wait_for_digit(page, "#predicted-class")
+    page.wait_for_selector("#activations .layer canvas", timeout=60_000)
+    wait_until_settled(page, before)
+    return int(page.locator("#predicted-class").inner_text())
+
+
+@pytest.mark.slow
+def test_draw_predict_explain_and_browse_the_test_set(page, explorer_server, tmp_path):
+    open_explorer(page, explorer_server.url)
     assert page.locator("#run-select option").all_inner_texts()[0].startswith(ARMS[0])
 
-    draw_seven(page)
-    page.wait_for_function("/^[0-9]$/.test(document.querySelector('#predicted-class').textContent.trim())",
-                           timeout=30_000)
-    # Predictions update while the stroke is drawn; read the final one once every request has answered.
-    page.wait_for_selector("#activations .layer canvas", timeout=30_000)
-    wait_until_settled(page)
-    predicted = int(page.locator("#predicted-class").inner_text())
-    bar_widths = page.locator("#primary-result .bar-fill").evaluate_all("bars => bars.map(b => parseFloat(b.style.width))")
-    assert len(bar_widths) == 10 and max(bar_widths) == bar_widths[predicted] and sum(bar_widths) == pytest.approx(100, abs=1)
+    predicted = draw_and_wait_for_explanation(page)
+    bar_widths = page.locator("#primary-result .bar-fill").evaluate_all(
+        "bars => bars.map(b => parseFloat(b.style.width))")
+    assert len(bar_widths) == 10 and max(bar_widths) == bar_widths[predicted]
+    assert sum(bar_widths) == pytest.approx(100, abs=1)
     assert canvas_has_ink(page, "#model-input"), "the 28x28 model input should show the drawing"
 
-    # Side by side: the second arm answers for the same drawing.
-    page.wait_for_function("/^[0-9]$/.test(document.querySelector('#compare-predicted-class').textContent.trim())",
-                           timeout=30_000)
+    # Side by side: the second offered run answers for the same drawing.
+    wait_for_digit(page, "#compare-predicted-class")
     assert page.locator("#compare-result .run-name").inner_text() == ARMS[1]
 
     # Why: saliency and Grad-CAM painted, activation maps of the three conv layers.
@@ -133,17 +145,59 @@ def test_draw_predict_explain_and_browse_the_test_set(page, server, tmp_path):
     screenshot = tmp_path / "model_explorer.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 20_000
-    try:
-        NOTES_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(screenshot, NOTES_SCREENSHOTS / "model_explorer.png")
-    except OSError:
-        pass  # only a convenience for people reading the notes
 
     # Clicking an example explains that test image above.
-    first = page.locator("#examples .example").first
-    requests_before = int(page.evaluate("document.body.dataset.requests"))
-    first.click()
-    wait_until_settled(page, requests_before)
+    before = requests_made(page)
+    page.locator("#examples .example").first.click()
+    wait_until_settled(page, before)
     assert page.locator("#predicted-class").inner_text() == predicted_class
     assert canvas_has_ink(page, "#pad")
     assert page.problems == [], page.problems
+
+
+@pytest.mark.slow
+def test_a_pooling_free_run_predicts_and_explains_in_the_page(page, explorer_server, tmp_path):
+    open_explorer(page, explorer_server.url)
+    choose_run(page, NO_POOL_ARM)
+    assert page.locator("#primary-result .run-name").inner_text() == NO_POOL_ARM
+    assert NO_POOL_ARM in page.locator("#test-summary").inner_text()
+
+    draw_and_wait_for_explanation(page)
+    titles = page.locator("#activations .layer-title").all_inner_texts()
+    assert titles == ["block1_relu — 24×24×8", "block2_relu — 20×20×16", "block3_relu — 16×16×16"]
+    assert page.locator("#activations .layer").nth(0).locator("canvas").count() == 8  # all 8 channels (< 16)
+    assert canvas_has_ink(page, "#saliency")
+    assert "block3_relu" in page.locator("#gradcam-caption").inner_text()
+    assert page.locator("#status").inner_text() == "", "no request of the no_pool run may fail"
+
+    page.screenshot(path=str(tmp_path / "no_pool_run.png"), full_page=True)
+    assert page.problems == [], page.problems
+
+
+@pytest.mark.slow
+def test_a_run_named_in_markup_shows_as_text_and_runs_no_script(page, explorer_server, tmp_path):
+    open_explorer(page, explorer_server.url)
+    # The markup run is offered second, so it is the default comparison: its label is on the page at once.
+    assert page.locator("#compare-result .run-name").inner_text() == MARKUP_ARM
+    assert MARKUP_ARM in page.locator("#run-select option").all_inner_texts()[1]
+
+    choose_run(page, MARKUP_ARM)
+    assert page.locator("#primary-result .run-name").inner_text() == MARKUP_ARM
+    assert page.locator("#metrics-table tr.group td").first.inner_text().startswith(MARKUP_ARM)
+    assert page.locator("#test-summary").inner_text().startswith(f"{MARKUP_ARM}:")
+    draw_and_wait_for_explanation(page)
+
+    assert page.evaluate("() => document.querySelectorAll('img').length") == 0, "the label became an element"
+    assert page.dialogs == [], page.dialogs
+    page.screenshot(path=str(tmp_path / "markup_run.png"), full_page=True)
+    assert page.problems == [], page.problems
+
+
+@pytest.mark.slow
+def test_the_api_docs_page_is_not_blocked_by_its_policy(page, explorer_server):
+    csp_reports = []
+    page.on("console", lambda message: "Content Security Policy" in message.text and csp_reports.append(message.text))
+    page.goto(explorer_server.url + "/api/docs")
+    page.wait_for_load_state("load")
+    # Swagger UI itself comes from a CDN this machine may not reach; what matters is that the policy blocks nothing.
+    assert csp_reports == [], csp_reports

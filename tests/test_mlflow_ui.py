@@ -18,26 +18,9 @@ from helpers import command_env, run_module
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGUMENTS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync", "--no-first-run"]
 CLASSIC_VIEW = "workflowType=machine_learning"
 DATASET_NAMES = ("mnist-train", "mnist-validation", "mnist-test")
 TIMEOUT_MS = 60_000
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run the UI test")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGUMENTS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def close_assistant_panel(page) -> None:

@@ -1,7 +1,10 @@
 // The model explorer page: plain JS talking to the JSON API of mnist_ablation.serve.
+// Every string from the server (run labels, param names and values, layer names) goes into the page as text:
+// DOM nodes, textContent and attributes only, never HTML parsing (innerHTML and friends).
 "use strict";
 
 const DRAWING_SIZE = 112;  // the pad is sent at 112x112; the server crops, scales to 20x20 and centres it
+const SVG_NS = "http://www.w3.org/2000/svg";
 const state = {
   runs: [], runId: null, compareId: null, ensemble: null,  // compareId "" = compare with nothing
   input: null,            // {drawing: [...]} or {image: [...]}, the current thing to classify
@@ -10,6 +13,25 @@ const state = {
 };
 
 const $ = (selector) => document.querySelector(selector);
+
+// An element with attributes (class, dataset keys as data-*, anything else via setAttribute) and children
+// (nodes, or strings, which become text nodes).
+function element(tag, attributes = {}, ...children) {
+  return fill(document.createElement(tag), attributes, children);
+}
+function svgElement(tag, attributes = {}, ...children) {
+  return fill(document.createElementNS(SVG_NS, tag), attributes, children);
+}
+function fill(node, attributes, children) {
+  for (const [key, value] of Object.entries(attributes)) {
+    if (value === null || value === undefined || value === "") continue;
+    if (key === "class") node.setAttribute("class", value);
+    else node.setAttribute(key, String(value));
+  }
+  node.append(...children.filter((child) => child !== null && child !== undefined).map(
+    (child) => (child instanceof Node ? child : String(child))));
+  return node;
+}
 
 // Requests in flight and started, mirrored in <body data-busy data-requests> so tests can tell when the page settled.
 let inFlight = 0, started = 0;
@@ -27,17 +49,21 @@ async function api(path, body) {
   try {
     const response = await fetch(path, options);
     const payload = await response.json().catch(() => ({}));
-    if (!response.ok) throw new Error(payload.detail ? JSON.stringify(payload.detail) : response.statusText);
+    if (!response.ok) {
+      const detail = typeof payload.detail === "string" ? payload.detail : JSON.stringify(payload.detail);
+      throw new Error(detail || response.statusText);
+    }
     return payload;
   } finally {
     trackBusy(-1);
   }
 }
+const runPath = (runId, suffix = "") => `/api/runs/${encodeURIComponent(runId)}${suffix}`;
 
 function setStatus(text, isError = false) {
   const status = $("#status");
   status.textContent = text;
-  status.style.color = isError ? "var(--wrong)" : "";
+  status.classList.toggle("error", isError);
 }
 
 function runLabel(runId) {
@@ -113,12 +139,14 @@ function stroke(from, to) {
   padContext.strokeStyle = "#fff"; padContext.lineWidth = 20; padContext.lineCap = "round"; padContext.lineJoin = "round";
   padContext.beginPath(); padContext.moveTo(...from); padContext.lineTo(...to); padContext.stroke();
 }
+const NO_ACTIVATIONS = "Draw a digit, or pick a test image below, to see the activations.";
 $("#clear-button").addEventListener("click", () => {
   clearPad(); state.input = null; state.modelImage = null;
   $("#model-input").getContext("2d").clearRect(0, 0, 140, 140);
   for (const id of ["#primary-result", "#compare-result"]) renderBars($(id), null);
   for (const id of ["#saliency", "#gradcam"]) $(id).getContext("2d").clearRect(0, 0, 140, 140);
-  $("#activations").textContent = "Draw a digit, or pick a test image below, to see the activations.";
+  $("#activations").classList.add("muted");
+  $("#activations").replaceChildren(NO_ACTIVATIONS);
 });
 
 function padDrawing() {
@@ -165,14 +193,16 @@ async function predict() {
 }
 
 function renderBars(container, result) {
-  container.querySelector(".predicted").textContent = result ? String(result.predicted_class) : "–";
-  container.querySelector(".predicted").dataset.predicted = result ? result.predicted_class : "";
+  const predicted = container.querySelector(".predicted");
+  predicted.textContent = result ? String(result.predicted_class) : "–";
+  predicted.dataset.predicted = result ? String(result.predicted_class) : "";
   const bars = container.querySelector(".bars");
   if (!bars.children.length) {
     for (let digit = 0; digit < 10; digit++) {
-      bars.insertAdjacentHTML("beforeend",
-        `<div class="bar-row"><span class="digit">${digit}</span><div class="bar-track"><div class="bar-fill"></div></div>` +
-        `<span class="value"></span></div>`);
+      bars.append(element("div", {class: "bar-row"},
+        element("span", {class: "digit"}, String(digit)),
+        element("div", {class: "bar-track"}, element("div", {class: "bar-fill"})),
+        element("span", {class: "value"})));
     }
   }
   [...bars.children].forEach((row, digit) => {
@@ -214,54 +244,55 @@ $("#target-select").addEventListener("change", explain);
 function renderActivations(result) {
   const container = $("#activations");
   container.classList.remove("muted");
-  container.innerHTML = "";
-  for (const layer of result.layers) {
-    const block = document.createElement("div");
-    block.className = "layer";
+  container.replaceChildren(...result.layers.map((layer) => {
     const [h, w, c] = layer.shape;
-    block.innerHTML = `<div class="layer-title">${layer.layer} — ${h}×${w}×${c}</div><div class="maps"></div>`;
-    for (const channel of layer.channels) {
-      const canvas = document.createElement("canvas");
-      canvas.width = w; canvas.height = h;
-      canvas.title = `channel ${channel.channel}, mean ${channel.mean.toFixed(3)}, max ${channel.max.toFixed(3)}`;
+    const maps = element("div", {class: "maps"}, ...layer.channels.map((channel) => {
+      const canvas = element("canvas", {width: w, height: h,
+        title: `channel ${channel.channel}, mean ${channel.mean.toFixed(3)}, max ${channel.max.toFixed(3)}`});
       paintArray(canvas, channel.map, (v) => heatColour(v / 255));
-      block.querySelector(".maps").appendChild(canvas);
-    }
-    container.appendChild(block);
-  }
+      return canvas;
+    }));
+    return element("div", {class: "layer"}, element("div", {class: "layer-title"}, `${layer.layer} — ${h}×${w}×${c}`), maps);
+  }));
 }
 
 // ---------- test-set browser ----------
+function confusionCell(n, i, j, rowTotal, offMax) {
+  const cell = element("td", {class: n === 0 ? "cm-cell zero" : "cm-cell", "data-label": i, "data-predicted": j,
+    title: `true ${i}, predicted ${j}: ${n}`}, String(n));
+  let background = "#f7f8fa", colour = "";
+  if (i === j) {
+    const t = n / rowTotal;
+    background = `rgba(37, 99, 235, ${0.12 + 0.78 * t})`; colour = t > 0.5 ? "#fff" : "";
+  } else if (n > 0) {
+    const t = Math.log1p(n) / Math.log1p(offMax);
+    background = `rgba(220, 38, 38, ${0.1 + 0.75 * t})`; colour = t > 0.6 ? "#fff" : "";
+  }
+  cell.style.background = background;  // CSSOM, not a style attribute: allowed by the page's CSP
+  cell.style.color = colour;
+  return cell;
+}
+
 async function loadConfusion() {
   const table = $("#confusion");
-  table.innerHTML = "<tr><td class='muted'>loading…</td></tr>";
-  const result = await api(`/api/runs/${state.runId}/confusion`);
+  table.replaceChildren(element("tr", {}, element("td", {class: "muted"}, "loading…")));
+  const result = await api(runPath(state.runId, "/confusion"));
   $("#test-summary").textContent =
     `${runLabel(state.runId)}: ${(100 * result.accuracy).toFixed(2)}% of ${result.total.toLocaleString()} correct`;
   const m = result.matrix;
   let offMax = 1;
   m.forEach((row, i) => row.forEach((n, j) => { if (i !== j) offMax = Math.max(offMax, n); }));
-  let html = "<tr><th></th><th colspan='10'>predicted →</th></tr><tr><th>true ↓</th>";
-  for (let j = 0; j < 10; j++) html += `<th>${j}</th>`;
-  html += "</tr>";
-  m.forEach((row, i) => {
-    const rowTotal = row.reduce((a, b) => a + b, 0) || 1;
-    html += `<tr><th>${i}</th>`;
-    row.forEach((n, j) => {
-      let background = "#f7f8fa", colour = "";
-      if (i === j) {
-        const t = n / rowTotal;
-        background = `rgba(37, 99, 235, ${0.12 + 0.78 * t})`; colour = t > 0.5 ? "#fff" : "";
-      } else if (n > 0) {
-        const t = Math.log1p(n) / Math.log1p(offMax);
-        background = `rgba(220, 38, 38, ${0.1 + 0.75 * t})`; colour = t > 0.6 ? "#fff" : "";
-      }
-      html += `<td class="cm-cell${n === 0 ? " zero" : ""}" data-label="${i}" data-predicted="${j}" ` +
-        `style="background:${background};color:${colour}" title="true ${i}, predicted ${j}: ${n}">${n}</td>`;
-    });
-    html += "</tr>";
-  });
-  table.innerHTML = html;
+  const digits = [...Array(10).keys()];
+  const rows = [
+    element("tr", {}, element("th"), element("th", {colspan: 10}, "predicted →")),
+    element("tr", {}, element("th", {}, "true ↓"), ...digits.map((j) => element("th", {}, String(j)))),
+    ...m.map((row, i) => {
+      const rowTotal = row.reduce((a, b) => a + b, 0) || 1;
+      return element("tr", {}, element("th", {}, String(i)),
+        ...row.map((n, j) => confusionCell(n, i, j, rowTotal, offMax)));
+    }),
+  ];
+  table.replaceChildren(...rows);
   table.querySelectorAll("td.cm-cell").forEach((cell) => cell.addEventListener("click", () => {
     table.querySelectorAll("td.selected").forEach((c) => c.classList.remove("selected"));
     cell.classList.add("selected");
@@ -273,36 +304,35 @@ async function loadConfusion() {
 async function loadExamples(append) {
   const {label, predicted} = state.examples;
   if (label === null) return;
-  const sort = $("#sort-select").value;
-  const result = await api(`/api/runs/${state.runId}/examples?label=${label}&predicted=${predicted}` +
-    `&sort=${sort}&limit=24&offset=${state.examples.offset}`);
+  const query = new URLSearchParams({label, predicted, sort: $("#sort-select").value, limit: 24,
+                                     offset: state.examples.offset});
+  const result = await api(runPath(state.runId, `/examples?${query}`));
   const kind = label === predicted ? "correct" : "mistakes";
   $("#examples-title").textContent =
     `True ${label} → predicted ${predicted}: ${result.total} ${kind}` + (result.total ? "" : " (none)");
   const container = $("#examples");
-  if (!append) container.innerHTML = "";
-  for (const example of result.examples) container.appendChild(exampleCard(example));
+  if (!append) container.replaceChildren();
+  for (const example of result.examples) container.append(exampleCard(example));
   state.examples.offset += result.examples.length;
   $("#more-button").classList.toggle("hidden", state.examples.offset >= result.total);
 }
 
 function exampleCard(example) {
-  const card = document.createElement("div");
-  card.className = "example";
-  card.dataset.index = example.index;
-  const canvas = document.createElement("canvas");
-  canvas.width = 28; canvas.height = 28;
+  const canvas = element("canvas", {width: 28, height: 28});
   paintArray(canvas, example.image, grey);
   const wrong = example.label !== example.predicted;
   const bars = example.probabilities.map((p, k) => {
     const cls = k === example.predicted ? "pred" : (k === example.label ? "true" : "");
-    return `<div class="${cls}" style="height:${Math.max(1, 20 * p).toFixed(1)}px" title="${k}: ${(100 * p).toFixed(1)}%"></div>`;
-  }).join("");
-  card.innerHTML = `<div class="caption">#${example.index} · ${example.label} → ` +
-    `<span class="${wrong ? "wrong" : ""}">${example.predicted}</span></div>` +
-    `<div class="caption muted">p=${example.confidence.toFixed(3)}</div><div class="mini-bars">${bars}</div>`;
-  card.prepend(canvas);
-  card.title = "Click to explain this image above";
+    const bar = element("div", {class: cls, title: `${k}: ${(100 * p).toFixed(1)}%`});
+    bar.style.height = `${Math.max(1, 20 * p).toFixed(1)}px`;
+    return bar;
+  });
+  const card = element("div", {class: "example", "data-index": example.index, title: "Click to explain this image above"},
+    canvas,
+    element("div", {class: "caption"}, `#${example.index} · ${example.label} → `,
+      element("span", {class: wrong ? "wrong" : ""}, String(example.predicted))),
+    element("div", {class: "caption muted"}, `p=${example.confidence.toFixed(3)}`),
+    element("div", {class: "mini-bars"}, ...bars));
   card.addEventListener("click", () => useTestImage(example));
   return card;
 }
@@ -324,51 +354,64 @@ $("#more-button").addEventListener("click", () => loadExamples(true));
 function lineChart(container, title, series, yFormat) {
   const width = 420, height = 230, left = 48, right = 12, top = 26, bottom = 34;
   const points = series.flatMap((s) => s.points.filter((p) => p.value !== null));
-  if (!points.length) { container.innerHTML = `<p class="muted">${title}: not logged</p>`; return; }
+  if (!points.length) { container.replaceChildren(element("p", {class: "muted"}, `${title}: not logged`)); return; }
   const epochs = points.map((p) => p.epoch), values = points.map((p) => p.value);
   const xMin = Math.min(...epochs), xMax = Math.max(...epochs, xMin + 1);
   let yMin = Math.min(...values), yMax = Math.max(...values);
   if (yMax - yMin < 1e-9) { yMin -= 0.05 * Math.abs(yMin || 1); yMax += 0.05 * Math.abs(yMax || 1); }
   const x = (e) => left + (e - xMin) / (xMax - xMin) * (width - left - right);
   const y = (v) => top + (1 - (v - yMin) / (yMax - yMin)) * (height - top - bottom);
-  let svg = `<svg viewBox="0 0 ${width} ${height}" role="img" aria-label="${title}">` +
-    `<text class="title" x="${left}" y="14">${title}</text>`;
+  const svg = svgElement("svg", {viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": title},
+    svgElement("text", {class: "title", x: left, y: 14}, title));
   for (let k = 0; k <= 4; k++) {
     const v = yMin + (yMax - yMin) * k / 4;
-    svg += `<line x1="${left}" x2="${width - right}" y1="${y(v)}" y2="${y(v)}" stroke="#eceef2"/>` +
-      `<text x="${left - 6}" y="${y(v) + 4}" text-anchor="end">${yFormat(v)}</text>`;
+    svg.append(svgElement("line", {x1: left, x2: width - right, y1: y(v), y2: y(v), stroke: "#eceef2"}),
+      svgElement("text", {x: left - 6, y: y(v) + 4, "text-anchor": "end"}, yFormat(v)));
   }
   const epochTicks = [...new Set(epochs)].sort((a, b) => a - b);
   const step = Math.ceil(epochTicks.length / 8);
   epochTicks.filter((_, i) => i % step === 0).forEach((e) => {
-    svg += `<text x="${x(e)}" y="${height - bottom + 16}" text-anchor="middle">${e + 1}</text>`;
+    svg.append(svgElement("text", {x: x(e), y: height - bottom + 16, "text-anchor": "middle"}, String(e + 1)));
   });
-  svg += `<text x="${(left + width - right) / 2}" y="${height - 4}" text-anchor="middle">epoch</text>`;
+  svg.append(svgElement("text", {x: (left + width - right) / 2, y: height - 4, "text-anchor": "middle"}, "epoch"));
   series.forEach((s, i) => {
     const ps = s.points.filter((p) => p.value !== null);
     if (!ps.length) return;
-    svg += `<polyline fill="none" stroke="${s.colour}" stroke-width="2" points="${ps.map((p) => `${x(p.epoch)},${y(p.value)}`).join(" ")}"/>`;
-    ps.forEach((p) => { svg += `<circle cx="${x(p.epoch)}" cy="${y(p.value)}" r="3" fill="${s.colour}"/>`; });
-    svg += `<rect x="${width - right - 110}" y="${6 + 14 * i}" width="10" height="3" fill="${s.colour}"/>` +
-      `<text x="${width - right - 96}" y="${11 + 14 * i}">${s.name}</text>`;
+    svg.append(svgElement("polyline", {fill: "none", stroke: s.colour, "stroke-width": 2,
+      points: ps.map((p) => `${x(p.epoch)},${y(p.value)}`).join(" ")}));
+    ps.forEach((p) => svg.append(svgElement("circle", {cx: x(p.epoch), cy: y(p.value), r: 3, fill: s.colour})));
+    svg.append(svgElement("rect", {x: width - right - 110, y: 6 + 14 * i, width: 10, height: 3, fill: s.colour}),
+      svgElement("text", {x: width - right - 96, y: 11 + 14 * i}, s.name));
   });
-  container.innerHTML = svg + "</svg>";
+  container.replaceChildren(svg);
+}
+
+// Only http(s) links from the server become hrefs; anything else (say javascript:) is dropped.
+function safeHref(url) {
+  try {
+    const parsed = new URL(url, window.location.href);
+    return ["http:", "https:"].includes(parsed.protocol) ? parsed.href : "#";
+  } catch (error) {
+    return "#";
+  }
 }
 
 async function loadTraining() {
-  const run = await api(`/api/runs/${state.runId}`);
-  $("#mlflow-link").href = run.mlflow_url;
+  const run = await api(runPath(state.runId));
+  $("#mlflow-link").href = safeHref(run.mlflow_url);
   const percent = (v) => (v === null || v === undefined) ? "–" : `${(100 * v).toFixed(2)}%`;
   const number = (v, digits) => (v === null || v === undefined) ? "–" : Number(v).toFixed(digits);
   const m = run.metrics;
-  let rows = `<tr class="group"><td colspan="2">${run.label} <span class="muted small">${run.run_id.slice(0, 8)}</span></td></tr>` +
-    `<tr><td>test accuracy</td><td>${percent(m.test_accuracy)}</td></tr>` +
-    `<tr><td>test loss</td><td>${number(m.test_loss, 4)}</td></tr>` +
-    `<tr><td>final val accuracy</td><td>${percent(m.val_accuracy)}</td></tr>` +
-    `<tr><td>training time</td><td>${number(m.train_seconds, 1)} s</td></tr>` +
-    `<tr class="group"><td colspan="2">config</td></tr>`;
-  for (const [key, value] of Object.entries(run.params)) rows += `<tr><td>${key}</td><td>${value}</td></tr>`;
-  $("#metrics-table").innerHTML = rows;
+  const row = (name, value) => element("tr", {}, element("td", {}, name), element("td", {}, value));
+  const group = (...children) => element("tr", {class: "group"}, element("td", {colspan: 2}, ...children));
+  $("#metrics-table").replaceChildren(
+    group(`${run.label} `, element("span", {class: "muted small"}, run.run_id.slice(0, 8))),
+    row("test accuracy", percent(m.test_accuracy)),
+    row("test loss", number(m.test_loss, 4)),
+    row("final val accuracy", percent(m.val_accuracy)),
+    row("training time", `${number(m.train_seconds, 1)} s`),
+    group("config"),
+    ...Object.entries(run.params).map(([key, value]) => row(key, value)));
   const h = run.history;
   lineChart($("#loss-chart"), "Loss", [
     {name: "train", points: h.loss, colour: "#2563eb"}, {name: "validation", points: h.val_loss, colour: "#f59e0b"}],
@@ -381,13 +424,12 @@ async function loadTraining() {
 // ---------- run selection ----------
 function fillSelects() {
   const runSelect = $("#run-select"), compareSelect = $("#compare-select");
-  runSelect.innerHTML = state.runs.map((r) =>
-    `<option value="${r.run_id}">${r.label}${r.test_accuracy !== null ? ` — test ${(100 * r.test_accuracy).toFixed(2)}%` : ""}</option>`).join("");
+  runSelect.replaceChildren(...state.runs.map((r) => new Option(
+    r.label + (r.test_accuracy !== null ? ` — test ${(100 * r.test_accuracy).toFixed(2)}%` : ""), r.run_id)));
   runSelect.value = state.runId;
   const others = state.runs.filter((r) => r.run_id !== state.runId);
-  compareSelect.innerHTML = `<option value="">nothing</option>` +
-    others.map((r) => `<option value="${r.run_id}">${r.label}</option>`).join("") +
-    (state.ensemble ? `<option value="${state.ensemble}">ensemble of all ${state.runs.length} runs</option>` : "");
+  compareSelect.replaceChildren(new Option("nothing", ""), ...others.map((r) => new Option(r.label, r.run_id)),
+    ...(state.ensemble ? [new Option(`ensemble of all ${state.runs.length} runs`, state.ensemble)] : []));
   if (state.compareId === null || state.compareId === state.runId ||
       ![...compareSelect.options].some((o) => o.value === state.compareId)) {
     state.compareId = others.length ? others[0].run_id : "";
@@ -405,7 +447,8 @@ $("#run-select").addEventListener("change", async (event) => {
   state.runId = event.target.value;
   fillSelects();
   state.examples = {label: null, predicted: null, offset: 0};
-  $("#examples").innerHTML = ""; $("#examples-title").textContent = "Click a cell of the confusion matrix.";
+  $("#examples").replaceChildren();
+  $("#examples-title").textContent = "Click a cell of the confusion matrix.";
   $("#more-button").classList.add("hidden");
   await refreshRun();
   predict(); explain();
@@ -417,13 +460,13 @@ $("#compare-select").addEventListener("change", (event) => {
 async function refreshRun() {
   await Promise.all([
     loadTraining().catch((e) => setStatus(`training curves unavailable: ${e.message}`, true)),
-    loadConfusion().catch((e) => { $("#confusion").innerHTML = ""; setStatus(`test set unavailable: ${e.message}`, true); }),
+    loadConfusion().catch((e) => { $("#confusion").replaceChildren(); setStatus(`test set unavailable: ${e.message}`, true); }),
   ]);
 }
 
 async function start() {
   clearPad();
-  for (let digit = 0; digit < 10; digit++) $("#target-select").insertAdjacentHTML("beforeend", `<option value="${digit}">${digit}</option>`);
+  $("#target-select").append(...[...Array(10).keys()].map((digit) => new Option(String(digit), String(digit))));
   renderBars($("#primary-result"), null); renderBars($("#compare-result"), null);
   try {
     const offered = await api("/api/runs");
