@@ -21,7 +21,7 @@ import time
 from experiments.cli import (add_config_arguments, add_data_arguments, add_tracking_arguments,
                              apply_tracking_arguments, run_command)
 from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
-from mnist_ablation.redaction import redact
+from mnist_ablation.redaction import redact, redact_argv
 from mnist_ablation.studies import DEFAULT_STUDY, STUDIES, Study, describe_identical, identical_arms
 
 # Batch norm's moving statistics (momentum 0.99) lag the fast-changing early network: measured here, a
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     runner = ablation.StudyRunner.open(
         study, configs, seeds=range(args.seeds), data_dir=args.data_dir, tracking_uri=args.tracking_uri,
         storage_url=args.storage, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-        command=sys.argv, precision=precision,
+        command=recorded_command(args, argv), precision=precision,
     )
     if args.import_offline:
         imported, skipped, problems = runner.import_offline(args.import_offline)
@@ -173,6 +173,19 @@ def run_offline(configs: dict[str, TrainConfig], args: argparse.Namespace) -> in
     return 1 if failures else 0
 
 
+def recorded_command(args: argparse.Namespace, argv=None) -> list[str]:
+    """This command as it reproduces the study from anywhere: module form, with the study and the store named."""
+    command = ["python", "-m", "experiments.ablate",
+               *[a for a in (sys.argv[1:] if argv is None else argv) if a != "--worker-only"]]
+    if "--study" not in command:
+        command += ["--study", args.study]
+    if "--tracking-uri" not in command:
+        from mnist_ablation.tracking import resolve_tracking_uri
+
+        command += ["--tracking-uri", resolve_tracking_uri(args.tracking_uri)]
+    return command
+
+
 def finish(runner, args: argparse.Namespace, failed: int) -> int:
     """Summary table, summary.csv on the parent run, the report, and where to look."""
     summary = runner.write_summary()
@@ -180,7 +193,10 @@ def finish(runner, args: argparse.Namespace, failed: int) -> int:
     print(f"Study {runner.study.name!r}: test accuracy per arm over seeds (finished runs)")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if not args.no_report:
-        report = runner.write_report(args.output, equivalence_margin=args.equivalence_margin)
+        report_command = ["python", "-m", "experiments.report", "--study", args.study,
+                          "--tracking-uri", runner.tracking_uri, "--equivalence-margin", str(args.equivalence_margin)]
+        report = runner.write_report(args.output, equivalence_margin=args.equivalence_margin,
+                                     report_command=redact_argv(report_command))
         print(f"report: {report.html_path} (also under report/ on the parent run)")
     print()
     print(f"MLflow: experiment {runner.experiment_name!r}, parent run {runner.parent_run_id}")

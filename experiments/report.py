@@ -1,18 +1,23 @@
 """``python -m experiments.report``: the statistical report of an ablation study.
 
-Per arm against the baseline: mean test accuracy with a 95% interval, the paired difference (same
-seeds) with its interval, paired t-test and Wilcoxon, McNemar on the per-example predictions, Holm over
-the arms, Cohen's d_z; for the factorial study main effects and interactions; learning-curve summaries.
-Writes ablation_summary.csv, figures, report.html (self-contained) and report.md to --output, and logs
-them to the study's parent run under report/. ``python -m experiments.ablate`` runs this at its end.
+Per arm against the baseline, with training seeds and test images both random: mean test accuracy with its
+interval, the paired difference with its interval, Holm-corrected p-values, the equivalence test (TOST) at
+--equivalence-margin, the smallest effect the design can see and the seeds a clearer answer would take; for
+the factorial study its main effects and interactions; learning-curve summaries. Writes
+ablation_summary.csv, figures, report.html (self-contained) and report.md to --output, and logs them to the
+study's parent run under report/. ``python -m experiments.ablate`` runs this at its end.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from experiments.cli import add_data_arguments, add_tracking_arguments, run_command
 from mnist_ablation.studies import DEFAULT_STUDY
+
+COLUMNS = ["arm", "n_seeds", "n_pairs", "test_accuracy_mean", "delta_vs_baseline", "delta_ci_low", "delta_ci_high",
+           "p_value_holm", "equivalence_p_value_holm", "mde", "verdict"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,6 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default: %(default)s)")
     parser.add_argument("--confidence", type=float, default=0.95,
                         help="confidence level of the intervals (default: %(default)s)")
+    parser.add_argument("--equivalence-margin", type=float, default=0.001, metavar="M",
+                        help="margin of the equivalence test (TOST), a fraction (default: %(default)s, i.e. +-0.1 "
+                             "points)")
+    parser.add_argument("--target-ci-width", type=float, default=None, metavar="W",
+                        help="also print, per arm, about how many seeds would make its difference interval at most "
+                             "W wide (a fraction: 0.001 = 0.1 points), to plan before spending compute")
     parser.add_argument("--no-mlflow-log", action="store_true",
                         help="write the files only; do not log them to the study's parent run")
     add_data_arguments(parser)
@@ -34,22 +45,36 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--threshold {args.threshold}: expected a validation accuracy in (0, 1], e.g. 0.99")
     if not 0 < args.confidence < 1:
         parser.error(f"--confidence {args.confidence}: expected a level between 0 and 1, e.g. 0.95")
+    if not 0 < args.equivalence_margin < 1:
+        parser.error(f"--equivalence-margin {args.equivalence_margin}: expected a fraction in (0, 1), e.g. 0.001")
+    if args.target_ci_width is not None and not 0 < args.target_ci_width < 1:
+        parser.error(f"--target-ci-width {args.target_ci_width}: expected a fraction in (0, 1), e.g. 0.002")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mnist_ablation import report, tracking
+    from mnist_ablation.redaction import redact, redact_argv
 
-    tracking.use_tracking_uri(args.tracking_uri)
+    uri = tracking.use_tracking_uri(args.tracking_uri)
+    command = ["python", "-m", "experiments.report", *(sys.argv[1:] if argv is None else argv)]
+    if "--tracking-uri" not in command:
+        command += ["--tracking-uri", redact(uri)]
     result = report.write_study_report(
         args.study, output_dir=args.output, data_dir=args.data_dir, threshold=args.threshold,
         confidence=args.confidence, log_to_mlflow=not args.no_mlflow_log,
+        equivalence_margin=args.equivalence_margin, report_command=redact_argv(command),
     )
-    columns = ["arm", "n_seeds", "test_accuracy_mean", "delta_vs_baseline", "delta_ci_low", "delta_ci_high",
-               "p_value_holm", "mcnemar_p_value", "status"]
-    print(f"Study {args.study!r}: each arm against the baseline")
-    print(result.summary[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"))
+    print(f"Study {args.study!r}: each arm against the baseline (fractions; intervals with seeds and test images "
+          "random)")
+    print(result.summary[COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"))
+    if args.target_ci_width is not None:
+        plan = report.seeds_needed(args.study, args.target_ci_width, confidence=args.confidence)
+        print(f"\nSeeds per arm for a {round(100 * args.confidence)}% difference interval at most "
+              f"{100 * args.target_ci_width:.2f} points wide (from the observed variance; inf: the test set's own "
+              "floor is wider):")
+        print(plan.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"))
     for note in result.notes:
         print(f"note: {note}")
     print(f"report: {result.html_path.resolve()}")

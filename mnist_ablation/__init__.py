@@ -6,7 +6,7 @@ __all__ = ["BASELINE", "ConfigError", "TrainConfig"]
 __version__ = "0.1.0"
 
 # The study report's DataFrame functions, imported on first use (they pull in MLflow and matplotlib).
-_REPORT_FUNCTIONS = ("ablation_summary", "factorial_analysis", "learning_curves", "write_study_report")
+_REPORT_FUNCTIONS = ("ablation_summary", "factorial_analysis", "learning_curves", "seeds_needed", "write_study_report")
 __all__ += list(_REPORT_FUNCTIONS)
 
 

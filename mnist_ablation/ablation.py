@@ -348,14 +348,21 @@ class StudyRunner:
         keys = {(c.arm, c.seed, c.config_hash) for c in planned}
         runs = runs[[k in keys for k in zip(runs["arm"], runs["seed"], runs["config_hash"])]]
         runs = runs.drop_duplicates(["arm", "seed"], keep="last")
-        table = stats.compare_to_baseline(store.prediction_correctness(runs), baseline=self.study.baseline_arm,
+        correct = store.prediction_correctness(runs)
+        if self.study.baseline_arm not in set(correct["arm"]):
+            print(f"precision rule: no finished {self.study.baseline_arm!r} run to compare with; no seeds added",
+                  flush=True)
+            return {}
+        table = stats.compare_to_baseline(correct, baseline=self.study.baseline_arm,
                                           confidence=self.precision.confidence)
         attempted = {arm: len({c.seed for c in planned if c.arm == arm}) for arm in self.arm_configs}
         decisions = {}
         for row in table.itertuples():
-            reason = stats.precision_stop_reason(row, self.precision.target_ci_width, self.precision.max_seeds,
-                                                 attempted.get(row.arm, 0))
-            decisions[row.arm] = (reason, row.delta_ci_high - row.delta_ci_low)
+            width = row.delta_ci_high - row.delta_ci_low
+            # Seeds attempted (finished or failed) count towards the maximum, so a failing arm cannot loop.
+            reason = stats.precision_stop_reason(width, row.ci_width_floor, attempted.get(row.arm, 0),
+                                                 self.precision.target_ci_width, self.precision.max_seeds)
+            decisions[row.arm] = (reason, width)
         return decisions
 
     # -- offline cells ------------------------------------------------------------------------------------

@@ -24,10 +24,9 @@ The crossed-design API (what the report is being rewired onto):
 * ``correct_frame`` / ``correctness_array``: the tidy per-image frame (arm, seed, image, correct) and its
   validated array form.
 
-Legacy, seed-only functions kept until report.py is rewired: ``ablation_table``, ``paired_comparison``,
-``pooled_mcnemar`` and ``factorial_effects``. They treat the test set as fixed (and pooled McNemar treats the
-seeds' image pairs as independent), so their false-positive rate is far above the nominal level when
-recipes, not models, are compared: tests/test_calibration.py measures it.
+The report's earlier seed-only tests (a paired t-test over seeds with the test set fixed, McNemar with the
+seeds' discordant pairs summed) are gone: their false-positive rates for recipe comparisons are far above
+nominal, which tests/test_calibration.py still measures with reference implementations of them.
 
 With fewer than two seeds (or paired seeds) seed variance cannot be estimated: intervals and tests come back
 as NaN, never as a number that looks like one.
@@ -44,24 +43,13 @@ import numpy as np
 import pandas as pd
 from scipy import special
 from scipy import stats as scipy_stats
-from statsmodels.stats.contingency_tables import mcnemar
 
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_EQUIVALENCE_MARGIN = 0.001  # +-0.1 points of accuracy
 DEFAULT_POWER = 0.8
 WILCOXON_MIN_PAIRS = 6  # below this the two-sided signed-rank test cannot reach p < 0.05 (2 / 2**5 = 0.0625)
 FACTORIAL_COMPONENTS = ("augmentation", "batch_norm", "dropout", "step_lr")
-FACTORIAL_FORMULA = "test_accuracy ~ (augmentation + batch_norm + dropout + step_lr)**2"
 FACTORIAL_BLOCK_FORMULA = "test_accuracy ~ C(seed) + augmentation * batch_norm * dropout * step_lr"
-SUMMARY_COLUMNS = [
-    "arm", "n_seeds", "test_accuracy_mean", "test_accuracy_ci_low", "test_accuracy_ci_high",
-    "delta_vs_baseline", "delta_ci_low", "delta_ci_high", "p_value", "p_value_holm", "mcnemar_p_value",
-]
-EXTRA_SUMMARY_COLUMNS = [
-    "test_error_mean", "test_error_ci_low", "test_error_ci_high", "test_accuracy_std", "n_pairs",
-    "wilcoxon_p_value", "effect_size", "mcnemar_baseline_only_correct", "mcnemar_arm_only_correct",
-    "mcnemar_p_value_holm", "n_planned_seeds", "n_failed", "n_running", "status",
-]
 COMPARISON_COLUMNS = [
     "arm", "n_pairs", "baseline_accuracy", "arm_accuracy", "delta", "delta_ci_low", "delta_ci_high",
     "standard_error", "df", "p_value", "p_value_holm", "mde", "seeds_needed", "ci_width_floor",
@@ -115,110 +103,6 @@ def mean_confidence_interval(values, confidence: float = DEFAULT_CONFIDENCE) -> 
     return MeanInterval(n, mean, float(low), float(high), std)
 
 
-@dataclass(frozen=True)
-class PairedComparison:
-    """``arm - baseline`` over paired seeds: mean, interval, t-test, Wilcoxon and Cohen's d_z."""
-
-    n_pairs: int
-    mean_difference: float
-    ci_low: float
-    ci_high: float
-    t_statistic: float
-    p_value: float
-    wilcoxon_p_value: float
-    effect_size: float
-
-
-def paired_comparison(baseline, arm, confidence: float = DEFAULT_CONFIDENCE) -> PairedComparison:
-    """Compare ``arm`` with ``baseline``, element i of each being the same seed (test set fixed).
-
-    Legacy, kept until report.py is rewired: this is the "this test set only" analysis; ``compare_to_baseline``
-    also counts the test images and reports it in its ``*_this_test_set`` columns.
-
-    The interval and t-test come from ``scipy.stats.ttest_rel``, the non-parametric check from
-    ``scipy.stats.wilcoxon`` (exact for small n). Fewer than two pairs, or differences with no spread
-    at all (identical on every seed), leave the interval, the tests and d_z undefined (NaN): a t-test
-    divides by the spread.
-    """
-    _check_confidence(confidence)
-    baseline, arm = np.asarray(baseline, dtype=float), np.asarray(arm, dtype=float)
-    if baseline.shape != arm.shape:
-        raise ValueError(f"paired comparison needs one baseline value per arm value; got {baseline.shape} "
-                         f"and {arm.shape}. Pair the runs by seed first.")
-    differences = arm - baseline
-    n = len(differences)
-    nan = float("nan")
-    if n == 0:
-        return PairedComparison(0, nan, nan, nan, nan, nan, nan, nan)
-    mean = float(differences.mean())
-    if n < 2 or differences.std(ddof=1) == 0:
-        return PairedComparison(n, mean, nan, nan, nan, nan, nan, nan)
-    result = scipy_stats.ttest_rel(arm, baseline)
-    interval = result.confidence_interval(confidence_level=confidence)
-    wilcoxon = scipy_stats.wilcoxon(arm, baseline) if np.any(differences != 0) else None
-    return PairedComparison(
-        n_pairs=n,
-        mean_difference=mean,
-        ci_low=float(interval.low),
-        ci_high=float(interval.high),
-        t_statistic=float(result.statistic),
-        p_value=float(result.pvalue),
-        wilcoxon_p_value=float(wilcoxon.pvalue) if wilcoxon is not None else nan,
-        effect_size=cohens_dz(differences),
-    )
-
-
-def cohens_dz(differences) -> float:
-    """Cohen's d_z for paired data: mean difference divided by the differences' standard deviation."""
-    differences = np.asarray(differences, dtype=float)
-    if len(differences) < 2 or differences.std(ddof=1) == 0:
-        return float("nan")
-    return float(differences.mean() / differences.std(ddof=1))
-
-
-@dataclass(frozen=True)
-class McNemarResult:
-    """Discordant counts (pooled over seed pairs) and the exact McNemar p-value."""
-
-    baseline_only_correct: int
-    arm_only_correct: int
-    p_value: float
-
-
-def mcnemar_counts(baseline_correct, arm_correct) -> tuple[int, int]:
-    """(baseline right and arm wrong, arm right and baseline wrong) for one pair of prediction vectors."""
-    baseline_correct = np.asarray(baseline_correct, dtype=bool)
-    arm_correct = np.asarray(arm_correct, dtype=bool)
-    if baseline_correct.shape != arm_correct.shape:
-        raise ValueError(f"McNemar needs predictions on the same test examples; got {baseline_correct.shape} "
-                         f"and {arm_correct.shape} examples.")
-    return int(np.sum(baseline_correct & ~arm_correct)), int(np.sum(~baseline_correct & arm_correct))
-
-
-def mcnemar_exact(baseline_only_correct: int, arm_only_correct: int) -> float:
-    """Exact (binomial) McNemar p-value from the two discordant counts (1.0 when there are none)."""
-    if baseline_only_correct + arm_only_correct == 0:
-        return 1.0
-    table = [[0, baseline_only_correct], [arm_only_correct, 0]]
-    return float(mcnemar(table, exact=True).pvalue)
-
-
-def pooled_mcnemar(pairs) -> McNemarResult:
-    """McNemar over several seeds: ``pairs`` of (baseline_correct, arm_correct) vectors, discordant counts summed.
-
-    Legacy, kept until report.py is rewired: all seeds are scored on the same images, so the pooled discordant
-    pairs are not independent trials and this is not a valid test of two recipes (its false-positive rate is
-    16-38% in tests/test_calibration.py). Use ``compare_to_baseline``.
-    """
-    baseline_only, arm_only, any_pair = 0, 0, False
-    for baseline_correct, arm_correct in pairs:
-        b, c = mcnemar_counts(baseline_correct, arm_correct)
-        baseline_only, arm_only, any_pair = baseline_only + b, arm_only + c, True
-    if not any_pair:
-        return McNemarResult(0, 0, float("nan"))
-    return McNemarResult(baseline_only, arm_only, mcnemar_exact(baseline_only, arm_only))
-
-
 def holm(p_values) -> np.ndarray:
     """Holm-adjusted p-values over a family of tests; a NaN p-value stays NaN but still counts in the family.
 
@@ -235,105 +119,6 @@ def holm(p_values) -> np.ndarray:
         multipliers = len(p_values) - np.arange(len(order))
         adjusted[order] = np.minimum(np.maximum.accumulate(p_values[order] * multipliers), 1.0)
     return adjusted
-
-
-def latest_finished(runs: pd.DataFrame) -> pd.DataFrame:
-    """One FINISHED run per (arm, seed): the latest, should a cell have been run twice."""
-    finished = runs[runs["status"] == "FINISHED"] if "status" in runs else runs
-    if "start_time" in finished:
-        finished = finished.sort_values("start_time", kind="stable")
-    return finished.drop_duplicates(["arm", "seed"], keep="last")
-
-
-def ablation_table(runs: pd.DataFrame, correct_by_run: dict | None = None, baseline: str = "baseline",
-                   confidence: float = DEFAULT_CONFIDENCE, planned: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per arm against ``baseline``: the columns of ``SUMMARY_COLUMNS`` then ``EXTRA_SUMMARY_COLUMNS``.
-
-    Legacy (seed-only tests and pooled McNemar), kept until report.py is rewired onto ``compare_to_baseline`` and
-    ``accuracy_table``; Holm here already counts every compared arm, NaN p-values included.
-
-    ``runs`` has one row per run with at least arm, seed, test_accuracy (and status and run_id; runs
-    that are not FINISHED count as failed or running, never as results). ``correct_by_run`` maps a
-    run_id to a boolean vector "this test example was classified correctly", for McNemar. ``planned``
-    (arm, seed) lists the cells the study meant to run, so arms that never produced a run still appear.
-    Arms keep the order in which they first appear (planned cells first).
-    """
-    _check_confidence(confidence)
-    for column in ("arm", "seed", "test_accuracy"):
-        if column not in runs:
-            raise ValueError(f"runs frame has no column {column!r}; expected one row per run with arm, seed, "
-                             f"test_accuracy (and status, run_id) as returned by compare.study_runs.")
-    runs = runs.copy()
-    if "status" not in runs:
-        runs["status"] = "FINISHED"
-    finished = latest_finished(runs)
-    finished_cells = set(zip(finished["arm"], finished["seed"]))
-    unfinished = runs[[(a, s) not in finished_cells for a, s in zip(runs["arm"], runs["seed"])]]
-    unfinished = unfinished.drop_duplicates(["arm", "seed"], keep="last")
-    arms = list(dict.fromkeys([*(planned["arm"] if planned is not None else []), *runs["arm"]]))
-    planned_seeds = planned.groupby("arm")["seed"].nunique() if planned is not None else pd.Series(dtype=int)
-    base_runs = finished[finished["arm"] == baseline].set_index("seed")
-
-    rows = []
-    for arm in arms:
-        arm_runs = finished[finished["arm"] == arm].set_index("seed")
-        accuracy = mean_confidence_interval(arm_runs["test_accuracy"], confidence)
-        error = mean_confidence_interval(1 - arm_runs["test_accuracy"], confidence)
-        row = {
-            "arm": arm, "n_seeds": len(arm_runs),
-            "test_accuracy_mean": accuracy.mean, "test_accuracy_ci_low": accuracy.low,
-            "test_accuracy_ci_high": accuracy.high,
-            "test_error_mean": error.mean, "test_error_ci_low": error.low, "test_error_ci_high": error.high,
-            "test_accuracy_std": accuracy.std,
-            "n_planned_seeds": int(planned_seeds.get(arm, 0)) if planned is not None else np.nan,
-            "n_failed": int(((unfinished["arm"] == arm) & unfinished["status"].isin(["FAILED", "KILLED"])).sum()),
-            "n_running": int(((unfinished["arm"] == arm) & (unfinished["status"] == "RUNNING")).sum()),
-        }
-        seeds = sorted(set(arm_runs.index) & set(base_runs.index))
-        if arm == baseline and len(arm_runs):
-            row.update(delta_vs_baseline=0.0, n_pairs=len(arm_runs))
-        elif len(base_runs):
-            paired = paired_comparison(base_runs.loc[seeds, "test_accuracy"], arm_runs.loc[seeds, "test_accuracy"],
-                                       confidence)
-            row.update(delta_vs_baseline=paired.mean_difference, delta_ci_low=paired.ci_low,
-                       delta_ci_high=paired.ci_high, p_value=paired.p_value, n_pairs=paired.n_pairs,
-                       wilcoxon_p_value=paired.wilcoxon_p_value, effect_size=paired.effect_size)
-            if correct_by_run is not None and seeds and "run_id" in arm_runs:
-                pooled = pooled_mcnemar(
-                    (correct_by_run[base_runs.loc[s, "run_id"]], correct_by_run[arm_runs.loc[s, "run_id"]])
-                    for s in seeds
-                )
-                row.update(mcnemar_p_value=pooled.p_value,
-                           mcnemar_baseline_only_correct=pooled.baseline_only_correct,
-                           mcnemar_arm_only_correct=pooled.arm_only_correct)
-        row["status"] = _arm_status(arm, baseline, row, len(base_runs))
-        rows.append(row)
-
-    table = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS + EXTRA_SUMMARY_COLUMNS)
-    compared = table["arm"] != baseline
-    # Every compared arm is in the Holm family, also one whose p-value is NaN.
-    table.loc[compared, "p_value_holm"] = holm(table.loc[compared, "p_value"])
-    table.loc[compared, "mcnemar_p_value_holm"] = holm(table.loc[compared, "mcnemar_p_value"])
-    for column in ("n_seeds", "n_failed", "n_running"):
-        table[column] = table[column].astype(int)
-    return table
-
-
-def _arm_status(arm: str, baseline: str, row: dict, n_baseline: int) -> str:
-    n, failed, running = row["n_seeds"], row["n_failed"], row["n_running"]
-    if n == 0:
-        return "failed" if failed else ("running" if running else "not run")
-    notes = []
-    if failed:
-        notes.append(f"{failed} seed(s) failed")
-    if running:
-        notes.append(f"{running} seed(s) still running")
-    if arm != baseline and n_baseline == 0:
-        notes.append("no finished baseline to compare with")
-    elif n < 2 or (arm != baseline and row.get("n_pairs", 0) < 2):
-        notes.append("fewer than 2 seeds: no intervals")
-    head = "baseline" if arm == baseline else "ok"
-    return head if not notes else f"{head}; " + "; ".join(notes)
 
 
 def factorial_design(runs: pd.DataFrame) -> pd.DataFrame:
@@ -357,53 +142,6 @@ def factorial_design(runs: pd.DataFrame) -> pd.DataFrame:
         if column in runs:
             design.insert(0, column, runs[column])
     return design
-
-
-def factorial_effects(runs: pd.DataFrame, confidence: float = DEFAULT_CONFIDENCE) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Main effects and two-way interactions of the four components: (effects table, ANOVA table).
-
-    Legacy, kept until report.py is rewired: no seed block, and the three- and four-way interactions are folded
-    into the residual. Use ``factorial_contrasts`` (seeds and images random) and ``factorial_block_ols``.
-
-    OLS (statsmodels) of ``FACTORIAL_FORMULA`` on the -0.5/+0.5 coded design. The effects table has one row
-    per term (without the intercept): term, effect, ci_low, ci_high, std_error, t_statistic, p_value,
-    p_value_holm (over the 10 terms). The ANOVA table is ``anova_lm(typ=2)`` (for a balanced design all
-    types agree). Raises ValueError if the runs cannot support the fit (a component never varied, or no
-    residual degrees of freedom).
-    """
-    import statsmodels.api as sm
-    import statsmodels.formula.api as smf
-
-    _check_confidence(confidence)
-    design = factorial_design(runs)
-    constant = [c for c in FACTORIAL_COMPONENTS if design[c].nunique() < 2]
-    n_terms = 1 + len(FACTORIAL_COMPONENTS) + len(FACTORIAL_COMPONENTS) * (len(FACTORIAL_COMPONENTS) - 1) // 2
-    if constant or len(design) <= n_terms:
-        raise ValueError(
-            f"the factorial model {FACTORIAL_FORMULA!r} has {n_terms} coefficients and needs more runs than that, "
-            f"with every component both on and off; got {len(design)} runs"
-            + (f" and components that never vary: {constant}" if constant else "")
-            + ". Run all 16 arms of the factorial study (python -m experiments.ablate --study factorial)."
-        )
-    model = smf.ols(FACTORIAL_FORMULA, data=design).fit()
-    interval = model.conf_int(alpha=1 - confidence)
-    effects = pd.DataFrame({
-        "term": model.params.index,
-        "effect": model.params.to_numpy(),
-        "ci_low": interval[0].to_numpy(),
-        "ci_high": interval[1].to_numpy(),
-        "std_error": model.bse.to_numpy(),
-        "t_statistic": model.tvalues.to_numpy(),
-        "p_value": model.pvalues.to_numpy(),
-    })
-    effects = effects[effects["term"] != "Intercept"].reset_index(drop=True)
-    effects["p_value_holm"] = holm(effects["p_value"])
-    effects.insert(1, "kind", np.where(effects["term"].str.contains(":"), "interaction", "main effect"))
-    anova = sm.stats.anova_lm(model, typ=2).reset_index().rename(columns={"index": "term"})
-    return effects, anova
-
-
-# -- the crossed design: training seeds x test images, both random -------------------------------------
 
 
 def _t_quantile(probability: float, df: float) -> float:

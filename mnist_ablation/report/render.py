@@ -1,0 +1,177 @@
+"""Rendering the report: tables for display, and the HTML and Markdown pages from Jinja2 templates.
+
+Both templates are autoescaped, so a run name, arm or description holding markup shows as text. The CSS is a
+package file inlined into the page, which stays one self-contained file.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from importlib import resources
+
+import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup, escape
+
+from .analysis import format_p, points
+
+TEMPLATES = "mnist_ablation.report"
+
+
+def _md_cell(value) -> Markup:
+    """A Markdown table cell: HTML-escaped, pipes escaped, one line."""
+    return Markup(str(escape(str(value))).replace("|", "\\|").replace("\n", " "))
+
+
+def _md_code(value) -> Markup:
+    """Text inside a fenced code block, where Markdown shows entities literally: no escaping, no fences."""
+    return Markup(str(value).replace("`", "'"))
+
+
+def environment() -> Environment:
+    env = Environment(loader=PackageLoader(TEMPLATES, "templates"),
+                      autoescape=select_autoescape(enabled_extensions=("html", "md", "j2"), default=True),
+                      trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True)
+    env.filters["md_cell"] = _md_cell
+    env.filters["md_code"] = _md_code
+    return env
+
+
+def css() -> str:
+    return resources.files(TEMPLATES).joinpath("templates/report.css").read_text(encoding="utf-8")
+
+
+def render_html(context: dict) -> str:
+    return environment().get_template("report.html.j2").render(css=Markup(css()), **context)
+
+
+def render_markdown(context: dict) -> str:
+    return environment().get_template("report.md.j2").render(**context)
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# -- tables as the page shows them ----------------------------------------------------------------------
+
+
+def table(frame: pd.DataFrame, classes: list[str] | None = None, text: bool = False) -> dict:
+    """A frame as the templates' table: columns, rows of strings, optional row classes."""
+    rows = [["—" if (isinstance(v, float) and pd.isna(v)) else v for v in row]
+            for row in frame.itertuples(index=False)]
+    return {"columns": [str(c) for c in frame.columns], "rows": rows, "classes": classes, "text": text}
+
+
+def _interval(mean, low, high, signed=False, percent=False) -> str:
+    if pd.isna(mean):
+        return "—"
+    text = points(mean, signed=signed)
+    if pd.isna(low):
+        return text + " (no CI)"
+    return f"{text} [{points(low, signed=signed)}, {points(high, signed=signed)}]"
+
+
+def summary_display(summary: pd.DataFrame, baseline: str, confidence: float) -> dict:
+    """The summary table as the page shows it: percentages and points, intervals in brackets, verdicts."""
+    level = f"{round(100 * confidence)}%"
+    rows = []
+    for row in summary.itertuples():
+        is_baseline = row.arm == baseline
+        seeds = f"{row.n_seeds}" + (f" ({row.n_failed} failed)" if row.n_failed else "")
+        if not is_baseline and row.n_pairs != row.n_seeds and row.n_seeds:
+            seeds += f", {row.n_pairs} paired"
+        rows.append({
+            "arm": row.arm,
+            "seeds": seeds,
+            f"test accuracy % [{level} CI]": _interval(row.test_accuracy_mean, row.test_accuracy_ci_low,
+                                                       row.test_accuracy_ci_high),
+            f"Δ vs baseline, points [{level} CI]": "reference" if is_baseline else _interval(
+                row.delta_vs_baseline, row.delta_ci_low, row.delta_ci_high, signed=True),
+            "Holm p": "" if is_baseline else format_p(row.p_value_holm),
+            "smallest visible effect (points)": "" if is_baseline or pd.isna(row.mde) else points(row.mde),
+            f"TOST p (±{points(row.equivalence_margin)})": "" if is_baseline else format_p(
+                row.equivalence_p_value_holm),
+            f"Δ [{level} CI], this test set only": "" if is_baseline else _interval(
+                row.delta_vs_baseline, row.delta_ci_low_this_test_set, row.delta_ci_high_this_test_set, signed=True),
+            "verdict": row.verdict,
+        })
+    classes = [row.verdict.replace(" ", "-") for row in summary.itertuples()]
+    return table(pd.DataFrame(rows), classes)
+
+
+def curves_display(curves: pd.DataFrame) -> dict:
+    threshold = f"{100 * curves['threshold'].iloc[0]:g}%" if len(curves) else ""
+
+    def number(value, digits=1, scale=1.0):
+        return "—" if pd.isna(value) else f"{scale * value:.{digits}f}"
+
+    return table(pd.DataFrame({
+        "arm": curves["arm"],
+        "seeds": curves["n_seeds"],
+        f"seeds reaching {threshold} val. acc.": curves["n_reached_threshold"],
+        f"epochs to {threshold} (mean)": [number(v) for v in curves["epochs_to_threshold_mean"]],
+        "best epoch (mean)": [number(v) for v in curves["best_epoch_mean"]],
+        "best val. accuracy % (mean)": [number(v, 2, 100) for v in curves["best_val_accuracy_mean"]],
+        "final val. accuracy % (mean)": [number(v, 2, 100) for v in curves["final_val_accuracy_mean"]],
+        "final train − val gap, points (mean)": [number(v, 2, 100) for v in curves["final_gap_mean"]],
+    }))
+
+
+def effects_display(effects: pd.DataFrame, confidence: float) -> dict:
+    level = f"{round(100 * confidence)}%"
+    return table(pd.DataFrame({
+        "term": [t.replace(":", " × ") for t in effects["term"]],
+        "kind": effects["kind"],
+        f"effect, points [{level} CI]": [_interval(e, lo, hi, signed=True) for e, lo, hi in
+                                         zip(effects["effect"], effects["ci_low"], effects["ci_high"])],
+        "p": [format_p(p) for p in effects["p_value"]],
+        "Holm p": [format_p(p) for p in effects["p_value_holm"]],
+        "Holm family": effects["holm_family"],
+        "seeds": effects["n_seeds"],
+    }))
+
+
+def rounded(frame: pd.DataFrame, digits: int = 4) -> dict:
+    shown = frame.copy()
+    for column in shown.columns:
+        if pd.api.types.is_float_dtype(shown[column]):
+            shown[column] = [("—" if pd.isna(v) else f"{v:.{digits}g}") for v in shown[column]]
+    return table(shown)
+
+
+def configuration_tables(configs: dict[str, dict], baseline: str, planned: pd.DataFrame | None,
+                         changes) -> dict | None:
+    """(per-arm differences from the baseline, the baseline's every field) as display tables."""
+    base = configs.get(baseline)
+    if not configs or base is None:
+        return None
+    seeds = (planned.groupby("arm", sort=False)["seed"].apply(lambda s: ", ".join(map(str, sorted(s))))
+             if planned is not None else pd.Series(dtype=str))
+    arms = pd.DataFrame({
+        "arm": list(configs),
+        "seeds": [seeds.get(a, "") for a in configs],
+        "differs from the baseline in": [
+            ", ".join(f"{k}={json.dumps(after)}" for k, (_, after) in changes(a).items()) or "—" for a in configs
+        ],
+    })
+    baseline_table = pd.DataFrame({"field": list(base), "baseline value": [json.dumps(v) for v in base.values()]})
+    return {"arms": table(arms, text=True), "baseline": table(baseline_table, text=True)}
+
+
+def environment_display(environment: dict | None) -> dict | None:
+    if not environment:
+        return None
+    git = environment.get("git", {})
+    machine = environment.get("machine", {})
+    packages = environment.get("packages", {})
+    devices = machine.get("tensorflow_devices") or machine.get("jax_devices") or []
+    return {
+        "commit": git.get("commit"), "dirty": git.get("dirty"), "platform": machine.get("platform"),
+        "python": machine.get("python"), "cpu_count": machine.get("cpu_count"), "devices": ", ".join(devices),
+        "packages": table(pd.DataFrame(list(packages.items()), columns=["package", "version"]), text=True),
+        "data": table(pd.DataFrame(list(environment.get("data", {}).get("sha256", {}).items()),
+                                   columns=["file", "sha256"]), text=True),
+        "package_line": ", ".join(f"{k} {v}" for k, v in packages.items()),
+    }
