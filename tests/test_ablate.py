@@ -1,6 +1,7 @@
 """`python -m experiments.ablate` end to end: layout in MLflow, resume, new cells, errors, pandas."""
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -99,3 +100,33 @@ def test_ablate_ends_with_the_report(tmp_path, tracking_uri, data_dir):
     assert (output / "report.html").stat().st_size > 10_000 and (output / "ablation_summary.csv").exists()
     parent = store.find_parent_run("lr-schedule")
     assert "report" in {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
+
+
+def test_precision_rule_stops_at_the_target_or_the_maximum_and_the_report_says_why(tmp_path, tracking_uri, data_dir):
+    output = tmp_path / "report"
+    result = run_module("experiments.ablate", "--arms", "baseline,no_dropout", "--seeds", "2", "--train-subset", "200",
+                        "--epochs", "1", "--target-ci-width", "0.5", "--max-seeds", "3", "--output", str(output),
+                        env=command_env(tracking_uri, data_dir), cwd=tmp_path)
+    summary = pd.read_csv(output / "ablation_summary.csv").set_index("arm")
+    reason = summary.loc["no_dropout", "stop_reason"]
+    runs = compare.study_runs("leave-one-out")
+    cells = sorted(zip(runs["arm"], runs["seed"]))
+    width = summary.loc["no_dropout", "delta_ci_high"] - summary.loc["no_dropout", "delta_ci_low"]
+    assert reason in ("target width reached", "max seeds reached")
+    assert reason == "max seeds reached" or width <= 0.5
+    if "round-1" in result.stdout:  # the third seed went to the arm and, paired, to the baseline
+        assert "arms still open: no_dropout" in result.stdout
+        assert cells == [(arm, seed) for arm in ("baseline", "no_dropout") for seed in (0, 1, 2)]
+    else:  # two seeds already gave an interval at most 50 points wide
+        assert reason == "target width reached"
+        assert cells == [("baseline", 0), ("baseline", 1), ("no_dropout", 0), ("no_dropout", 1)]
+    page = (output / "report.html").read_text()
+    assert "Precision-driven seeding" in page and "50.00 points" in page and reason in page
+
+
+def test_precision_flags_are_checked_before_anything_runs(tmp_path, tracking_uri, data_dir):
+    env = command_env(tracking_uri, data_dir)
+    result = run_module("experiments.ablate", "--max-seeds", "5", env=env, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "--max-seeds needs --target-ci-width" in result.stderr
+    result = run_module("experiments.ablate", "--target-ci-width", "2", env=env, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "expected a fraction in (0, 1)" in result.stderr

@@ -159,13 +159,28 @@ def _assert_each_cell_once(study, cells, storage_url):
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in runs}
 
 
-def test_two_workers_on_sqlite_run_every_cell_exactly_once(tmp_path, tracking_uri, data_dir):
+def test_two_workers_run_precision_rounds_exactly_once_with_one_progress_line(tmp_path, tracking_uri, data_dir):
+    """--workers 2 with precision-driven seeding: every cell of every round once, one study-level progress line."""
     env = command_env(tracking_uri, data_dir)
-    result = run_module("experiments.ablate", "--arms", "baseline,no_dropout,no_batch_norm", "--seeds", "2",
-                        "--epochs", "1", "--train-subset", "200", "--workers", "2", "--no-report",
-                        env=env, cwd=tmp_path)
+    # With one seed no interval exists, so every arm stays open until --max-seeds: a second round, for certain.
+    args = ("--arms", "baseline,no_dropout,no_batch_norm", "--seeds", "1", "--epochs", "1", "--train-subset", "200",
+            "--target-ci-width", "0.001", "--max-seeds", "2", "--workers", "2", "--no-report")
+    result = run_module("experiments.ablate", *args, env=env, cwd=tmp_path)
     assert "starting 2 workers" in result.stdout
+    # One progress line for the sweep, per round (the workers' own progress is in their logs).
+    assert "leave-one-out round-0" in result.stdout and "leave-one-out round-1" in result.stdout
+    assert "finished no_dropout-seed" not in result.stdout
+    logs = sorted((tmp_path / "store" / "logs" / "leave-one-out").glob("*/worker-*.log"))
+    text = "".join(log.read_text() for log in logs)
+    assert len(logs) == 2 and text.count("finished ") == 6
+    assert "arms still open: no_dropout, no_batch_norm" in text
     cells = {(arm, seed) for arm in ("baseline", "no_dropout", "no_batch_norm") for seed in ("0", "1")}
+    _assert_each_cell_once("leave-one-out", cells, f"sqlite:///{tmp_path / 'store' / 'optuna.db'}")
+    definition = store.study_definition("leave-one-out")
+    assert definition["precision"]["max_seeds"] == 2 and len(definition["cells"]) == 6
+    # Once done, the same command adds nothing.
+    run_module("experiments.ablate", *args, env=env, cwd=tmp_path)
+    assert all("skipping 3 of 3 cells" in log.read_text() for log in logs)
     _assert_each_cell_once("leave-one-out", cells, f"sqlite:///{tmp_path / 'store' / 'optuna.db'}")
 
 
