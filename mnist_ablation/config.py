@@ -19,6 +19,7 @@ from .errors import UserError
 from .model import ARCHITECTURES
 from .optimizers import OPTIMIZERS, USES_WEIGHT_DECAY
 from .schedules import SCHEDULES
+from .seed_pipeline import DEFAULT_PIPELINE, PIPELINES
 
 
 class ConfigError(UserError, ValueError):
@@ -79,6 +80,9 @@ class TrainConfig:
     # Evaluation.
     tta_views: int = 0  # test-time augmentation: extra augmented views averaged at test; 0 = off
 
+    # Code path.
+    pipeline: str = DEFAULT_PIPELINE  # registry name in seed_pipeline.py: "trainer", or "seed_script" (seed's code)
+
     # Speed (do not change what is computed, only how fast).
     steps_per_execution: int = 16  # training steps per compiled call: same maths, less per-step overhead
     threads: int = 0  # TensorFlow intra-op threads; 0 = TensorFlow's default
@@ -98,8 +102,13 @@ class TrainConfig:
 
         Speed-only fields (SPEED_FIELDS) are left out: they change how fast a run goes, not what it
         computes, so a study resumed with more workers or threads still recognises its finished cells.
+        ``pipeline`` is left out at its default: finished cells in users' stores (and checkpoints) are found
+        by this hash, and they were all trained by the trainer before the field existed, so leaving the
+        default out keeps every earlier config's hash, and their resume, unchanged.
         """
         values = {k: v for k, v in self.to_dict().items() if k not in SPEED_FIELDS}
+        if values["pipeline"] == DEFAULT_PIPELINE:
+            del values["pipeline"]
         payload = {"config": values, "extra": dict(extra or {})}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -282,6 +291,22 @@ def validate(config: TrainConfig) -> None:
     _check(c.tta_views >= 0, "tta_views", c.tta_views, "an integer >= 0 (0 = off)")
     _check(c.steps_per_execution >= 1, "steps_per_execution", c.steps_per_execution, "an integer >= 1")
     _check(c.threads >= 0, "threads", c.threads, "an integer >= 0 (0 = TensorFlow's default)")
+    _check(c.pipeline in PIPELINES, "pipeline", c.pipeline, f"one of {PIPELINES.names}")
+    _check_pipeline_fields(c)
+
+
+def _check_pipeline_fields(config: TrainConfig) -> None:
+    """A pipeline with fixed code (the seed's script) accepts only the seed's value of what its code fixes."""
+    pipeline = PIPELINES[config.pipeline]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the seed's recipe
+    for name, where in pipeline.fixed_fields.items():
+        value = getattr(config, name)
+        if value != defaults[name]:
+            raise ConfigError(
+                f"{name}={value!r} is not possible with pipeline={config.pipeline!r}: {pipeline.title} has no such "
+                f"knob ({where} fixes {name}={defaults[name]!r}). Leave {name} at {defaults[name]!r}, or use "
+                f"pipeline={DEFAULT_PIPELINE!r}, which has it."
+            )
 
 
 def effective_settings(config: TrainConfig) -> dict[str, Any]:

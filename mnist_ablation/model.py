@@ -167,8 +167,6 @@ def inference_copy(model: "keras.Model") -> "keras.Model":
     1.9 MB here). ``keras.models.clone_model`` would compile the clone with the same optimizer;
     ``from_config`` does not.
     """
-    import keras
-
-    copy = keras.Model.from_config(model.get_config())
+    copy = type(model).from_config(model.get_config())  # a Sequential (the seed's script) stays one
     copy.set_weights(model.get_weights())
     return copy

@@ -14,6 +14,7 @@ from typing import Mapping
 from .config import BASELINE, TrainConfig, effective_settings
 from .errors import StudyError
 from .registry import Registry
+from .seed_pipeline import SEED_SCRIPT
 
 # Each component of the seed's recipe that the ablations switch: the overrides that remove it, the name of
 # an arm without it (leave-one-out and factorial) and of an arm with only it (add-one-in).
@@ -190,6 +191,13 @@ STUDIES: Registry[Study] = Registry("study", {
                                        (7, (48, 96, 144, 192)))
                 },
             },
+        ),
+        Study(
+            "parity",
+            "Is the trainer's baseline the seed's pipeline? The trainer at the seed's recipe against the seed's own "
+            "code as written (Sequential, ImageDataGenerator(...).flow(batch_size=32), model.fit with its "
+            "LearningRateScheduler), on the same split, subset, epochs and seeds; read it with the equivalence test.",
+            {"baseline": BASELINE, SEED_SCRIPT: BASELINE.replace(pipeline=SEED_SCRIPT)},
         ),
     )
 })

@@ -29,6 +29,7 @@ from .data import NUM_CLASSES, Mnist, Split, build_split
 from .model import build_model
 from .optimizers import build_optimizer
 from .schedules import build_schedule
+from .seed_pipeline import PIPELINES
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds")
 # Inference only (validation, test): BN and dropout are in inference mode, so the batch size changes no
@@ -311,7 +312,13 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
     ``callbacks`` observe training (they run after the trainer's own, so their logs include
     ``learning_rate`` and ``epoch_seconds``). With ``checkpoint_dir``, every epoch is checkpointed
     there and a later call with the same config continues from the last completed epoch.
+
+    A config whose ``pipeline`` names other code (``"seed_script"``: the seed's own) is trained by that code,
+    with the same arguments and result (``seed_pipeline.PIPELINES``).
     """
+    pipeline = PIPELINES[config.pipeline]
+    if pipeline.train is not None:
+        return pipeline.train(config, data, callbacks=callbacks, checkpoint_dir=checkpoint_dir, verbose=verbose)
     configure_runtime(config)
     # Split row numbers, not images: indexing the images would copy the 55,000 training ones (172 MB).
     rows: Split = build_split(row_numbers(data), config.validation, config.validation_size, config.split_seed,

@@ -1,0 +1,278 @@
+"""Parity benchmark: is the trainer's baseline the seed's pipeline? The ``parity`` study over repeated seeds.
+
+    python -m benchmarks.parity --mode smoke          # a few hundred images x 1 epoch x 2 seeds: checks the script
+    python -m benchmarks.parity --mode cpu            # 55,000 images x 3 epochs x 8 seeds per arm (~1 h, 2 cores)
+    python -m benchmarks.parity --mode full --workers 8   # 15 epochs x 5 seeds per arm (a GPU machine)
+
+It runs ``python -m experiments.ablate --study parity`` (resumable: finished cells are skipped; its own store under
+benchmarks/results/parity/<mode>/), then compares the ``seed_script`` arm (the seed's code as written) with the
+``baseline`` arm (the trainer at the seed's recipe) with ``stats.compare_to_baseline`` on the cells' per-image
+correctness, seeds and test images both random, and an equivalence test (TOST) at +-0.1 points. It prints a table and
+writes benchmarks/results/parity-<mode>.json with the machine, the commands, the protocol and the figures.
+
+On a machine with a GPU and Keras on JAX but no MLflow, train the cells there and import them here:
+
+    KERAS_BACKEND=jax python -m experiments.ablate --study parity --seeds 5 --offline cells --workers 8
+    python -m benchmarks.parity --mode full --offline-cells cells
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+STUDY = "parity"
+BASELINE_ARM, SEED_SCRIPT_ARM = "baseline", "seed_script"
+EQUIVALENCE_MARGIN = 0.001  # +-0.1 points of accuracy
+CONFIDENCE = 0.95
+# mode: (train_subset (None = all 55,000 training images), epochs, seeds per arm, what it shows)
+MODES = {
+    "smoke": (300, 1, 2, "checks the script end to end; its accuracies mean nothing"),
+    "cpu": (None, 3, 8, "parity of the two pipelines over the first 3 epochs (the schedule's steps at epochs 5 and 10 "
+                        "are not reached), not the 15-epoch figure"),
+    "full": (None, 15, 5, "parity at the seed's full length"),
+}
+
+
+def ablate_command(train_subset: int | None, epochs: int, seeds: int, workers: int, tracking_uri: str,
+                   data_dir: str | None, overrides: list[str], report_dir: Path,
+                   offline_cells: Path | None = None) -> list[str]:
+    command = [sys.executable, "-m", "experiments.ablate", "--study", STUDY, "--seeds", str(seeds),
+               "--epochs", str(epochs), "--workers", str(workers), "--tracking-uri", tracking_uri,
+               "--equivalence-margin", str(EQUIVALENCE_MARGIN), "--output", str(report_dir)]
+    if train_subset is not None:
+        command += ["--train-subset", str(train_subset)]
+    for override in overrides:
+        command += ["--set", override]
+    if offline_cells is not None:
+        command += ["--import-offline", str(offline_cells)]
+    if data_dir:
+        command += ["--data-dir", data_dir]
+    return command
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def summarise(tracking_uri: str) -> dict:
+    """Per-arm figures and the seed_script-versus-baseline comparison from the study's finished cells."""
+    from mnist_ablation import compare, stats, store
+
+    runs = compare.study_runs(STUDY, tracking_uri=tracking_uri)
+    if runs.empty:
+        raise SystemExit(f"no finished cells of study {STUDY!r} in {tracking_uri}; did the ablate step fail?")
+    arms = {}
+    for arm, group in runs.groupby("arm", sort=False):
+        accuracy = group["test_accuracy"].astype(float)
+        run_seconds = (group["end_time"] - group["start_time"]).dt.total_seconds()
+        arms[arm] = {
+            "n_seeds": int(group["seed"].nunique()),
+            "seeds": sorted(int(seed) for seed in group["seed"]),
+            "test_accuracy_mean": float(accuracy.mean()),
+            "test_accuracy_std": _finite(accuracy.std(ddof=1)) if len(accuracy) > 1 else None,
+            "test_accuracy_per_seed": {int(s): float(a) for s, a in zip(group["seed"], accuracy)},
+            "val_accuracy_mean": float(group["val_accuracy"].astype(float).mean()),
+            "train_seconds_mean": float(group["train_seconds"].astype(float).mean()),
+            "run_seconds_mean": float(run_seconds.mean()),
+            "train_subset": int(group["train_subset"].iloc[0]) if group["train_subset"].notna().iloc[0] else None,
+        }
+    correct = store.prediction_correctness(runs[["run_id", "arm", "seed"]])
+    table = stats.compare_to_baseline(correct, baseline=BASELINE_ARM, confidence=CONFIDENCE,
+                                      equivalence_margin=EQUIVALENCE_MARGIN)
+    row = table.set_index("arm").loc[SEED_SCRIPT_ARM] if SEED_SCRIPT_ARM in set(table["arm"]) else None
+    comparison = None
+    if row is not None:
+        n_images = int(correct["image"].nunique())
+        standard_error = _finite(row["standard_error"])
+        image_part = math.sqrt(row["image_variance"] / n_images) if math.isfinite(row["image_variance"]) else None
+        comparison = {
+            "arm": SEED_SCRIPT_ARM, "baseline": BASELINE_ARM, "n_pairs": int(row["n_pairs"]), "n_images": n_images,
+            "delta": _finite(row["delta"]),
+            "delta_ci_low": _finite(row["delta_ci_low"]), "delta_ci_high": _finite(row["delta_ci_high"]),
+            "confidence": CONFIDENCE, "p_value": _finite(row["p_value"]),
+            "equivalence_margin": EQUIVALENCE_MARGIN, "equivalence_p_value": _finite(row["equivalence_p_value"]),
+            "standard_error": standard_error,
+            "seed_variance": _finite(row["seed_variance"]), "image_variance": _finite(row["image_variance"]),
+            "residual_variance": _finite(row["residual_variance"]),
+            # The standard error's two parts: what more seeds shrink, and the test set's floor.
+            "standard_error_image_part": image_part,
+            "standard_error_seed_part": (math.sqrt(max(standard_error ** 2 - image_part ** 2, 0.0))
+                                         if standard_error is not None and image_part is not None else None),
+            "ci_width_floor": _finite(row["ci_width_floor"]),
+            "delta_ci_low_this_test_set": _finite(row["delta_ci_low_this_test_set"]),
+            "delta_ci_high_this_test_set": _finite(row["delta_ci_high_this_test_set"]),
+            "p_value_this_test_set": _finite(row["p_value_this_test_set"]),
+        }
+    return {"arms": arms, "comparison": comparison}
+
+
+def _points(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:+.3f}" if signed else f"{100 * value:.3f}"
+
+
+def _g(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+_p = _g  # p-values
+
+
+def verdict(comparison: dict | None) -> str:
+    if comparison is None or comparison["equivalence_p_value"] is None:
+        return "no verdict: needs at least 2 paired seeds"
+    margin = 100 * comparison["equivalence_margin"]
+    if comparison["equivalence_p_value"] < 1 - comparison["confidence"]:
+        tost = _p(comparison["equivalence_p_value"])
+        return f"equivalent: the difference is within +-{margin:g} points (TOST p {tost})"
+    if comparison["p_value"] is not None and comparison["p_value"] < 1 - comparison["confidence"]:
+        return f"NOT equivalent: the pipelines differ (p {_p(comparison['p_value'])}); find out why (docs/parity.md)"
+    return (f"undecided: neither a difference (p {_p(comparison['p_value'])}) nor equivalence within +-{margin:g} "
+            f"points (TOST p {_p(comparison['equivalence_p_value'])}) is shown; more seeds narrow the interval "
+            f"down to its test-set floor of {_points(comparison['ci_width_floor'])} points")
+
+
+def table(summary: dict) -> str:
+    lines = [f"{'arm':14s} {'n':>3s} {'test acc % (mean +- std)':>25s} {'val acc %':>10s} {'s / cell (train)':>17s} "
+             f"{'s / cell (run)':>15s}"]
+    for arm, figures in summary["arms"].items():
+        std = figures["test_accuracy_std"]
+        accuracy = f"{100 * figures['test_accuracy_mean']:.3f}" + (f" +- {100 * std:.3f}" if std is not None else "")
+        lines.append(f"{arm:14s} {figures['n_seeds']:3d} {accuracy:>25s} {100 * figures['val_accuracy_mean']:10.3f} "
+                     f"{figures['train_seconds_mean']:17.1f} {figures['run_seconds_mean']:15.1f}")
+    comparison = summary["comparison"]
+    if comparison is not None:
+        c = comparison
+        tost_label = f"TOST p (+-{100 * c['equivalence_margin']:g} points)"
+        lines += [
+            "",
+            f"{c['arm']} vs {c['baseline']} ({c['n_pairs']} paired seeds x {c['n_images']:,} test images, both "
+            "random), in points of accuracy:",
+            f"  delta                    {_points(c['delta'], signed=True)}",
+            f"  95% CI                   [{_points(c['delta_ci_low'], True)}, {_points(c['delta_ci_high'], True)}]",
+            f"  p (difference)           {_p(c['p_value'])}",
+            f"  {tost_label:25s}{_p(c['equivalence_p_value'])}",
+            f"  standard error           {_points(c['standard_error'])} = seeds "
+            f"{_points(c['standard_error_seed_part'])} (+) test images {_points(c['standard_error_image_part'])}",
+            f"  variance components      seed {_g(c['seed_variance'])}, image {_g(c['image_variance'])} "
+            "(of the per-image correctness difference, fractions squared)",
+            f"  CI width floor           {_points(c['ci_width_floor'])} (the test set's limit at any number of seeds)",
+            f"  verdict                  {verdict(c)}",
+        ]
+    return "\n".join(lines)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict:
+    gpus = []
+    if shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+        gpus = [line for line in listed.stdout.splitlines() if line.strip()]
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "gpus": gpus, "load_average_1_5_15": list(os.getloadavg()),
+            "python": platform.python_version(), "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
+            "packages": {name: _version(name) for name in ("tensorflow", "keras", "jax", "numpy", "scipy", "mlflow")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=list(MODES), default="smoke",
+                        help="smoke: check the script; cpu: 55,000 images x 3 epochs x 8 seeds; full: 15 epochs x 5 "
+                             "seeds (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the mode's)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per cell (default: the mode's)")
+    parser.add_argument("--train-subset", type=int, default=None,
+                        help="training images per cell (default: the mode's; cpu and full use all 55,000)")
+    parser.add_argument("--workers", type=int, default=1, help="cells trained at once (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="config override for both arms, e.g. validation=test for the seed's own protocol "
+                             "(repeatable)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store (default: sqlite under benchmarks/results/parity/<mode>/)")
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR"), help="MNIST directory")
+    parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/parity-<mode>.json)")
+    parser.add_argument("--skip-training", action="store_true", help="only summarise the cells already in the store")
+    parser.add_argument("--offline-cells", type=Path, default=None, metavar="DIR",
+                        help="import cells trained elsewhere with `experiments.ablate --study parity --offline DIR` "
+                             "(a GPU machine, say) instead of training here")
+    args = parser.parse_args(argv)
+    default_subset, default_epochs, default_seeds, shows = MODES[args.mode]
+    train_subset = args.train_subset if args.train_subset is not None else default_subset
+    epochs = args.epochs or default_epochs
+    seeds = args.seeds or default_seeds
+    if seeds < 1 or epochs < 1 or args.workers < 1:
+        parser.error("--seeds, --epochs and --workers must be integers >= 1")
+    store_dir = RESULTS_DIR / "parity" / args.mode
+    tracking_uri = args.tracking_uri or f"sqlite:///{store_dir / 'mlflow.db'}"
+    output = args.output or RESULTS_DIR / f"parity-{args.mode}.json"
+
+    command = ablate_command(train_subset, epochs, seeds, args.workers, tracking_uri, args.data_dir, args.overrides,
+                             store_dir / "report", args.offline_cells)
+    started = time.perf_counter()
+    ablate_exit = None
+    if not args.skip_training:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        print("$ python", " ".join(command[1:]), flush=True)
+        ablate_exit = subprocess.run(command, cwd=REPO_ROOT).returncode
+        if ablate_exit != 0:
+            print(f"warning: the ablate step exited {ablate_exit}; summarising the cells that finished",
+                  file=sys.stderr)
+    summary = summarise(tracking_uri)
+    result = {
+        "benchmark": "parity",
+        "mode": args.mode,
+        "study": STUDY,
+        "protocol": {
+            "arms": {BASELINE_ARM: "the trainer at the seed's recipe",
+                     SEED_SCRIPT_ARM: "the seed's code as written (mnist_ablation.seed_pipeline)"},
+            "seeds_per_arm": seeds, "epochs": epochs,
+            "train_images": train_subset if train_subset is not None else "all (55,000 with validation=split)",
+            "overrides": args.overrides, "test_images": 10_000, "confidence": CONFIDENCE,
+            "equivalence_margin": EQUIVALENCE_MARGIN, "what_it_shows": shows,
+            "statistics": "mnist_ablation.stats.compare_to_baseline on store.prediction_correctness: seeds and test "
+                          "images random (crossed), paired by seed",
+        },
+        "commands": {
+            "benchmark": " ".join(["python", "-m", "benchmarks.parity", *(argv if argv is not None else sys.argv[1:])]),
+            "ablate": " ".join(["python", *command[1:]]),
+        },
+        "ablate_exit_code": ablate_exit,
+        "tracking_uri": tracking_uri,
+        "wall_seconds": time.perf_counter() - started,
+        "machine": machine(),
+        **summary,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    images = f"{train_subset:,} images" if train_subset is not None else "all 55,000 training images"
+    print()
+    print(f"Parity benchmark ({args.mode} mode: {images} x {epochs} epoch(s), {seeds} seed(s) per arm), test accuracy "
+          "on the 10,000 MNIST test images")
+    print(table(summary))
+    print(f"\n{args.mode} mode {shows}.")
+    print(f"wall time {result['wall_seconds']:.0f} s; results in {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
