@@ -45,7 +45,8 @@ def _print_trial(study, trial) -> None:
 
 
 def run_study(pruner_name: str, base: TrainConfig, data: Mnist, n_trials: int, sampler_seed: int) -> dict:
-    study = optuna.create_study(study_name=f"pruning-{pruner_name}", direction="maximize", sampler=search_space.build_sampler("tpe", sampler_seed),
+    study = optuna.create_study(study_name=f"pruning-{pruner_name}", direction="maximize",
+                                sampler=search_space.build_sampler("tpe", sampler_seed),
                                 pruner=search_space.build_pruner(pruner_name, base.epochs))
     study.enqueue_trial(search_space.baseline_params(base), user_attrs={tuning.BASELINE_ATTR: True})
     start = time.perf_counter()
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()
 
     pruned, full = results
-    print(f"\n{args.n_trials} trials x {args.epochs} epochs on {args.train_subset} images, TPE seed {args.sampler_seed}")
+    print(f"\n{args.n_trials} trials x {args.epochs} epochs on {args.train_subset} images, "
+          f"TPE seed {args.sampler_seed}")
     print(f"{'pruner':<10}{'pruned':>8}{'epochs':>10}{'seconds':>10}{'best val acc':>14}{'best trial':>12}")
     for row in results:
         print(f"{row['pruner']:<10}{row['pruned']:>8}{row['epochs_trained']:>6}/{row['epochs_budget']:<3}"

@@ -14,6 +14,7 @@ writes ``benchmarks/results/serve_latency.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -135,11 +136,9 @@ def drawing_payloads(images: np.ndarray, count: int) -> list[dict]:
 
 def machine() -> dict:
     model = ""
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {"platform": platform.platform(), "cpu": model, "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "load_average_at_start": list(os.getloadavg())}
 

@@ -128,9 +128,8 @@ def _step_clock(warmup_steps: int, timed_steps: int | None):
             if self.start_time is None and steps_done >= warmup_steps:
                 self.start_time, self.start_step = now, steps_done
             self.last_time, self.last_step = now, steps_done
-            if timed_steps is not None and self.start_step is not None:
-                if steps_done - self.start_step >= timed_steps:
-                    self.model.stop_training = True
+            if timed_steps is not None and self.start_step is not None and steps_done - self.start_step >= timed_steps:
+                self.model.stop_training = True
 
         def on_test_begin(self, logs=None):
             self._validation_start = time.perf_counter()
@@ -306,7 +305,7 @@ class Worker:
         environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         if name in PATHS:
             environment.update(PATHS[name].environment)
-        self.log = tempfile.TemporaryFile(mode="w+")
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - the worker's stderr, read when it fails
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
             env=environment, cwd=Path(__file__).resolve().parent.parent,

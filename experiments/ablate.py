@@ -18,8 +18,13 @@ import json
 import sys
 import time
 
-from experiments.cli import (add_config_arguments, add_data_arguments, add_tracking_arguments,
-                             apply_tracking_arguments, run_command)
+from experiments.cli import (
+    add_config_arguments,
+    add_data_arguments,
+    add_tracking_arguments,
+    apply_tracking_arguments,
+    run_command,
+)
 from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
 from mnist_ablation.redaction import redact, redact_argv
 from mnist_ablation.studies import DEFAULT_STUDY, STUDIES, Study, describe_identical, identical_arms
@@ -37,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arms", default=None, help="comma-separated subset of the study's arms (default: all)")
     parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 per arm (default 3)")
     parser.add_argument("--target-ci-width", type=float, default=None, metavar="W",
-                        help="precision-driven seeding: after the first --seeds, add seeds in rounds to every arm whose "
-                             "95%% interval of the difference from the baseline is wider than W (a fraction: 0.001 = "
+                        help="precision-driven seeding: after the first --seeds, add seeds in rounds to every arm "
+                             "whose 95%% interval of the difference from the baseline is wider than W (0.001 = "
                              "0.1 points), until it is narrower, has --max-seeds seeds, or the test set limits it")
     parser.add_argument("--max-seeds", type=int, default=None, metavar="M",
                         help="with --target-ci-width: at most M seeds per arm (default: 10)")

@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

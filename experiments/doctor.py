@@ -15,7 +15,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.doctor", description=__doc__)
     add_tracking_arguments(parser)
     parser.add_argument("--storage", default=None,
-                        help="the cell queue's Optuna storage (default: sqlite:///mlruns/optuna.db beside a local store)")
+                        help="the cell queue's Optuna storage "
+                             "(default: sqlite:///mlruns/optuna.db beside a local store)")
     parser.add_argument("--stale-after", type=float, default=1800.0,
                         help="a RUNNING run with no queue heartbeat is stale after this many seconds without a "
                              "metric (default: %(default)s)")

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.cli import (add_config_arguments, add_data_arguments, add_tracking_arguments,
-                             apply_tracking_arguments, config_from_arguments, run_command)
+from experiments.cli import (
+    add_config_arguments,
+    add_data_arguments,
+    add_tracking_arguments,
+    apply_tracking_arguments,
+    config_from_arguments,
+    run_command,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

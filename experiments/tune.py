@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.cli import (add_config_arguments, add_data_arguments, add_tracking_arguments,
-                             apply_tracking_arguments, config_from_arguments, run_command)
+from experiments.cli import (
+    add_config_arguments,
+    add_data_arguments,
+    add_tracking_arguments,
+    apply_tracking_arguments,
+    config_from_arguments,
+    run_command,
+)
 from mnist_ablation.config import ConfigError
-
 from mnist_ablation.search_space import PRUNERS, SAMPLERS  # noqa: E402 - import-light: no Optuna or TensorFlow
 
 

@@ -20,13 +20,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import keras
 import pandas as pd
-from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from . import store, tracking
@@ -109,7 +108,7 @@ class StudyRunner:
         self._parent_run_id: str | None = None
 
     @classmethod
-    def open(cls, study, configs, seeds, data_dir=None, tracking_uri=None, storage_url=None, **kwargs) -> "StudyRunner":
+    def open(cls, study, configs, seeds, data_dir=None, tracking_uri=None, storage_url=None, **kwargs) -> StudyRunner:
         """Check the store, load (and checksum) the data, and set up the study. Fails before any run."""
         uri = tracking.use_tracking_uri(tracking_uri)
         data = load_mnist(data_dir)
@@ -269,7 +268,7 @@ class StudyRunner:
     def _run_claim(self, claim, bar: tqdm, outcome: WorkerOutcome) -> None:
         cell = claim.cell
         if cell.arm not in self.arm_configs or self.cell(cell.arm, cell.seed).config_hash != cell.config_hash:
-            self.queue.finish(claim, TrialState.FAIL, reason="cell not in this worker's study definition")
+            self.queue.fail(claim, "cell not in this worker's study definition")
             raise RuntimeError(
                 f"queue cell {cell.key} ({cell.config_hash}) does not match this command's study definition; "
                 "all workers of a study must run the same command (same --set, --epochs, --train-subset)."
@@ -300,15 +299,15 @@ class StudyRunner:
                     on_run_created=lambda run_id: self.queue.record_run_id(claim, run_id),
                 )
             except KeyboardInterrupt:
-                self.queue.finish(claim, TrialState.FAIL, reason="interrupted")
+                self.queue.fail(claim, "interrupted")
                 raise
             except Exception as error:  # noqa: BLE001 - one bad cell (a TrainingDiverged, say) must not stop the study
-                self.queue.finish(claim, TrialState.FAIL, reason=f"{type(error).__name__}: {error}")
+                self.queue.fail(claim, f"{type(error).__name__}: {error}")
                 outcome.failed += 1
                 outcome.failures.append(f"{cell.key}: {type(error).__name__}: {error}")
                 tqdm.write(f"FAILED {cell.key}: {type(error).__name__}: {error}")
                 return
-        self.queue.finish(claim, TrialState.COMPLETE, value=tracked.result.history["val_accuracy"][-1])
+        self.queue.complete(claim, tracked.result.history["val_accuracy"][-1])
         outcome.ran += 1
         tqdm.write(f"finished {cell.key}: test_accuracy {tracked.result.test_accuracy:.4f} "
                    f"({time.perf_counter() - started:.0f} s, run {tracked.run_id})")
@@ -414,8 +413,10 @@ class StudyRunner:
         command = [sys.executable, "-m", "experiments.ablate", *argv, "--worker-only", "--set", f"threads={threads}"]
         logs = [log_dir / f"worker-{index}.log" for index in range(workers)]
         print(f"starting {workers} workers with {threads} thread(s) each; their logs: {log_dir}", flush=True)
-        handles = [open(path, "w") for path in logs]
-        processes = [subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT) for handle in handles]
+        processes = []
+        for path in logs:
+            with open(path, "w") as handle:  # the worker keeps its own copy of the descriptor
+                processes.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT))
         try:
             self.watch(processes)
             return [process.wait() for process in processes]
@@ -424,13 +425,12 @@ class StudyRunner:
             for process in processes:
                 process.wait()
             raise
-        finally:
-            for handle in handles:
-                handle.close()
 
     def watch(self, processes: Sequence[subprocess.Popen], poll_seconds: float = 2.0) -> None:
         """One progress line for the whole sweep while ``processes`` run: per round, done / total, running, ETA."""
-        bar, current = None, None
+        bar, current, shown = None, None, None
+        # On a terminal the line redraws in place; in a log file, a new line only every half minute.
+        interval = 0.5 if sys.stdout.isatty() else 30.0
         try:
             while any(process.poll() is None for process in processes):
                 round_study = self.queue.latest_round()
@@ -440,13 +440,17 @@ class StudyRunner:
                             bar.close()
                         current = round_study.study_name
                         bar = tqdm(total=len(self.queue.round_cells(round_study)), unit="cell", dynamic_ncols=True,
-                                   desc=f"{self.study.name} {current.rsplit('/', 1)[-1]}", file=sys.stdout)
+                                   desc=f"{self.study.name} {current.rsplit('/', 1)[-1]}", file=sys.stdout,
+                                   mininterval=interval)
                     done = self.queue.settled(round_study)
                     bar.update(done - bar.n)
                     running = self.queue.running_cells(round_study)
                     failed = self.queue.failed(round_study)
-                    bar.set_postfix_str(f"running {len(running)}: {', '.join(c.key for c in running)}"
-                                        + (f"; {failed} failed" if failed else ""))
+                    text = f"running {len(running)}: {', '.join(c.key for c in running)}" + (
+                        f"; {failed} failed" if failed else "")
+                    if text != shown:
+                        bar.set_postfix_str(text, refresh=False)
+                        shown = text
                 time.sleep(poll_seconds)
         finally:
             if bar is not None:

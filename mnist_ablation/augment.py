@@ -33,7 +33,7 @@ class AugmentationParams:
     shear_range: float = 0.1
 
     @classmethod
-    def from_config(cls, config) -> "AugmentationParams":
+    def from_config(cls, config) -> AugmentationParams:
         return cls(
             rotation_range=config.rotation_range,
             width_shift_range=config.width_shift_range,

@@ -11,9 +11,9 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
-
+from typing import Any
 
 from .errors import UserError
 from .model import ARCHITECTURES
@@ -113,7 +113,7 @@ class TrainConfig:
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return with_overrides(self, changes)
 
 

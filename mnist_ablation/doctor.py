@@ -5,11 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from optuna.trial import TrialState
-
 from . import store, tracking
 from .storage import fail_stale_trials, open_storage
-from .workqueue import stale_trials
+from .workqueue import is_running, stale_trials
 
 
 @dataclass
@@ -54,9 +52,8 @@ def diagnose(storage_url: str | None = None, stale_after: float = 1800.0, grace_
             continue  # a study's parent run is RUNNING while its workers are
         linked = trials_by_run.get(run.info.run_id, [])
         if linked:
-            trial_states = {trial.state for _, trial in linked}
             stale_numbers = {t.number for study, _ in linked for t in stale_trials(study, grace_period, now)}
-            if TrialState.RUNNING not in trial_states or any(t.number in stale_numbers for _, t in linked):
+            if not any(is_running(t) for _, t in linked) or any(t.number in stale_numbers for _, t in linked):
                 diagnosis.stale.append(StaleRun(run.info.run_id, experiment, name,
                                                 "its queue trial's heartbeat stopped (worker died)"))
             else:
@@ -64,7 +61,8 @@ def diagnose(storage_url: str | None = None, stale_after: float = 1800.0, grace_
             continue
         idle = now - store.last_activity_ms(run.info.run_id) / 1000
         if idle > stale_after:
-            diagnosis.stale.append(StaleRun(run.info.run_id, experiment, name, f"no metric logged for {idle / 60:.0f} min"))
+            diagnosis.stale.append(StaleRun(run.info.run_id, experiment, name,
+                                            f"no metric logged for {idle / 60:.0f} min"))
         else:
             diagnosis.alive.append(name)
     for study in store.ablation_studies():

@@ -7,8 +7,9 @@ config validation and ``--list`` without loading a backend.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .registry import Registry
 
@@ -104,7 +105,7 @@ def no_pool_architecture(config, kernel: int) -> keras.Model:
 class Architecture:
     """A model builder and the config it accepts: how many ``conv_filters``, and which fields it ignores."""
 
-    build: Callable[[object], "keras.Model"]
+    build: Callable[[object], keras.Model]
     min_conv_layers: int = 3
     max_conv_layers: int = 3
     uses_dense_and_dropout: bool = True  # dense_units, dropout and its rates
@@ -131,12 +132,12 @@ ARCHITECTURES: Registry[Architecture] = Registry("architecture", {
 })
 
 
-def build_model(config) -> "keras.Model":
+def build_model(config) -> keras.Model:
     """Build the (uncompiled) model named by ``config.architecture``."""
     return ARCHITECTURES[config.architecture].build(config)
 
 
-def seed_sequential_model() -> "keras.Model":
+def seed_sequential_model() -> keras.Model:
     """The seed's model exactly as its text writes it (reference for tests and the speed benchmark)."""
     import keras
     from keras.layers import BatchNormalization, Conv2D, Dense, Dropout, Flatten, MaxPooling2D
@@ -160,7 +161,7 @@ def seed_sequential_model() -> "keras.Model":
     ])
 
 
-def inference_copy(model: "keras.Model") -> "keras.Model":
+def inference_copy(model: keras.Model) -> keras.Model:
     """The same layers and weights (batch-norm statistics included), uncompiled: no optimizer state.
 
     For saving or logging a trained model: Adam's two slots per weight would triple the file (5.5 MB ->

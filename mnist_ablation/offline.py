@@ -19,9 +19,9 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -122,7 +122,8 @@ def saved_cells(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(path for path in root.iterdir() if (path / RECORD_FILE).is_file() and not path.name.endswith(".partial"))
+    return sorted(path for path in root.iterdir()
+                  if (path / RECORD_FILE).is_file() and not path.name.endswith(".partial"))
 
 
 def plan_cells(configs: Mapping[str, TrainConfig], seeds, data: Mnist) -> list[OfflineCell]:

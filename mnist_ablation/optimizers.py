@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .registry import Registry
 
@@ -10,32 +11,32 @@ if TYPE_CHECKING:
     import keras
 
 
-def adam(config) -> "keras.optimizers.Optimizer":
+def adam(config) -> keras.optimizers.Optimizer:
     """The seed's optimizer (``optimizer='adam'``: Keras' defaults, learning rate set by the schedule)."""
     import keras
 
     return keras.optimizers.Adam(config.learning_rate)
 
 
-def adamw(config) -> "keras.optimizers.Optimizer":
+def adamw(config) -> keras.optimizers.Optimizer:
     import keras
 
     return keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
 
 
-def nadam(config) -> "keras.optimizers.Optimizer":
+def nadam(config) -> keras.optimizers.Optimizer:
     import keras
 
     return keras.optimizers.Nadam(config.learning_rate)
 
 
-def sgd(config) -> "keras.optimizers.Optimizer":
+def sgd(config) -> keras.optimizers.Optimizer:
     import keras
 
     return keras.optimizers.SGD(config.learning_rate, momentum=0.9, nesterov=True)
 
 
-OPTIMIZERS: Registry[Callable[[object], "keras.optimizers.Optimizer"]] = Registry("optimizer", {
+OPTIMIZERS: Registry[Callable[[object], keras.optimizers.Optimizer]] = Registry("optimizer", {
     "adam": adam,
     "adamw": adamw,
     "nadam": nadam,
@@ -44,6 +45,6 @@ OPTIMIZERS: Registry[Callable[[object], "keras.optimizers.Optimizer"]] = Registr
 USES_WEIGHT_DECAY = ("adamw",)
 
 
-def build_optimizer(config) -> "keras.optimizers.Optimizer":
+def build_optimizer(config) -> keras.optimizers.Optimizer:
     """The optimizer named by ``config.optimizer``."""
     return OPTIMIZERS[config.optimizer](config)

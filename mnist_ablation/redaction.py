@@ -7,7 +7,7 @@ Every URI or command line that is printed, logged to MLflow (``environment.json`
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 MASK = "***"
 # scheme://user:password@host -> scheme://user:***@host (SQLAlchemy, MLflow and HTTP URLs alike).

@@ -7,7 +7,8 @@ read ``registry.names`` instead of repeating them.
 from __future__ import annotations
 
 import difflib
-from typing import Iterator, Mapping, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import TypeVar
 
 from .errors import UserError
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .config import FIELD_NAMES, ConfigError, TrainConfig
 from .errors import UserError

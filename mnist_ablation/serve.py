@@ -29,8 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError, WithJsonSchema,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError, WithJsonSchema, model_validator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import store

@@ -17,8 +17,8 @@ that imports MLflow.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import mlflow
 import numpy as np

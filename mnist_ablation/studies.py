@@ -8,8 +8,8 @@ command layer all read the same definitions.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from .config import BASELINE, TrainConfig, effective_settings
 from .errors import StudyError

@@ -22,9 +22,9 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 from urllib.parse import urlparse
 
 import keras
@@ -48,9 +48,19 @@ from .errors import TrackingError
 from .model import inference_copy
 from .plots import confusion_matrix_figure, training_curves_figure
 from .redaction import redact
-from .store import (CONFIG_ARTIFACT, CONFIG_HASH_TAG, DEFAULT_EXPERIMENT, DESCRIPTION_TAG, ENVIRONMENT_ARTIFACT,
-                    FAILURE_REASON_TAG, MODEL_NAME, PARENT_RUN_TAG, PREDICTIONS_ARTIFACT, SEED_TAG,
-                    TTA_PREDICTIONS_ARTIFACT)
+from .store import (
+    CONFIG_ARTIFACT,
+    CONFIG_HASH_TAG,
+    DEFAULT_EXPERIMENT,
+    DESCRIPTION_TAG,
+    ENVIRONMENT_ARTIFACT,
+    FAILURE_REASON_TAG,
+    MODEL_NAME,
+    PARENT_RUN_TAG,
+    PREDICTIONS_ARTIFACT,
+    SEED_TAG,
+    TTA_PREDICTIONS_ARTIFACT,
+)
 from .train import EPOCH_METRICS, RunResult, train
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"

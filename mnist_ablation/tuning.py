@@ -27,8 +27,9 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -410,10 +411,12 @@ def _retrain(tuning: TuningStudy, data: Mnist, config: TrainConfig, trial_number
           flush=True)
     try:
         tracked = tracking.run_training(
-            config, data, experiment_name=store.tuning_experiment(tuning.name), run_name=f"best-retrain-trial-{trial_number}",
+            config, data, experiment_name=store.tuning_experiment(tuning.name),
+            run_name=f"best-retrain-trial-{trial_number}",
             tags={ROLE_TAG: BEST_RETRAIN_ROLE, store.STUDY_TAG: tuning.name, "trial_number": str(trial_number)},
             parent_run_id=tuning.parent_run_id, verbose=verbose,
-            checkpoint_dir=tracking.local_state_directory(tracking.current_tracking_uri()) / "checkpoints" / config_hash,
+            checkpoint_dir=tracking.local_state_directory(tracking.current_tracking_uri()) / "checkpoints"
+            / config_hash,
         )
     finally:
         keras.backend.clear_session()

@@ -20,11 +20,12 @@ carries its cell's arm, seed and the settings that vary between arms as params.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
 
 import optuna
 from optuna.distributions import CategoricalDistribution
@@ -60,8 +61,10 @@ class CellQueue:
         self.poll_seconds = poll_seconds
 
     def _round_names(self) -> list[str]:
-        numbered = [(round_number(self.name, s.study_name), s.study_name) for s in retrying(self.storage.get_all_studies)]
-        return [name for number, name in sorted((n, s) for n, s in numbered if n is not None)]
+        names = [s.study_name for s in retrying(self.storage.get_all_studies)]
+        numbered = sorted((round_number(self.name, name), name) for name in names
+                          if round_number(self.name, name) is not None)
+        return [name for _, name in numbered]
 
     def latest_round(self) -> optuna.Study | None:
         rounds = self._round_names()
@@ -125,7 +128,7 @@ class CellQueue:
             trial_id = retrying(lambda t=trial: self.storage.get_trial_id_from_study_id_trial_number(
                 the_study_id, t.number))
             try:
-                won = retrying(lambda: self.storage.set_trial_state_values(trial_id, TrialState.RUNNING))
+                won = retrying(lambda t=trial_id: self.storage.set_trial_state_values(t, TrialState.RUNNING))
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
             if won:
@@ -189,11 +192,14 @@ class CellQueue:
             retrying(lambda n=name, v=value, d=distribution: self.storage.set_trial_param(
                 claim.trial_id, n, d.to_internal_repr(v), d))
 
-    def finish(self, claim: Claim, state: TrialState, value: float | None = None, reason: str | None = None) -> None:
-        if reason:
-            retrying(lambda: self.storage.set_trial_user_attr(claim.trial_id, "failure_reason", reason[:1000]))
-        values = [value] if state == TrialState.COMPLETE and value is not None else None
-        retrying(lambda: self.storage.set_trial_state_values(claim.trial_id, state, values))
+    def complete(self, claim: Claim, value: float) -> None:
+        """The cell's run finished: its trial is COMPLETE with the run's final validation accuracy."""
+        retrying(lambda: self.storage.set_trial_state_values(claim.trial_id, TrialState.COMPLETE, [value]))
+
+    def fail(self, claim: Claim, reason: str) -> None:
+        """The cell's run failed or was interrupted: its trial is FAIL, with the reason as a user attribute."""
+        retrying(lambda: self.storage.set_trial_user_attr(claim.trial_id, "failure_reason", reason[:1000]))
+        retrying(lambda: self.storage.set_trial_state_values(claim.trial_id, TrialState.FAIL))
 
     def _beat(self, trial_id: int) -> None:
         retrying(lambda: self.storage.record_heartbeat(trial_id))
@@ -207,10 +213,8 @@ class CellQueue:
 
         def beat() -> None:
             while not stop.is_set():
-                try:
+                with contextlib.suppress(Exception):  # a missed beat is retried; never kill the run for it
                     self._beat(claim.trial_id)
-                except Exception:  # noqa: BLE001 - a missed beat is retried; never kill the run for it
-                    pass
                 stop.wait(interval)
 
         thread = threading.Thread(target=beat, name=f"heartbeat-{claim.number}", daemon=True)
@@ -231,6 +235,10 @@ class CellQueue:
             if not self.has_work(study):
                 return
             time.sleep(self.poll_seconds)
+
+
+def is_running(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.RUNNING
 
 
 def stale_trials(study: optuna.Study, grace_period: float, now: float | None = None) -> list[FrozenTrial]:

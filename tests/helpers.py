@@ -29,6 +29,12 @@ def run_module(module: str, *args: str, env: dict[str, str], cwd: Path | None = 
     return result
 
 
-def start_module(module: str, *args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=cwd or REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_module(module: str, *args: str, env: dict[str, str], cwd: Path | None = None,
+                 log: Path | None = None) -> subprocess.Popen:
+    """``python -m module args`` in the background; its output in ``process.stdout``, or in the file ``log``."""
+    if log is None:
+        return subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=cwd or REPO_ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=cwd or REPO_ROOT,
+                                stdout=handle, stderr=subprocess.STDOUT, text=True)

@@ -13,6 +13,7 @@ A service that is installed but fails to start is always a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -287,8 +288,6 @@ def _stop_process_group(process: subprocess.Popen) -> None:
         # Uvicorn waits for idle keep-alive clients to leave; a throw-away server need not.
         process.wait(timeout=5)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait(timeout=10)

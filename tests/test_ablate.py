@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import command_env, run_module
 from mnist_ablation import compare, store
 
-pytestmark = pytest.mark.slow
+from helpers import command_env, run_module
+
 TINY = ("--train-subset", "200", "--epochs", "1", "--no-report")
 
 
@@ -17,6 +17,7 @@ def _children(study):
     return mlflow.search_runs([experiment.experiment_id], filter_string="tags.`mnist_ablation.role` = 'cell'")
 
 
+@pytest.mark.slow
 def test_leave_one_out_lands_as_nested_runs_and_reruns_add_nothing(tmp_path, tracking_uri, data_dir):
     env = command_env(tracking_uri, data_dir)
     first = run_module("experiments.ablate", "--seeds", "2", *TINY, env=env, cwd=tmp_path)
@@ -53,6 +54,7 @@ def test_leave_one_out_lands_as_nested_runs_and_reruns_add_nothing(tmp_path, tra
     assert len(_children("leave-one-out")) == 10
 
 
+@pytest.mark.slow
 def test_changed_config_makes_new_cells_and_keeps_old(tmp_path, tracking_uri, data_dir):
     env = command_env(tracking_uri, data_dir)
     args = ("--study", "dropout-strength", "--arms", "baseline", "--seeds", "1", "--train-subset", "200", "--no-report")
@@ -91,6 +93,7 @@ def test_factorial_has_all_sixteen_combinations():
     assert arms["baseline"] == get_study("leave-one-out").arms["baseline"]
 
 
+@pytest.mark.slow
 def test_ablate_ends_with_the_report(tmp_path, tracking_uri, data_dir):
     output = tmp_path / "report"
     result = run_module("experiments.ablate", "--study", "lr-schedule", "--arms", "baseline,cosine_lr", "--seeds", "2",
@@ -102,6 +105,7 @@ def test_ablate_ends_with_the_report(tmp_path, tracking_uri, data_dir):
     assert "report" in {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
 
 
+@pytest.mark.slow
 def test_precision_rule_stops_at_the_target_or_the_maximum_and_the_report_says_why(tmp_path, tracking_uri, data_dir):
     output = tmp_path / "report"
     result = run_module("experiments.ablate", "--arms", "baseline,no_dropout", "--seeds", "2", "--train-subset", "200",

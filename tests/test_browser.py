@@ -7,6 +7,7 @@ four tiny trained runs, one pooling-free and one with an arm named in HTML marku
 from __future__ import annotations
 
 import pytest
+
 from explorer_fixtures import ARMS, MARKUP_ARM, NO_POOL_ARM
 
 

@@ -33,8 +33,8 @@ from functools import cache
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats as scipy_stats
 from scipy import optimize, special
+from scipy import stats as scipy_stats
 
 from mnist_ablation import stats
 

@@ -4,8 +4,15 @@ import dataclasses
 
 import pytest
 
-from mnist_ablation.config import (BASELINE, FIELD_NAMES, ConfigError, TrainConfig, from_dict,
-                                   parse_set_arguments, with_overrides)
+from mnist_ablation.config import (
+    BASELINE,
+    FIELD_NAMES,
+    ConfigError,
+    TrainConfig,
+    from_dict,
+    parse_set_arguments,
+    with_overrides,
+)
 
 REQUIRED_FIELDS = (
     "augmentation", "rotation_range", "width_shift_range", "height_shift_range", "zoom_range", "shear_range",

@@ -11,7 +11,7 @@ from mnist_ablation.data import IDX_SHA256, DataError, build_split, load_mnist, 
 
 def test_loads_as_the_seed_prepares_it(mnist):
     assert mnist.x_train.shape == (60000, 28, 28, 1) and mnist.x_test.shape == (10000, 28, 28, 1)
-    assert mnist.x_train.dtype == np.float32 and 0.0 == mnist.x_train.min() and mnist.x_train.max() == 1.0
+    assert mnist.x_train.dtype == np.float32 and mnist.x_train.min() == 0.0 and mnist.x_train.max() == 1.0
     assert sorted(np.unique(mnist.y_train)) == list(range(10))
     assert set(mnist.checksums) == {"train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                                     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}

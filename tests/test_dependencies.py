@@ -28,7 +28,7 @@ REFRESH_HINT = 'pip install -e ".[test]" -c constraints.txt (docs/development.md
 
 
 def normalize(name: str) -> str:
-    """PEP 503 form of a distribution name: ``Jinja2`` and ``jinja2``, ``psycopg_binary`` and ``psycopg-binary`` meet."""
+    """PEP 503 form of a distribution name: ``Jinja2`` and ``jinja2``, ``psycopg_binary`` and ``psycopg-binary``."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 

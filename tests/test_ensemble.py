@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -17,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from mnist_ablation import ensemble
 from mnist_ablation.config import FIELD_NAMES
 from mnist_ablation.store import ROLE_TAG
+
+from helpers import command_env, run_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,11 +93,9 @@ def tiny_study(tmp_path_factory, data_dir):
     """Two arms x two seeds of leave-one-out on 200 images for 1 epoch (with one TTA view), in a temp store."""
     store = tmp_path_factory.mktemp("ensemble_store")
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    env = {**os.environ, "MNIST_DATA_DIR": str(data_dir), "MLFLOW_TRACKING_URI": uri}
-    command = [sys.executable, "-m", "experiments.ablate", "--study", "leave-one-out", "--arms", "baseline,no_dropout",
-               "--seeds", "2", "--train-subset", "200", "--epochs", "1", "--no-report", "--set", "tta_views=1"]
-    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    env = command_env(uri, data_dir)
+    run_module("experiments.ablate", "--study", "leave-one-out", "--arms", "baseline,no_dropout", "--seeds", "2",
+               "--train-subset", "200", "--epochs", "1", "--no-report", "--set", "tta_views=1", env=env)
     return uri, env
 
 
@@ -118,11 +115,7 @@ def _mean_probabilities(run_ids, artifact="predictions/test_predictions.parquet"
 @pytest.mark.slow
 def test_ensemble_command_logs_a_traceable_run(tiny_study):
     uri, env = tiny_study
-    completed = subprocess.run(
-        [sys.executable, "-m", "experiments.ensemble", "--study", "leave-one-out", "--top-k", "3"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    completed = run_module("experiments.ensemble", "--study", "leave-one-out", "--top-k", "3", env=env, timeout=300)
     assert "logged as run" in completed.stdout
 
     mlflow.set_tracking_uri(uri)

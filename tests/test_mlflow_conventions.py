@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import REPO_ROOT, command_env, run_module
 from mnist_ablation import tracking
 from mnist_ablation.config import TrainConfig
 from mnist_ablation.data import build_split
+
+from helpers import REPO_ROOT, command_env, run_module
 
 TINY_RUN = ["--train-subset", "200", "--epochs", "2"]
 PSUTIL_WARNING = "system metrics are off: MLflow needs psutil"

@@ -9,14 +9,10 @@ classic one.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import command_env, run_module
-
-pytestmark = pytest.mark.slow
 
 CLASSIC_VIEW = "workflowType=machine_learning"
 DATASET_NAMES = ("mnist-train", "mnist-validation", "mnist-test")
@@ -30,6 +26,7 @@ def close_assistant_panel(page) -> None:
         close.first.click()
 
 
+@pytest.mark.slow
 def test_run_page_models_tab_and_system_metrics_read_right(mlflow_server, browser, tmp_path, data_dir):
     env = command_env(mlflow_server, data_dir, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     result = run_module("experiments.train", "--epochs", "1", "--train-subset", "200", "--system-metrics",

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import command_env, run_module
 from mnist_ablation import store
 from mnist_ablation.config import BASELINE
+
+from helpers import command_env, run_module
 
 TINY = ["--study", "architecture", "--arms", "baseline", "--seeds", "1", "--epochs", "1", "--train-subset", "200"]
 

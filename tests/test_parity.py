@@ -10,11 +10,19 @@ import textwrap
 import numpy as np
 import pytest
 
-from helpers import REPO_ROOT, command_env, run_module
 from mnist_ablation.config import BASELINE, FIELD_NAMES, ConfigError, TrainConfig, parse_set_arguments, with_overrides
-from mnist_ablation.seed_pipeline import (DEFAULT_PIPELINE, PIPELINES, SEED_SCRIPT, SEED_SCRIPT_FIXED_FIELDS,
-                                          SEED_SCRIPT_VARIABLE_FIELDS, lr_scheduler, seed_image_data_generator)
+from mnist_ablation.seed_pipeline import (
+    DEFAULT_PIPELINE,
+    PIPELINES,
+    SEED_SCRIPT,
+    SEED_SCRIPT_FIXED_FIELDS,
+    SEED_SCRIPT_VARIABLE_FIELDS,
+    lr_scheduler,
+    seed_image_data_generator,
+)
 from mnist_ablation.studies import STUDIES
+
+from helpers import REPO_ROOT, command_env, run_module
 
 SEED_SCRIPT_CONFIG = BASELINE.replace(pipeline=SEED_SCRIPT)
 TINY = {"train_subset": 200, "epochs": 1}

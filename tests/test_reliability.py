@@ -15,10 +15,10 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import command_env, run_module, start_module
-from mnist_ablation import compare, store
+from mnist_ablation import store
 
-pytestmark = pytest.mark.slow
+from helpers import command_env, run_module, start_module
+
 FAST_HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "4")
 
 
@@ -36,7 +36,8 @@ def _wait_for(condition, timeout, what, process=None):
         if value:
             return value
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"process exited ({process.returncode}) before {what}:\n{process.stdout.read()[-3000:]}")
+            output = process.stdout.read()[-3000:]
+            raise AssertionError(f"process exited ({process.returncode}) before {what}:\n{output}")
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
@@ -51,6 +52,7 @@ def _checkpoint_with_epochs(store: Path, epochs: int):
     return None
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_checkpoint_with_one_finished_run_per_cell(tmp_path, tracking_uri, data_dir):
     env = command_env(tracking_uri, data_dir)
     store = tmp_path / "store"
@@ -89,11 +91,13 @@ def test_sigkill_mid_run_resumes_from_checkpoint_with_one_finished_run_per_cell(
     assert not list(store.glob("checkpoints/*/state.json")), "finished runs' checkpoints are removed"
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed_and_says_how_to_resume(tmp_path, tracking_uri, data_dir):
     env = command_env(tracking_uri, data_dir)
     process = start_module("experiments.ablate", "--arms", "baseline", "--seeds", "1", "--epochs", "3",
                            "--train-subset", "300", "--no-report", env=env, cwd=tmp_path)
-    _wait_for(lambda: [r for r in _cells("leave-one-out") if r.info.status == "RUNNING"], 300, "a running cell", process)
+    _wait_for(lambda: [r for r in _cells("leave-one-out") if r.info.status == "RUNNING"], 300, "a running cell",
+              process)
     time.sleep(2)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
@@ -103,6 +107,7 @@ def test_ctrl_c_marks_the_run_killed_and_says_how_to_resume(tmp_path, tracking_u
     assert run.info.status == "KILLED" and "interrupted" in run.data.tags["failure_reason"]
 
 
+@pytest.mark.slow
 def test_diverging_runs_fail_with_a_reason_and_the_study_goes_on(tmp_path, tracking_uri, data_dir):
     env = command_env(tracking_uri, data_dir)
     result = run_module("experiments.ablate", "--arms", "baseline,no_dropout", "--seeds", "1", "--epochs", "1",
@@ -159,6 +164,7 @@ def _assert_each_cell_once(study, cells, storage_url):
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in runs}
 
 
+@pytest.mark.slow
 def test_two_workers_run_precision_rounds_exactly_once_with_one_progress_line(tmp_path, tracking_uri, data_dir):
     """--workers 2 with precision-driven seeding: every cell of every round once, one study-level progress line."""
     env = command_env(tracking_uri, data_dir)
@@ -184,6 +190,7 @@ def test_two_workers_run_precision_rounds_exactly_once_with_one_progress_line(tm
     _assert_each_cell_once("leave-one-out", cells, f"sqlite:///{tmp_path / 'store' / 'optuna.db'}")
 
 
+@pytest.mark.slow
 def test_two_machines_on_postgresql_and_an_mlflow_server_survive_a_killed_worker(tmp_path, postgres_url,
                                                                                  mlflow_server, data_dir):
     """Two independent workers (as on two machines) share a study; one is SIGKILLed mid-cell."""

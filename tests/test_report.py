@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import command_env, run_module
 from mnist_ablation import store
 from mnist_ablation.config import BASELINE
-from mnist_ablation.report import SUMMARY_COLUMNS, StudyData, build_report, summary_table
-from mnist_ablation.report import analysis
+from mnist_ablation.report import SUMMARY_COLUMNS, StudyData, analysis, build_report, summary_table
 from mnist_ablation.studies import STUDIES
+
+from helpers import command_env, run_module
 
 MARKUP_ARM = "<img src=x onerror=alert(1)>"
 
@@ -31,7 +31,8 @@ def simulated_study(arms: dict[str, tuple[dict, float]], n_seeds: int = 3, n_ima
     for arm, (overrides, shift) in arms.items():
         config = BASELINE.replace(epochs=epochs, **overrides)
         for s in range(n_seeds):
-            cells.append({"arm": arm, "seed": s, "config_hash": f"{arm}-{s}", "config": config.replace(seed=s).to_dict()})
+            cells.append({"arm": arm, "seed": s, "config_hash": f"{arm}-{s}",
+                          "config": config.replace(seed=s).to_dict()})
             run_id = f"run-{arm}-{s}"
             if (arm, s) in missing:
                 runs.append({"arm": arm, "seed": s, "run_id": run_id, "status": "FAILED", "test_accuracy": np.nan,
@@ -48,7 +49,8 @@ def simulated_study(arms: dict[str, tuple[dict, float]], n_seeds: int = 3, n_ima
                          **{k: v for k, v in config.to_dict().items() if k != "seed"}})
             for epoch in range(epochs):
                 history.append({"run_id": run_id, "arm": arm, "seed": s, "epoch": epoch,
-                                "accuracy": 0.9 + 0.03 * epoch, "val_accuracy": correct.mean() - 0.01 * (epochs - epoch),
+                                "accuracy": 0.9 + 0.03 * epoch,
+                                "val_accuracy": correct.mean() - 0.01 * (epochs - epoch),
                                 "loss": 0.3 - 0.1 * epoch, "val_loss": 0.2 - 0.05 * epoch})
     runs = pd.DataFrame(runs)
     finished = runs[runs["status"] == "FINISHED"].reset_index(drop=True)

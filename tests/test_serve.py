@@ -21,10 +21,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from explorer_fixtures import ALLOWED_HOST, ARMS, MARKUP_ARM, NO_POOL_ARM
 
-from mnist_ablation.preprocess import (BOX_SIZE, CENTER, area_resize, area_resize_matrix, bounding_box,
-                                       center_of_mass, mnist_preprocess)
+from mnist_ablation.preprocess import (
+    BOX_SIZE,
+    CENTER,
+    area_resize,
+    area_resize_matrix,
+    bounding_box,
+    center_of_mass,
+    mnist_preprocess,
+)
+
+from explorer_fixtures import ALLOWED_HOST, ARMS, MARKUP_ARM, NO_POOL_ARM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROBABILITY_COLUMNS = [f"prob_{k}" for k in range(10)]
@@ -164,7 +172,7 @@ def test_explainer_finds_the_logits_and_explains_every_architecture(architecture
     np.testing.assert_allclose(result.probabilities, probabilities[0], atol=1e-5)
     assert result.saliency.shape == result.gradcam.shape == (28, 28)
     assert np.isfinite(result.saliency).all() and result.saliency.max() == pytest.approx(1.0)
-    assert 0 <= result.gradcam.min() and result.gradcam.max() <= 1
+    assert result.gradcam.min() >= 0 and result.gradcam.max() <= 1
     assert [a.layer for a in result.activations] == layers and result.gradcam_layer == layers[-1]
     assert [a.maps.shape for a in result.activations] == shapes
     assert all(a.maps.min() >= 0 for a in result.activations), "maps are taken after the ReLU"
@@ -577,7 +585,7 @@ def test_saliency_and_gradcam_explain_the_predicted_or_chosen_class(client, mnis
     saliency, gradcam = np.array(answer["saliency"]), np.array(answer["gradcam"])
     assert saliency.shape == gradcam.shape == (28, 28)
     assert saliency.min() >= 0 and saliency.max() == 255  # scaled so the strongest pixel is 255
-    assert 0 <= gradcam.min() and gradcam.max() <= 255
+    assert gradcam.min() >= 0 and gradcam.max() <= 255
     assert answer["gradcam_layer"] == gradcam_layer
     other = (predicted + 1) % 10
     chosen = client.post("/api/saliency", json={"image": image, "target_class": other, "run_id": run_id}).json()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from servers import CHROMIUM_PATH_ENV, POSTGRES_BIN_ENV, ServiceNotFound, find_chromium, find_postgres_bin, in_ci
 
 TESTS_DIR = Path(__file__).resolve().parent

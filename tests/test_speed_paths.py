@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +13,8 @@ from mnist_ablation.augment import AugmentationParams, image_data_generator
 from mnist_ablation.config import BASELINE
 from mnist_ablation.model import seed_sequential_model
 from mnist_ablation.train import build_dataset
+
+from helpers import command_env, run_module
 
 SEED_PARAMETERS = 469_578
 SPEED_FIELDS = {"steps_per_execution", "threads"}  # may change how fast, never what is computed
@@ -140,13 +140,8 @@ def test_augmentation_statistics_detect_a_wrong_strength(digits, generator_stati
 @pytest.mark.slow
 def test_benchmark_command_writes_table_and_json(tmp_path, data_dir):
     output = tmp_path / "speed.json"
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed", "--paths", "seed,trainer", "--rounds", "1",
-         "--steps", "4", "--warmup", "2", "--output", str(output)],
-        capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "MNIST_DATA_DIR": str(data_dir)},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = run_module("benchmarks.speed", "--paths", "seed,trainer", "--rounds", "1", "--steps", "4",
+                           "--warmup", "2", "--output", str(output), env=command_env("sqlite:///unused.db", data_dir))
     summary = json.loads(output.read_text())
     assert [row["path"] for row in summary["paths"]] == ["seed", "trainer"]
     for row in summary["paths"]:

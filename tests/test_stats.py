@@ -86,7 +86,8 @@ def test_crossed_contrast_of_an_additive_design_has_known_components():
     z = [(x - statistics.mean(b)) ** 2 for x in b]
     image_df = 2 * statistics.variance(b) ** 2 * 5 / statistics.variance(z)
     assert estimate.image_df == pytest.approx(image_df)
-    assert estimate.df == pytest.approx((seed_part + image_part) ** 2 / (seed_part ** 2 / 2 + image_part ** 2 / image_df))
+    satterthwaite = (seed_part + image_part) ** 2 / (seed_part ** 2 / 2 + image_part ** 2 / image_df)
+    assert estimate.df == pytest.approx(satterthwaite)
     # The "this test set only" analysis is the paired t over the seed means.
     assert estimate.standard_error_this_test_set == pytest.approx(math.sqrt(seed_part))
     low, high = estimate.interval_this_test_set()
@@ -309,7 +310,8 @@ def test_compare_to_baseline_rejects_bad_frames_with_helpful_errors(frame_change
 
 def test_compare_to_baseline_needs_a_known_baseline_and_a_frame():
     frame = _tidy({"baseline": np.ones((2, 4)), "arm": np.eye(2, 4)})
-    with pytest.raises(ValueError, match=r"arm 'control' is not in the study's results; its arms are \['baseline', 'arm'\]"):
+    message = r"arm 'control' is not in the study's results; its arms are \['baseline', 'arm'\]"
+    with pytest.raises(ValueError, match=message):
         stats.compare_to_baseline(frame, baseline="control")
     with pytest.raises(TypeError, match="expected a pandas DataFrame"):
         stats.compare_to_baseline(np.ones((2, 4)))
@@ -417,7 +419,7 @@ def _factorial_correct(n_seeds=3, n_images=60, seed=4):
     design = pd.DataFrame([{"arm": f"cell{i}", **dict(zip(stats.FACTORIAL_COMPONENTS, cell))}
                            for i, cell in enumerate(cells)])
     matrices = {}
-    for i, (a, b, c, d) in enumerate(cells):
+    for i, (a, b, c, _) in enumerate(cells):
         accuracy = 0.85 + 0.06 * a + 0.03 * b - 0.04 * a * b + 0.02 * a * b * c
         matrices[f"cell{i}"] = rng.random((n_seeds, n_images)) < accuracy
     runs = pd.DataFrame([

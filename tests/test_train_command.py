@@ -1,6 +1,7 @@
 """`python -m experiments.train` end to end into a temporary MLflow store, and the trainer's guarantees."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -8,14 +9,15 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import command_env, run_module
 from mnist_ablation.config import FIELD_NAMES, TrainConfig, from_dict
 from mnist_ablation.train import TrainingDiverged, train
 
-pytestmark = pytest.mark.slow
+from helpers import command_env, run_module
+
 EPOCH_METRICS = {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds"}
 
 
+@pytest.mark.slow
 def test_train_command_logs_everything(tmp_path, tracking_uri, data_dir):
     result = run_module("experiments.train", "--train-subset", "300", "--epochs", "2", "--seed", "3",
                         "--set", "dense_units=64", env=command_env(tracking_uri, data_dir), cwd=tmp_path)
@@ -39,9 +41,11 @@ def test_train_command_logs_everything(tmp_path, tracking_uri, data_dir):
     assert {"config.json", "environment.json", "plots/training_curves.png", "plots/confusion_matrix.png",
             "predictions/test_predictions.parquet"} <= artifacts
 
-    config = from_dict(json.loads(open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.json")).read()))
+    config = from_dict(json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                                          artifact_path="config.json")).read_text()))
     assert config == TrainConfig(seed=3, epochs=2, train_subset=300, dense_units=64)
-    environment = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="environment.json")).read())
+    environment = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                                      artifact_path="environment.json")).read_text())
     assert len(environment["git"]["commit"]) in (40, len("unknown"))
     assert environment["data"]["sha256"]["train-images-idx3-ubyte"].startswith("ba891046")
     assert {"tensorflow", "keras", "mlflow"} <= set(environment["packages"])
@@ -65,9 +69,11 @@ def test_bad_config_fails_before_any_run(tmp_path, tracking_uri, data_dir):
                         cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert "conv_dropout_rate=1.5 is invalid" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "store" / "mlflow.db").exists() or not mlflow.search_runs(search_all_experiments=True).shape[0]
+    store_file = tmp_path / "store" / "mlflow.db"
+    assert not store_file.exists() or not mlflow.search_runs(search_all_experiments=True).shape[0]
 
 
+@pytest.mark.slow
 def test_same_seed_same_result(mnist):
     config = TrainConfig(epochs=1, train_subset=200)
     first = train(config, mnist, verbose=0)
@@ -77,16 +83,19 @@ def test_same_seed_same_result(mnist):
     assert not np.array_equal(first.test_probabilities, other_seed.test_probabilities)
 
 
+@pytest.mark.slow
 def test_seed_protocol_validates_on_the_test_set(mnist):
     result = train(TrainConfig(epochs=1, train_subset=200, validation="test"), mnist, verbose=0)
     assert result.history["val_accuracy"][-1] == pytest.approx(result.test_accuracy, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_divergence_raises_with_a_reason(mnist):
     with pytest.raises(TrainingDiverged, match="diverged.*learning_rate 10"):
         train(TrainConfig(epochs=2, train_subset=300, learning_rate=10.0), mnist, verbose=0)
 
 
+@pytest.mark.slow
 def test_failed_run_is_marked_failed_not_finished(tracking_uri, mnist):
     from mnist_ablation import tracking
 
@@ -97,6 +106,7 @@ def test_failed_run_is_marked_failed_not_finished(tracking_uri, mnist):
     assert "diverged" in runs["tags.failure_reason"].iloc[0]
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_continues_the_same_run(tmp_path, mnist):
     """A run stopped after epoch 1 continues from its checkpoint with the same history and data stream.
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from optuna.trial import TrialState
 
 from mnist_ablation import search_space, store, tuning
 from mnist_ablation.config import BASELINE, ConfigError
+
+from helpers import command_env, start_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--epochs", "1", "--train-subset", "200"]
@@ -183,14 +184,9 @@ def test_tune_command_end_to_end_and_continues_the_study(tmp_path, tracking_uri,
 # -- distributed: PostgreSQL + mlflow server + worker processes (slow) -----------------------------
 
 def _worker(tmp_path: Path, name: str, storage: str, tracking_uri: str, *arguments: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": tracking_uri,
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
-    log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "experiments.tune", "--storage", storage, "--tracking-uri", tracking_uri,
-         "--data-dir", os.environ.get("MNIST_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data" / "mnist")),
-         *arguments],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = command_env(tracking_uri, Path(os.environ["MNIST_DATA_DIR"]), PYTHONPATH=str(REPO_ROOT))
+    return start_module("experiments.tune", "--storage", storage, "--tracking-uri", tracking_uri, *arguments,
+                        env=env, cwd=tmp_path, log=tmp_path / f"{name}.log")
 
 
 def _finish(process: subprocess.Popen, tmp_path: Path, name: str, timeout: float = 400) -> str:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -95,7 +95,7 @@ def method_paragraphs(confidence: float, threshold: float, margin: float) -> lis
         "Power: the smallest visible effect is the difference this design detects with 80% power at the "
         "Holm-corrected level; smaller effects cannot be seen with these seeds. More seeds shrink only the seed "
         "part of an interval; the test set's own sampling error is a floor no number of seeds removes.",
-        f"The “this test set only” columns treat the 10,000 images as fixed (a paired t-test over seeds): they "
+        "The “this test set only” columns treat the 10,000 images as fixed (a paired t-test over seeds): they "
         "describe these trained models on these images, are narrower, and do not support claims about the "
         "recipe. An arm's accuracy interval is built on the logit scale, so it stays within 0–100%.",
         f"Learning curves: epochs to reach {threshold:.2%} validation accuracy (first epoch at or above it, "
@@ -251,7 +251,7 @@ def _context(data: StudyData, summary: pd.DataFrame, notes: list[str], drawn: li
     return {
         "study": data.study, "description": definition.get("description", ""), "baseline": data.baseline,
         "n_runs": len(data.finished), "parent_run_id": data.parent_run_id, "store": data.tracking_uri,
-        "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "generated": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "notes": notes, "factorial": factorial_context,
         "findings": analysis.findings(data, summary, confidence),
         "summary": render.summary_display(summary, data.baseline, confidence),
