@@ -393,7 +393,7 @@ class StudyRunner:
             tracked = tracking.log_offline_result(
                 result, record, experiment_name=self.experiment_name, run_name=cell.key,
                 tags=self._cell_tags(cell, {store.WORKER_TAG: record["environment"]["machine"]["hostname"]}),
-                parent_run_id=self.parent_run_id,
+                parent_run_id=self.parent_run_id, input_example=self.data.x_test[:1],
             )
             imported += 1
             tqdm.write(f"imported {cell.key}: test_accuracy {result.test_accuracy:.4f} (run {tracked.run_id})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -31,6 +32,7 @@ from .optimizers import build_optimizer
 from .schedules import build_schedule
 from .seed_pipeline import PIPELINES
 
+logger = logging.getLogger(__name__)
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds")
 # Inference only (validation, test): BN and dropout are in inference mode, so the batch size changes no
 # prediction, bit for bit; it sets the activations held at once (~25 MB at 100, ~240 MB at 1000). The
@@ -262,7 +264,12 @@ def load_checkpoint(directory: Path | None, config: TrainConfig):
         return None
     state = json.loads((directory / "state.json").read_text())
     # Same hash = same config up to speed-only fields (threads, steps_per_execution).
-    if state.get("config_hash") != config.hash() or not (directory / "model.keras").is_file():
+    if state.get("config_hash") != config.hash():
+        logger.warning("checkpoint in %s is of another config (hash %s, this run %s): starting from epoch 0",
+                       directory, state.get("config_hash"), config.hash())
+        return None
+    if not (directory / "model.keras").is_file():
+        logger.warning("checkpoint in %s has no model.keras: starting from epoch 0", directory)
         return None
     model = keras.models.load_model(directory / "model.keras")
     return model, int(state["epochs_completed"]), state["history"]

@@ -1,6 +1,7 @@
 """`python -m experiments.ablate` end to end: layout in MLflow, resume, new cells, errors, pandas."""
 
 import mlflow
+import optuna
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -41,6 +42,20 @@ def test_leave_one_out_lands_as_nested_runs_and_reruns_add_nothing(tmp_path, tra
     assert by_arm.loc["no_batch_norm-seed0", "params.batch_norm"] == "False"
     assert by_arm.loc["constant_lr-seed1", "params.lr_schedule"] == "constant"
     assert by_arm.loc["no_augmentation-seed0", "params.augmentation"] == "False"
+    # The study's parent run carries the sweep's settings as params and per-arm results as metrics.
+    assert parent.data.params["study"] == "leave-one-out" and parent.data.params["seeds"] == "2"
+    assert parent.data.metrics["n/no_batch_norm"] == 2 and "test_accuracy_mean/baseline" in parent.data.metrics
+
+    # In optuna-dashboard the queue round maximises a named val_accuracy objective and each trial shows its cell.
+    storage_url = f"sqlite:///{tmp_path / 'store' / 'optuna.db'}"
+    [summary_] = optuna.get_all_study_summaries(storage_url)
+    round_study = optuna.load_study(study_name=summary_.study_name, storage=storage_url)
+    assert round_study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert round_study.metric_names == ["val_accuracy"]
+    trial = next(t for t in round_study.trials if t.params["arm"] == "no_batch_norm" and t.params["seed"] == 1)
+    assert trial.params["batch_norm"] is False and trial.value == by_arm.loc["no_batch_norm-seed1",
+                                                                              "metrics.val_accuracy"]
+    assert {t.params["arm"] for t in round_study.trials} == arms
 
     runs = compare.study_runs("leave-one-out")
     assert len(runs) == 10 and {"study", "arm", "seed", "run_id", "batch_norm", "test_accuracy"} <= set(runs.columns)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_ablation.config import FIELD_NAMES, TrainConfig, from_dict
+from mnist_ablation.config import BASELINE, FIELD_NAMES, TrainConfig, from_dict
 from mnist_ablation.train import TrainingDiverged, train
 
 from helpers import command_env, run_module
@@ -131,3 +131,14 @@ def test_checkpoint_resume_continues_the_same_run(tmp_path, mnist):
     assert resumed.history["loss"][1] == pytest.approx(whole.history["loss"][1], rel=0.25)
     assert abs(resumed.test_accuracy - whole.test_accuracy) < 0.1
     assert not (tmp_path / "ckpt" / "model.tmp.keras").exists()
+
+
+def test_a_checkpoint_of_another_config_is_ignored_loudly(tmp_path, caplog):
+    import json
+
+    from mnist_ablation.train import load_checkpoint
+
+    (tmp_path / "state.json").write_text(json.dumps({"config_hash": "0123456789abcdef", "epochs_completed": 2}))
+    with caplog.at_level("WARNING", logger="mnist_ablation.train"):
+        assert load_checkpoint(tmp_path, BASELINE) is None
+    assert "of another config (hash 0123456789abcdef" in caplog.text and "starting from epoch 0" in caplog.text

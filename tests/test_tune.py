@@ -123,6 +123,13 @@ def test_pruned_trial_stops_early_and_its_run_says_so(tmp_path, tracking_uri, mn
     run = MlflowClient().get_run(trial.user_attrs[tuning.RUN_ID_ATTR])
     assert run.info.status == "KILLED"
     assert run.data.tags["optuna_trial_state"] == "PRUNED"
+    # It reads as pruned (epoch, value, pruner), never as a crash with a traceback.
+    assert "failure_reason" not in run.data.tags
+    assert run.data.tags["stopped_early"].startswith("pruned by ThresholdPruner after epoch 1: val_accuracy")
+    assert run.data.tags["mlflow.note.content"] == run.data.tags["stopped_early"]
+    assert run.data.tags["pruned_at_epoch"] == "1" and run.data.tags["pruner"] == "ThresholdPruner"
+    assert float(run.data.tags["pruned_val_accuracy"]) == pytest.approx(trial.intermediate_values[0])
+    assert "Traceback" not in str(run.data.tags)
     assert run.data.tags["mlflow.parentRunId"] == study.parent_run_id
     history = MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [0]
