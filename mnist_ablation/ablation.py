@@ -243,7 +243,7 @@ class StudyRunner:
     def _run_round(self, round_study, outcome: WorkerOutcome) -> None:
         cells = self.queue.round_cells(round_study)
         label = f"{self.study.name} {round_study.study_name.rsplit('/', 1)[-1]}"
-        with tqdm(total=len(cells), desc=label, unit="cell", dynamic_ncols=True, file=sys.stdout) as bar:
+        with tqdm(total=len(cells), desc=label, unit="cell", dynamic_ncols=True, file=sys.stdout, smoothing=0) as bar:
             bar.update(self.queue.settled(round_study))
             for claim in self.queue.iterate(round_study):
                 self._run_claim(claim, bar, outcome)
@@ -441,7 +441,7 @@ class StudyRunner:
                         current = round_study.study_name
                         bar = tqdm(total=len(self.queue.round_cells(round_study)), unit="cell", dynamic_ncols=True,
                                    desc=f"{self.study.name} {current.rsplit('/', 1)[-1]}", file=sys.stdout,
-                                   mininterval=interval)
+                                   mininterval=interval, smoothing=0)  # ETA from the whole round's throughput
                     done = self.queue.settled(round_study)
                     bar.update(done - bar.n)
                     running = self.queue.running_cells(round_study)
