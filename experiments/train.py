@@ -12,13 +12,15 @@ from experiments.cli import (
     config_from_arguments,
     run_command,
 )
+from mnist_ablation.store import DEFAULT_EXPERIMENT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__)
     add_config_arguments(parser)
     parser.add_argument("--seed", type=int, help="random seed (config field seed; default 0)")
-    parser.add_argument("--experiment-name", default="mnist_ablation", help="MLflow experiment (default: %(default)s)")
+    parser.add_argument("--experiment-name", default=DEFAULT_EXPERIMENT,
+                        help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--run-name", default=None, help="MLflow run name (default: generated)")
     add_data_arguments(parser)
     add_tracking_arguments(parser)
@@ -30,13 +32,14 @@ def main(argv=None) -> int:
     config = config_from_arguments(args)  # bad config fails here, before data, store or model
     from mnist_ablation import tracking
     from mnist_ablation.data import load_mnist
+    from mnist_ablation.redaction import redact
 
     uri = tracking.use_tracking_uri(args.tracking_uri)
     apply_tracking_arguments(args)
     data = load_mnist(args.data_dir)
     checkpoint_dir = tracking.local_state_directory(uri) / "checkpoints" / config.hash(data.checksums)
     print(f"training {config.epochs} epochs on {'all' if config.train_subset is None else config.train_subset} "
-          f"images (validation={config.validation}); tracking at {uri}")
+          f"images (validation={config.validation}); tracking at {redact(uri)}")
     tracked = tracking.run_training(config, data, experiment_name=args.experiment_name, run_name=args.run_name,
                                     checkpoint_dir=checkpoint_dir)
     print(f"test accuracy: {tracked.result.test_accuracy:.4f}  test loss: {tracked.result.test_loss:.4f}")

@@ -438,6 +438,10 @@ class StudyRunner:
                     if round_study.study_name != current:
                         if bar is not None:
                             bar.close()
+                            still_open = sorted({c.arm for c in self.queue.round_cells(round_study)}
+                                                - {self.study.baseline_arm})
+                            print(f"precision round {round_study.study_name.rsplit('/', 1)[-1]}: arms still open: "
+                                  f"{', '.join(still_open)}", flush=True)
                         current = round_study.study_name
                         bar = tqdm(total=len(self.queue.round_cells(round_study)), unit="cell", dynamic_ncols=True,
                                    desc=f"{self.study.name} {current.rsplit('/', 1)[-1]}", file=sys.stdout,

@@ -176,6 +176,7 @@ def test_two_workers_run_precision_rounds_exactly_once_with_one_progress_line(tm
     # One progress line for the sweep, per round (the workers' own progress is in their logs).
     assert "leave-one-out round-0" in result.stdout and "leave-one-out round-1" in result.stdout
     assert "finished no_dropout-seed" not in result.stdout
+    assert "precision round round-1: arms still open: no_batch_norm, no_dropout" in result.stdout
     logs = sorted((tmp_path / "store" / "logs" / "leave-one-out").glob("*/worker-*.log"))
     text = "".join(log.read_text() for log in logs)
     assert len(logs) == 2 and text.count("finished ") == 6
