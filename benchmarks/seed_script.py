@@ -37,6 +37,7 @@ def main(argv=None) -> int:
 
     from mnist_ablation.data import load_mnist
     from mnist_ablation.model import seed_sequential_model
+    from mnist_ablation.seed_pipeline import lr_scheduler  # the seed's schedule function, verbatim
 
     data = load_mnist(args.data_dir)
     train_images, test_images = data.x_train, data.x_test  # already reshaped and / 255 as the seed does
@@ -49,14 +50,6 @@ def main(argv=None) -> int:
                                  zoom_range=0.1, shear_range=0.1)
     datagen.fit(train_images)
     model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
-
-    def lr_scheduler(epoch):
-        if epoch < 5:
-            return 0.001
-        elif epoch < 10:
-            return 0.0005
-        else:
-            return 0.0001
 
     history = model.fit(datagen.flow(train_images, train_labels, batch_size=32), epochs=args.epochs,
                         validation_data=(test_images, test_labels), callbacks=[LearningRateScheduler(lr_scheduler)],
