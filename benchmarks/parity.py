@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 STUDY = "parity"
@@ -60,6 +62,12 @@ def ablate_command(train_subset: int | None, epochs: int, seeds: int, workers: i
     if data_dir:
         command += ["--data-dir", data_dir]
     return command
+
+
+def _relative_uri(uri: str) -> str:
+    """A store under the repository, named relative to it (the JSON is committed; no machine paths in it)."""
+    prefix = f"sqlite:///{REPO_ROOT}/"
+    return "sqlite:///" + uri[len(prefix):] if uri.startswith(prefix) else uri
 
 
 def _finite(value) -> float | None:
@@ -117,6 +125,38 @@ def summarise(tracking_uri: str) -> dict:
             "p_value_this_test_set": _finite(row["p_value_this_test_set"]),
         }
     return {"arms": arms, "comparison": comparison}
+
+
+def compare_protocols(split_uri: str, test_uri: str) -> dict:
+    """The trainer on the default split against the trainer with the seed's protocol (validation on test).
+
+    Two sweeps of the baseline arm in two stores: 55,000 training images with a 5,000-image validation split,
+    and all 60,000 with the test set as validation data. Paired by seed, seeds and test images random.
+    """
+    from mnist_ablation import compare, stats, store
+
+    frames = []
+    for label, uri in (("validation_split", split_uri), ("validation_test", test_uri)):
+        runs = compare.study_runs(STUDY, tracking_uri=uri)
+        runs = runs[runs["arm"] == BASELINE_ARM].assign(arm=label)
+        frames.append(store.prediction_correctness(runs[["run_id", "arm", "seed"]]))
+    correct = pd.concat(frames, ignore_index=True)
+    row = stats.compare_to_baseline(correct, baseline="validation_split", confidence=CONFIDENCE,
+                                    equivalence_margin=EQUIVALENCE_MARGIN).iloc[0]
+    means = correct.groupby(["arm", "seed"])["correct"].mean().groupby("arm")
+    return {
+        "baseline": "validation_split (55,000 training images, 5,000 held out)",
+        "arm": "validation_test (all 60,000 training images, the test set as validation data: the seed's protocol)",
+        "n_pairs": int(row["n_pairs"]),
+        "test_accuracy_mean": {arm: float(m) for arm, m in means.mean().items()},
+        "test_accuracy_std": {arm: _finite(s) for arm, s in means.std(ddof=1).items()},
+        "delta": _finite(row["delta"]), "delta_ci_low": _finite(row["delta_ci_low"]),
+        "delta_ci_high": _finite(row["delta_ci_high"]), "p_value": _finite(row["p_value"]),
+        "equivalence_p_value": _finite(row["equivalence_p_value"]), "ci_width_floor": _finite(row["ci_width_floor"]),
+        "delta_ci_low_this_test_set": _finite(row["delta_ci_low_this_test_set"]),
+        "delta_ci_high_this_test_set": _finite(row["delta_ci_high_this_test_set"]),
+        "p_value_this_test_set": _finite(row["p_value_this_test_set"]),
+    }
 
 
 def _points(value: float | None, signed: bool = False) -> str:
@@ -212,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR"), help="MNIST directory")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/parity-<mode>.json)")
     parser.add_argument("--skip-training", action="store_true", help="only summarise the cells already in the store")
+    parser.add_argument("--compare-protocols", action="store_true",
+                        help="also train the baseline arm with the seed's own protocol (--set validation=test: all "
+                             "60,000 images, the test set as validation data) in a second store and compare it with "
+                             "the default split")
     parser.add_argument("--offline-cells", type=Path, default=None, metavar="DIR",
                         help="import cells trained elsewhere with `experiments.ablate --study parity --offline DIR` "
                              "(a GPU machine, say) instead of training here")
@@ -238,6 +282,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: the ablate step exited {ablate_exit}; summarising the cells that finished",
                   file=sys.stderr)
     summary = summarise(tracking_uri)
+    if args.compare_protocols:
+        test_dir = RESULTS_DIR / "parity" / f"{args.mode}-validation-test"
+        test_uri = f"sqlite:///{test_dir / 'mlflow.db'}"
+        test_command = ablate_command(train_subset, epochs, seeds, args.workers, test_uri, args.data_dir,
+                                      [*args.overrides, "validation=test"], test_dir / "report")
+        test_command[test_command.index("--study") + 1:test_command.index("--study") + 2] = [STUDY, "--arms",
+                                                                                             BASELINE_ARM]
+        if not args.skip_training:
+            test_dir.mkdir(parents=True, exist_ok=True)
+            print("$ python", " ".join(test_command[1:]), flush=True)
+            subprocess.run(test_command, cwd=REPO_ROOT, check=False)
+        summary["protocols"] = compare_protocols(tracking_uri, test_uri)
+        summary["protocols"]["command"] = " ".join(["python", *test_command[1:]])
     result = {
         "benchmark": "parity",
         "mode": args.mode,
@@ -257,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             "ablate": " ".join(["python", *command[1:]]),
         },
         "ablate_exit_code": ablate_exit,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": _relative_uri(tracking_uri),
         "wall_seconds": time.perf_counter() - started,
         "machine": machine(),
         **summary,
@@ -269,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Parity benchmark ({args.mode} mode: {images} x {epochs} epoch(s), {seeds} seed(s) per arm), test accuracy "
           "on the 10,000 MNIST test images")
     print(table(summary))
+    if "protocols" in summary:
+        c = summary["protocols"]
+        print(f"\nThe trainer, seed's protocol (validation on test, 60,000 images) minus default split (55,000), "
+              f"{c['n_pairs']} paired seeds, points: {_points(c['delta'], True)} [{_points(c['delta_ci_low'], True)}, "
+              f"{_points(c['delta_ci_high'], True)}], p {_p(c['p_value'])}; this test set only "
+              f"[{_points(c['delta_ci_low_this_test_set'], True)}, {_points(c['delta_ci_high_this_test_set'], True)}]")
     print(f"\n{args.mode} mode {shows}.")
     print(f"wall time {result['wall_seconds']:.0f} s; results in {output}")
     return 0
