@@ -21,9 +21,10 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from jinja2 import Environment
 from markupsafe import Markup
@@ -58,6 +59,12 @@ class Rendered:
     lines: list[str] = field(default_factory=list)
     tables: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def command_line(self) -> str:
+        if not self.command:
+            return "not recorded in the file"
+        return f"`{self.command}`" + (f" ({self.command_note})" if self.command_note else "")
 
 
 # -- formatting ------------------------------------------------------------------------------------------------
@@ -332,11 +339,12 @@ def render_parity(data: dict, out: Rendered) -> None:
         ["p (difference)", p_value(c.get("p_value"))],
         [f"TOST p (±{100 * c.get('equivalence_margin', 0.001):g} points)", p_value(c.get("equivalence_p_value"))],
         ["standard error = seed part ⊕ test-image part (points)",
-         f"{points(c.get('standard_error'))} = {points(c.get('standard_error_seed_part'))} ⊕ "
-         f"{points(c.get('standard_error_image_part'))}"],
+         (f"{points(c.get('standard_error'))} = {points(c.get('standard_error_seed_part'))} ⊕ "
+          f"{points(c.get('standard_error_image_part'))}")],
         ["interval width floor from the test set (points)", points(c.get("ci_width_floor"))],
         [f"{level} interval, this test set only (points)",
-         f"[{points(c.get('delta_ci_low_this_test_set'), True)}, {points(c.get('delta_ci_high_this_test_set'), True)}]"],
+         (f"[{points(c.get('delta_ci_low_this_test_set'), True)}, "
+          f"{points(c.get('delta_ci_high_this_test_set'), True)}]")],
         ["verdict", verdict(c)],
     ]))
 
@@ -467,7 +475,8 @@ def load_results(directory: Path = RESULTS_DIR) -> list[Result]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path.name} is not valid JSON ({error}); rerun its benchmark or fix the file.") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path.name}: expected a JSON object, found {type(data).__name__}.")
+            # A bad file, reported like any other (main prints ValueErrors as one line).
+            raise ValueError(f"{path.name}: expected a JSON object, found {type(data).__name__}.")  # noqa: TRY004
         results.append(Result(path.name, data, section_of(path.name, data)))
     return results
 
@@ -536,7 +545,7 @@ their day, not of today.
 
 {% endif %}- Machine: {{ result.machine | text }}
 - Date: {{ result.date | text }}
-- Command: {% if result.command %}`{{ result.command | text }}`{% if result.command_note %} ({{ result.command_note | text }}){% endif %}{% else %}not recorded in the file{% endif %}
+- Command: {{ result.command_line | text }}
 - File: `benchmarks/results/{{ result.file | text }}`
 
 {% for line in result.lines %}{{ line | text }}
