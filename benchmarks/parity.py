@@ -64,6 +64,12 @@ def ablate_command(train_subset: int | None, epochs: int, seeds: int, workers: i
     return command
 
 
+def _portable(command: str, data_dir: str | None) -> str:
+    """A recorded command without this machine's paths: the repository's relative, the data as $MNIST_DATA_DIR."""
+    command = command.replace(f"{REPO_ROOT}/", "")
+    return command.replace(str(data_dir), "$MNIST_DATA_DIR") if data_dir else command
+
+
 def _relative_uri(uri: str) -> str:
     """A store under the repository, named relative to it (the JSON is committed; no machine paths in it)."""
     prefix = f"sqlite:///{REPO_ROOT}/"
@@ -294,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             print("$ python", " ".join(test_command[1:]), flush=True)
             subprocess.run(test_command, cwd=REPO_ROOT, check=False)
         summary["protocols"] = compare_protocols(tracking_uri, test_uri)
-        summary["protocols"]["command"] = " ".join(["python", *test_command[1:]])
+        summary["protocols"]["command"] = _portable(" ".join(["python", *test_command[1:]]), args.data_dir)
     result = {
         "benchmark": "parity",
         "mode": args.mode,
@@ -309,9 +315,11 @@ def main(argv: list[str] | None = None) -> int:
             "statistics": "mnist_ablation.stats.compare_to_baseline on store.prediction_correctness: seeds and test "
                           "images random (crossed), paired by seed",
         },
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commands": {
-            "benchmark": " ".join(["python", "-m", "benchmarks.parity", *(argv if argv is not None else sys.argv[1:])]),
-            "ablate": " ".join(["python", *command[1:]]),
+            "benchmark": _portable(" ".join(["python", "-m", "benchmarks.parity",
+                                             *(argv if argv is not None else sys.argv[1:])]), args.data_dir),
+            "ablate": _portable(" ".join(["python", *command[1:]]), args.data_dir),
         },
         "ablate_exit_code": ablate_exit,
         "tracking_uri": _relative_uri(tracking_uri),

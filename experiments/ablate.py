@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 
@@ -75,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="log the cells saved by --offline in DIR into this study (same --study, --seeds, "
                              "--epochs, --train-subset, --set), then summarise as usual")
     add_data_arguments(parser)
-    add_tracking_arguments(parser)
+    add_tracking_arguments(parser, runs=True)
     args = parser.parse_args(argv)
     if args.offline and args.import_offline:
         parser.error("--offline and --import-offline: choose one (train offline, then import on the tracking machine)")
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
             print(f"not imported: {problem}", file=sys.stderr)
         return max(finish(runner, args, failed=0), 1 if problems else 0)
     if args.workers > 1 and not args.worker_only:
-        codes = runner.run_workers(argv if argv is not None else sys.argv[1:], args.workers)
+        codes = launch_workers(runner, args, argv if argv is not None else sys.argv[1:])
         return finish(runner, args, failed=sum(1 for code in codes if code != 0))
     outcome = runner.run_worker()
     if args.worker_only:
@@ -176,6 +178,29 @@ def run_offline(configs: dict[str, TrainConfig], args: argparse.Namespace) -> in
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def launch_workers(runner, args: argparse.Namespace, argv: list[str]) -> list[int]:
+    """Run ``--workers`` copies of this command as worker processes, splitting the cores between them.
+
+    Each worker writes its own progress to a log file; this process shows one line for the whole sweep.
+    """
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    log_dir = runner.log_directory()
+    command = [sys.executable, "-m", "experiments.ablate", *argv, "--worker-only", "--set", f"threads={threads}"]
+    print(f"starting {args.workers} workers with {threads} thread(s) each; their logs: {log_dir}", flush=True)
+    processes = []
+    for index in range(args.workers):
+        with open(log_dir / f"worker-{index}.log", "w") as handle:  # the worker keeps its own copy
+            processes.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT))
+    try:
+        runner.watch(processes)
+        return [process.wait() for process in processes]
+    except KeyboardInterrupt:
+        # Workers got the same SIGINT: they mark their runs KILLED and exit; wait for that.
+        for process in processes:
+            process.wait()
+        raise
 
 
 def recorded_command(args: argparse.Namespace, argv=None) -> list[str]:

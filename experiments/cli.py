@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -30,9 +31,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                              "unset: Keras downloads MNIST")
 
 
-def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+def add_tracking_arguments(parser: argparse.ArgumentParser, runs: bool = False) -> None:
+    """--tracking-uri; with ``runs`` (commands that train), also --system-metrics."""
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (also $MLFLOW_TRACKING_URI); default sqlite:///mlruns/mlflow.db")
+    if not runs:
+        return
     parser.add_argument("--system-metrics", action="store_true",
                         help="record CPU, memory, disk, network (and GPU) use as system/* metrics of every run "
                              "(MLflow's system metrics; also MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true)")
@@ -57,7 +61,12 @@ def config_from_arguments(args: argparse.Namespace, base: TrainConfig = BASELINE
 
 
 def _quiet_libraries() -> None:
-    """The commands print one line per cell or trial themselves; Optuna's INFO lines would repeat them."""
+    """The commands print one line per cell or trial themselves; Optuna's INFO lines would repeat them.
+
+    Optuna may be absent (a GPU machine that only trains --offline cells): then there is nothing to quiet.
+    """
+    if importlib.util.find_spec("optuna") is None:
+        return
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--run-name", default=None, help="MLflow run name (default: generated)")
     add_data_arguments(parser)
-    add_tracking_arguments(parser)
+    add_tracking_arguments(parser, runs=True)
     return parser.parse_args(argv)
 
 

@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip the final report and retrain (e.g. for all workers but one)")
     parser.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2), help="Keras verbosity of trials")
     add_data_arguments(parser)
-    add_tracking_arguments(parser)
+    add_tracking_arguments(parser, runs=True)
     return parser.parse_args(argv)
 
 

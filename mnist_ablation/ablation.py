@@ -401,30 +401,11 @@ class StudyRunner:
 
     # -- several workers on this machine ------------------------------------------------------------------
 
-    def run_workers(self, argv: Sequence[str], workers: int) -> list[int]:
-        """Run ``workers`` copies of the command as worker processes, with one study-level progress line.
-
-        Each worker's own output goes to a log file beside the store; this process shows the cells done,
-        running and failed in the current round, and an ETA from the throughput so far.
-        """
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        log_dir = tracking.local_state_directory(self.tracking_uri) / "logs" / self.study.name / self.digest
-        log_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "experiments.ablate", *argv, "--worker-only", "--set", f"threads={threads}"]
-        logs = [log_dir / f"worker-{index}.log" for index in range(workers)]
-        print(f"starting {workers} workers with {threads} thread(s) each; their logs: {log_dir}", flush=True)
-        processes = []
-        for path in logs:
-            with open(path, "w") as handle:  # the worker keeps its own copy of the descriptor
-                processes.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT))
-        try:
-            self.watch(processes)
-            return [process.wait() for process in processes]
-        except KeyboardInterrupt:
-            # Workers got the same SIGINT: they mark their runs KILLED and exit; wait for that.
-            for process in processes:
-                process.wait()
-            raise
+    def log_directory(self) -> Path:
+        """Where worker processes of this sweep on this machine write their own output (beside the store)."""
+        directory = tracking.local_state_directory(self.tracking_uri) / "logs" / self.study.name / self.digest
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
 
     def watch(self, processes: Sequence[subprocess.Popen], poll_seconds: float = 2.0) -> None:
         """One progress line for the whole sweep while ``processes`` run: per round, done / total, running, ETA."""

@@ -25,8 +25,9 @@ class UnknownNameError(UserError, ValueError, KeyError):
 class Registry(Mapping[str, T]):
     """Entries by name, in the order given; ``registry[name]`` of an unknown name raises UnknownNameError."""
 
-    def __init__(self, kind: str, entries: Mapping[str, T]):
+    def __init__(self, kind: str, entries: Mapping[str, T], plural: str | None = None):
         self.kind = kind
+        self.plural = plural or f"{kind}s"
         self._entries = dict(entries)
 
     @property
@@ -48,7 +49,7 @@ class Registry(Mapping[str, T]):
     def unknown_message(self, name: object) -> str:
         close = difflib.get_close_matches(str(name), self.names, n=2)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names)}.{hint}"
+        return f"unknown {self.kind} {name!r}; known {self.plural}: {', '.join(self.names)}.{hint}"
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {list(self.names)})"

@@ -5,7 +5,7 @@ set: a claim such as "batch norm is worth 0.1 points" is about training with new
 images from the same population. Every run (arm, training seed) of a study is scored on the same test images,
 so seeds and images form a *crossed* design and both are random. docs/statistics.md explains every choice.
 
-The crossed-design API (what the report is being rewired onto):
+The crossed-design API (what the report and the precision rule use):
 
 * ``crossed_contrast`` -> ``ContrastEstimate``: a contrast between arms (arm minus baseline, or a factorial
   effect) per (seed, image), a two-way random-effects analysis (seeds x images, no replication) with

@@ -118,7 +118,7 @@ def _factorial() -> Study:
     )
 
 
-STUDIES: Registry[Study] = Registry("study", {
+STUDIES: Registry[Study] = Registry("study", plural="studies", entries={
     study.name: study
     for study in (
         Study(
