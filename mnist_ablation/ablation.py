@@ -183,6 +183,7 @@ class StudyRunner:
 
     def _publish_definition(self, cells: Sequence[Cell]) -> None:
         """Record the sweep as run now (arms, seeds, overrides, config hashes) on the parent run."""
+        cells = list({cell.key: cell for cell in cells}.values())
         definition = {
             "study": self.study.name,
             "description": self.study.description,

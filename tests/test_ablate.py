@@ -36,6 +36,7 @@ def test_leave_one_out_lands_as_nested_runs_and_reruns_add_nothing(tmp_path, tra
     assert "switches off exactly one" in parent.data.tags["mlflow.note.content"]
     parent_artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"study.json", "summary.csv"} <= parent_artifacts
+    assert len(store.study_definition("leave-one-out")["cells"]) == 10  # each cell once
 
     # The arms' toggles are params, so the MLflow UI can group by them.
     by_arm = children.set_index("tags.mlflow.runName")
