@@ -428,6 +428,9 @@ class StudyRunner:
                         bar = tqdm(total=len(self.queue.round_cells(round_study)), unit="cell", dynamic_ncols=True,
                                    desc=f"{self.study.name} {current.rsplit('/', 1)[-1]}", file=sys.stdout,
                                    mininterval=interval, smoothing=0)  # ETA from the whole round's throughput
+                    total = len(self.queue.round_cells(round_study))
+                    if bar.total != total:  # the round's creator may still be publishing its cells
+                        bar.total = total
                     done = self.queue.settled(round_study)
                     bar.update(done - bar.n)
                     running = self.queue.running_cells(round_study)
