@@ -347,6 +347,27 @@ def render_parity(data: dict, out: Rendered) -> None:
           f"{points(c.get('delta_ci_high_this_test_set'), True)}]")],
         ["verdict", verdict(c)],
     ]))
+    protocols = data.get("protocols")
+    if protocols:
+        means = protocols.get("test_accuracy_mean", {})
+        stds = protocols.get("test_accuracy_std", {})
+        out.lines.append(f"The trainer under two protocols (`--compare-protocols`): {protocols['arm']} minus "
+                         f"{protocols['baseline']}.")
+        out.tables.append(table(["the seed's protocol minus the default split", "value"], [
+            ["test accuracy % (mean ± std), default split",
+             mean_std_percent({"mean": means.get("validation_split"), "std": stds.get("validation_split")}, 3)],
+            ["test accuracy % (mean ± std), the seed's protocol",
+             mean_std_percent({"mean": means.get("validation_test"), "std": stds.get("validation_test")}, 3)],
+            ["paired seeds", protocols.get("n_pairs")],
+            ["difference (points)", points(protocols.get("delta"), signed=True)],
+            [f"{level} interval, seeds and test images random (points)",
+             f"[{points(protocols.get('delta_ci_low'), True)}, {points(protocols.get('delta_ci_high'), True)}]"],
+            ["p (difference)", p_value(protocols.get("p_value"))],
+            [f"{level} interval, this test set only (points)",
+             (f"[{points(protocols.get('delta_ci_low_this_test_set'), True)}, "
+              f"{points(protocols.get('delta_ci_high_this_test_set'), True)}]")],
+            ["command", f"`{protocols.get('command', DASH)}`"],
+        ]))
 
 
 def render_table(data: dict, out: Rendered) -> None:
