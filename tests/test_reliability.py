@@ -19,6 +19,7 @@ from mnist_ablation import store
 
 from helpers import command_env, run_module, start_module
 
+PASSWORD = "S3cretPw"  # a fake password that must never be printed or logged
 FAST_HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "4")
 
 
@@ -197,8 +198,10 @@ def test_two_machines_on_postgresql_and_an_mlflow_server_survive_a_killed_worker
     """Two independent workers (as on two machines) share a study; one is SIGKILLed mid-cell."""
     mlflow.set_tracking_uri(mlflow_server)
     env = command_env(mlflow_server, data_dir)
+    # The test cluster trusts local connections, so a password in the URL is accepted and must never be shown.
+    storage = postgres_url.replace("@", f":{PASSWORD}@", 1)
     args = ("--study", "add-one-in", "--arms", "baseline,dropout_only,batch_norm_only", "--seeds", "2",
-            "--epochs", "2", "--train-subset", "200", "--no-report", "--storage", postgres_url,
+            "--epochs", "2", "--train-subset", "200", "--no-report", "--storage", storage,
             "--tracking-uri", mlflow_server, *FAST_HEARTBEAT)
     first = start_module("experiments.ablate", *args, "--worker-only", env=env, cwd=tmp_path)
     second = start_module("experiments.ablate", *args, "--worker-only", env=env, cwd=tmp_path)
@@ -224,3 +227,13 @@ def test_two_machines_on_postgresql_and_an_mlflow_server_survive_a_killed_worker
     trials = [t for s in summaries if s.study_name.startswith("ablate/add-one-in/")
               for t in optuna.load_study(study_name=s.study_name, storage=postgres_url).trials]
     assert Counter(t.state.name for t in trials) == {"COMPLETE": 6, "FAIL": 1}
+
+    # Credentials never leave the process: not in the output, the study's record, a run's environment or tags.
+    assert PASSWORD not in output
+    definition = store.study_definition("add-one-in")
+    command = " ".join(definition["command"])
+    assert PASSWORD not in json.dumps(definition) and ":***@127.0.0.1:" in command
+    for run in runs:
+        assert PASSWORD not in json.dumps(run.data.tags) + json.dumps(run.data.params)
+    environment = store.read_json_artifact(runs[0].info.run_id, "environment.json")
+    assert PASSWORD not in json.dumps(environment)
