@@ -130,10 +130,19 @@ class StudyRunner:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def planned_cells(self) -> list[Cell]:
-        """The first seeds' cells and every cell a round of this sweep has enqueued since."""
+        """The first seeds' cells and every cell a round of this sweep has enqueued since.
+
+        Under a precision rule, also every finished run of one of this sweep's arm configs at a seed below the
+        maximum (say from an earlier sweep with more seeds): the rule counts it rather than training it again.
+        """
         cells = {c.key: c for c in self.initial_cells}
         for cell in self.queue.enqueued_cells():
             cells.setdefault(cell.key, cell)
+        if self.precision is not None:
+            for arm, seed, config_hash in store.finished_cells(self.study.name):
+                if (arm in self.arm_configs and seed < self.precision.max_seeds
+                        and self.cell(arm, seed).config_hash == config_hash):
+                    cells.setdefault(Cell(arm, seed, config_hash).key, Cell(arm, seed, config_hash))
         return list(cells.values())
 
     def identical_groups(self) -> list[str]:
@@ -223,9 +232,9 @@ class StudyRunner:
                 print(f"all {len(candidates)} cells of study {self.study.name!r} are finished")
             if self.precision is None:
                 break
-            candidates = self.precision_additions()
-            if not candidates:
-                break
+            previous, candidates = candidates, self.precision_additions()
+            if not candidates or {c.key for c in candidates} == {c.key for c in previous}:
+                break  # every arm has stopped (or, defensively, the rule proposes nothing new)
         return outcome
 
     def _open_round(self, cells: Sequence[Cell]):

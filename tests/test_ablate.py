@@ -143,6 +143,13 @@ def test_precision_rule_stops_at_the_target_or_the_maximum_and_the_report_says_w
     page = (output / "report.html").read_text()
     assert "Precision-driven seeding" in page and "50.00 points" in page and reason in page
 
+    # Another sweep whose seeds already finished (here: 1 seed, at most 2) counts them and trains nothing.
+    again = run_module("experiments.ablate", "--arms", "baseline,no_dropout", "--seeds", "1", "--train-subset", "200",
+                       "--epochs", "1", "--target-ci-width", "0.5", "--max-seeds", "2", "--no-report",
+                       env=command_env(tracking_uri, data_dir), cwd=tmp_path)
+    assert "finished baseline-seed" not in again.stdout and "finished no_dropout-seed" not in again.stdout
+    assert len(compare.study_runs("leave-one-out", all_sweeps=True)) == len(cells)
+
 
 def test_precision_flags_are_checked_before_anything_runs(tmp_path, tracking_uri, data_dir):
     env = command_env(tracking_uri, data_dir)
