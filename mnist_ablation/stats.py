@@ -149,8 +149,21 @@ def _t_quantile(probability: float, df: float) -> float:
     return float(special.stdtrit(df, probability))
 
 
-def _t_two_sided_p(statistic: float, df: float) -> float:
-    return float(2 * special.stdtr(df, -abs(statistic)))
+def _t_interval(estimate: float, se: float, df: float, confidence: float) -> tuple[float, float]:
+    """``estimate +- t(df) * se``: NaN where ``se`` is, zero width where it is 0."""
+    if math.isnan(se):
+        return float("nan"), float("nan")
+    if se == 0:
+        return estimate, estimate
+    half_width = _t_quantile(0.5 + confidence / 2, df) * se
+    return estimate - half_width, estimate + half_width
+
+
+def _t_test_p(estimate: float, se: float, df: float) -> float:
+    """Two-sided p-value of "the mean is zero": NaN where ``se`` is NaN or 0."""
+    if math.isnan(se) or se == 0:
+        return float("nan")
+    return float(2 * special.stdtr(df, -abs(estimate / se)))
 
 
 def _nonnegative(value: float) -> float:
@@ -241,21 +254,12 @@ class ContrastEstimate:
     def interval(self, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
         """Student-t interval ``estimate +- t(df) * standard_error`` (NaN with one seed; zero width with no spread)."""
         _check_confidence(confidence)
-        se = self.standard_error
-        if math.isnan(se):
-            return float("nan"), float("nan")
-        if se == 0:
-            return self.estimate, self.estimate
-        half_width = _t_quantile(0.5 + confidence / 2, self.df) * se
-        return self.estimate - half_width, self.estimate + half_width
+        return _t_interval(self.estimate, self.standard_error, self.df, confidence)
 
     @property
     def p_value(self) -> float:
         """Two-sided p-value for "the recipe-level contrast is zero" (NaN with one seed or no spread at all)."""
-        se = self.standard_error
-        if math.isnan(se) or se == 0:
-            return float("nan")
-        return _t_two_sided_p(self.estimate / se, self.df)
+        return _t_test_p(self.estimate, self.standard_error, self.df)
 
     def equivalence_p_value(self, margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> float:
         """Two one-sided tests (Schuirmann 1987) of "|contrast| >= margin"; small p: equivalent within +-margin.
@@ -298,21 +302,12 @@ class ContrastEstimate:
     def interval_this_test_set(self, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
         """Paired t interval over seeds (df = n_seeds - 1): about these test images only, not the recipe."""
         _check_confidence(confidence)
-        se = self.standard_error_this_test_set
-        if math.isnan(se):
-            return float("nan"), float("nan")
-        if se == 0:
-            return self.estimate, self.estimate
-        half_width = _t_quantile(0.5 + confidence / 2, self.n_seeds - 1) * se
-        return self.estimate - half_width, self.estimate + half_width
+        return _t_interval(self.estimate, self.standard_error_this_test_set, self.n_seeds - 1, confidence)
 
     @property
     def p_value_this_test_set(self) -> float:
         """Paired t-test over seeds (images fixed). Not a test of the recipe: it ignores the test set's sampling."""
-        se = self.standard_error_this_test_set
-        if math.isnan(se) or se == 0:
-            return float("nan")
-        return _t_two_sided_p(self.estimate / se, self.n_seeds - 1)
+        return _t_test_p(self.estimate, self.standard_error_this_test_set, self.n_seeds - 1)
 
     # -- power and planning ---------------------------------------------------------------------------------
 
