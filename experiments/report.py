@@ -70,7 +70,7 @@ def main(argv=None) -> int:
           "random)")
     print(result.summary[COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"))
     if args.target_ci_width is not None:
-        plan = report.seeds_needed(args.study, args.target_ci_width, confidence=args.confidence)
+        plan = report.seeds_plan(result.data, args.target_ci_width, args.confidence)
         print(f"\nSeeds per arm for a {round(100 * args.confidence)}% difference interval at most "
               f"{100 * args.target_ci_width:.2f} points wide (from the observed variance; inf: the test set's own "
               "floor is wider):")

@@ -377,13 +377,22 @@ def queue_trials_by_run(storage) -> dict[str, list]:
     return found
 
 
-def prediction_correctness(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per run (``runs``: run_id, arm, seed) and test image, whether the logged prediction was right.
+@dataclass
+class LoggedPredictions:
+    """The logged test predictions of some runs: the shared labels, each run's predictions, and the tidy frame."""
 
-    A tidy frame with columns arm, seed, image, correct (bool): what ``stats.compare_to_baseline`` takes.
-    Every run must have predicted the same test images with the same labels.
+    labels: np.ndarray | None  # None for no runs
+    predicted_by_run: dict[str, np.ndarray]
+    correct: pd.DataFrame  # arm, seed, image, correct (bool): what ``stats.compare_to_baseline`` takes
+
+
+def read_test_predictions(runs: pd.DataFrame) -> LoggedPredictions:
+    """Read the predictions of ``runs`` (run_id, arm, seed), each sorted by test image.
+
+    Every run must have predicted the same test images with the same labels; a run that did not is a
+    ValueError naming it.
     """
-    frames, labels = [], None
+    frames, labels, predicted_by_run = [], None, {}
     for row in runs.itertuples():
         predictions = read_predictions(row.run_id).sort_values("index")
         if labels is None:
@@ -391,9 +400,22 @@ def prediction_correctness(runs: pd.DataFrame) -> pd.DataFrame:
         elif not np.array_equal(predictions["label"].to_numpy(), labels):
             raise ValueError(f"run {row.run_id} ({row.arm}, seed {row.seed}) predicted a different test set from "
                              "the other runs; runs can only be compared on the same test images.")
+        predicted = predictions["predicted"].to_numpy()
+        predicted_by_run[row.run_id] = predicted
         frames.append(pd.DataFrame({"arm": row.arm, "seed": int(row.seed), "image": predictions["index"].to_numpy(),
-                                    "correct": (predictions["predicted"] == predictions["label"]).to_numpy()}))
+                                    "correct": predicted == labels}))
     if not frames:
-        return pd.DataFrame({"arm": pd.Series(dtype=object), "seed": pd.Series(dtype=int),
-                             "image": pd.Series(dtype=int), "correct": pd.Series(dtype=bool)})
-    return pd.concat(frames, ignore_index=True)
+        correct = pd.DataFrame({"arm": pd.Series(dtype=object), "seed": pd.Series(dtype=int),
+                                "image": pd.Series(dtype=int), "correct": pd.Series(dtype=bool)})
+    else:
+        correct = pd.concat(frames, ignore_index=True)
+    return LoggedPredictions(labels, predicted_by_run, correct)
+
+
+def prediction_correctness(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run (``runs``: run_id, arm, seed) and test image, whether the logged prediction was right.
+
+    A tidy frame with columns arm, seed, image, correct (bool): what ``stats.compare_to_baseline`` takes.
+    Every run must have predicted the same test images with the same labels.
+    """
+    return read_test_predictions(runs).correct

@@ -23,14 +23,14 @@ import pandas as pd
 from .. import stats, tracking
 from ..store import REPORT_ARTIFACT_DIR
 from . import analysis, figures, render
-from .analysis import SUMMARY_COLUMNS, summary_table
+from .analysis import SUMMARY_COLUMNS, seeds_plan, summary_table
 from .gather import StudyData, failure_reasons, gather_study, load_test_images
 
 DEFAULT_REPORT_ROOT = Path("reports")
 DEFAULT_THRESHOLD = 0.99
 
 __all__ = ["Report", "SUMMARY_COLUMNS", "StudyData", "ablation_summary", "build_report", "factorial_analysis",
-           "gather_study", "learning_curves", "seeds_needed", "summary_table", "write_study_report"]
+           "gather_study", "learning_curves", "seeds_needed", "seeds_plan", "summary_table", "write_study_report"]
 
 
 def ablation_summary(study: str, tracking_uri: str | None = None, confidence: float = stats.DEFAULT_CONFIDENCE,
@@ -60,8 +60,7 @@ def learning_curves(study: str, tracking_uri: str | None = None, threshold: floa
 def seeds_needed(study: str, target_ci_width: float, tracking_uri: str | None = None,
                  confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
     """Per compared arm: its interval's width now, the test set's floor, and the seeds that would reach the target."""
-    data = gather_study(study, tracking_uri, histories=False)
-    return analysis.seeds_plan(summary_table(data, confidence), data, target_ci_width, confidence)
+    return analysis.seeds_plan(gather_study(study, tracking_uri, histories=False), target_ci_width, confidence)
 
 
 @dataclass
@@ -72,6 +71,7 @@ class Report:
     summary: pd.DataFrame
     files: list[Path]
     notes: list[str]
+    data: StudyData  # what the report was computed from (``seeds_plan`` reads it without a second gather)
 
     @property
     def html_path(self) -> Path:
@@ -210,7 +210,7 @@ def build_report(data: StudyData, output: Path, *, data_dir=None, threshold: flo
     html_path.write_text(render.render_html(context), encoding="utf-8")
     markdown_path.write_text(render.render_markdown(context), encoding="utf-8")
     files += [html_path, markdown_path]
-    return Report(output, summary, files, notes)
+    return Report(output, summary, files, notes, data)
 
 
 def _context(data: StudyData, summary: pd.DataFrame, notes: list[str], drawn: list[dict], curves, factorial,

@@ -86,13 +86,14 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
     for arm in arms:
         rows[arm].update(arm=arm, n_seeds=0, n_pairs=0, intervals_cover=INTERVALS_COVER,
                          equivalence_margin=equivalence_margin)
-    if data.correct is not None and len(data.correct):
-        for row in stats.accuracy_table(data.correct, confidence).itertuples():
+    array = data.correctness
+    if array is not None:
+        for row in stats.accuracy_table(array, confidence).itertuples():
             rows[row.arm].update(n_seeds=row.n_seeds, test_accuracy_mean=row.test_accuracy_mean,
                                  test_accuracy_ci_low=row.test_accuracy_ci_low,
                                  test_accuracy_ci_high=row.test_accuracy_ci_high)
-        if data.baseline in set(data.correct["arm"]):
-            comparison = stats.compare_to_baseline(data.correct, data.baseline, confidence, equivalence_margin)
+        if data.baseline in array.arms:
+            comparison = stats.compare_to_baseline(array, data.baseline, confidence, equivalence_margin)
             for row in comparison.itertuples():
                 rows[row.arm].update(
                     delta_vs_baseline=row.delta, delta_ci_low=row.delta_ci_low, delta_ci_high=row.delta_ci_high,
@@ -229,7 +230,7 @@ def arm_sentence(data: StudyData, row: pd.Series, n_compared: int, confidence: f
                 "retry it.")
     failed = ("" if not row["n_failed"] else " 1 seed failed and is left out." if row["n_failed"] == 1
               else f" {row['n_failed']} seeds failed and are left out.")
-    n_images = int(data.correct["image"].nunique()) if data.correct is not None and len(data.correct) else 0
+    n_images = len(data.correctness.images) if data.correctness is not None else 0
     if row["verdict"] == BASELINE:
         text = f"The baseline reaches {points(row['test_accuracy_mean'])}% test accuracy"
         if row["n_seeds"] >= 2 and not pd.isna(row["test_accuracy_ci_low"]):
@@ -277,10 +278,10 @@ def findings(data: StudyData, summary: pd.DataFrame, confidence: float) -> list[
              "text": arm_sentence(data, row, n_compared, confidence)} for _, row in summary.iterrows()]
 
 
-def seeds_plan(summary: pd.DataFrame, data: StudyData, target_width: float,
-               confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
+def seeds_plan(data: StudyData, target_width: float, confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
     """Per compared arm: how many seeds would make its difference interval at most ``target_width`` wide."""
-    estimates = stats.contrasts_to_baseline(data.correct, data.baseline) if data.correct is not None else {}
+    array = data.correctness
+    estimates = stats.contrasts_to_baseline(array, data.baseline) if array is not None else {}
     rows = []
     for arm, estimate in estimates.items():
         width = floor = needed = float("nan")
@@ -334,15 +335,16 @@ def factorial_section(data: StudyData, confidence: float) -> dict | None:
     two-way interactions; the run-level OLS with seed blocks (this test set only) comes along as a check.
     """
     factors = data.factors
-    if not factors or data.correct is None or not len(data.correct):
+    array = data.correctness
+    if not factors or array is None:
         return None
     level = f"{round(100 * confidence)}%"
-    present = set(data.correct["arm"])
+    present = set(array.arms)
     design = pd.DataFrame([{"arm": arm, **on} for arm, on in factors.items() if arm in present])
     components = [c for c in stats.FACTORIAL_COMPONENTS if c in design.columns]
     section: dict = {"notes": [], "warnings": []}
     try:
-        contrasts = stats.factorial_contrasts(data.correct, design, confidence, components=components)
+        contrasts = stats.factorial_contrasts(array, design, confidence, components=components)
     except ValueError as error:
         section["notes"].append(f"Factorial analysis not possible yet: {error}")
         section["effects"] = None
@@ -380,7 +382,6 @@ def factorial_section(data: StudyData, confidence: float) -> dict | None:
         section["anova"] = None
     else:
         section["anova"] = ols.anova
-        section["ols_effects"] = ols.effects
         if ols.warning:
             section["warnings"].append(ols.warning)
     if identical_groups(data):

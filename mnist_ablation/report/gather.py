@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .. import store, tracking
+from .. import stats, store, tracking
 from ..errors import StudyError
 from ..redaction import redact
 from ..studies import STUDIES
@@ -35,6 +36,11 @@ class StudyData:
     labels: np.ndarray | None = None  # test labels
     predicted_by_run: dict[str, np.ndarray] = field(default_factory=dict)
     environment: dict | None = None  # environment.json of a baseline run: commit, machine, packages, data
+
+    @cached_property
+    def correctness(self) -> stats.CorrectnessArray | None:
+        """``correct`` validated and arranged as arrays, once for every statistic (None without predictions)."""
+        return stats.correctness_array(self.correct) if self.correct is not None and len(self.correct) else None
 
     @property
     def arms(self) -> list[str]:
@@ -98,20 +104,11 @@ def gather_study(study: str, tracking_uri: str | None = None, predictions: bool 
     if histories and len(finished):
         data.histories = store.metric_histories(finished, HISTORY_METRICS)
     if predictions and len(finished):
-        frames, labels = [], None
-        for row in finished.itertuples():
-            frame = store.read_predictions(row.run_id).sort_values("index")
-            if labels is None:
-                labels = frame["label"].to_numpy()
-            elif not np.array_equal(labels, frame["label"].to_numpy()):
-                raise StudyError(f"run {row.run_id} ({row.arm}, seed {row.seed}) predicted a different test set "
-                                 "from the other runs; runs can only be compared on the same test images.")
-            predicted = frame["predicted"].to_numpy()
-            data.predicted_by_run[row.run_id] = predicted
-            frames.append(pd.DataFrame({"arm": row.arm, "seed": int(row.seed), "image": frame["index"].to_numpy(),
-                                        "correct": predicted == labels}))
-        data.labels = labels
-        data.correct = pd.concat(frames, ignore_index=True)
+        try:
+            logged = store.read_test_predictions(finished)
+        except ValueError as error:
+            raise StudyError(str(error)) from error
+        data.labels, data.predicted_by_run, data.correct = logged.labels, logged.predicted_by_run, logged.correct
     return data
 
 
