@@ -627,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the page is out of date")
     args = parser.parse_args(argv)
     try:
-        page = generate(args.results)
+        results = load_results(args.results)
+        page = render_page(results)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -640,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(page, encoding="utf-8")
-    print(f"wrote {args.output} from {len(load_results(args.results))} result file(s) in {args.results}")
+    print(f"wrote {args.output} from {len(results)} result file(s) in {args.results}")
     return 0
 
 

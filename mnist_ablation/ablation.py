@@ -33,7 +33,7 @@ from .config import TrainConfig, effective_settings
 from .data import Mnist, load_mnist
 from .redaction import redact_argv
 from .storage import default_storage_url, open_storage
-from .studies import Cell, Study, describe_identical, identical_arms
+from .studies import Cell, Study, identical_arms
 from .workqueue import CellQueue
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran a cell
@@ -144,10 +144,6 @@ class StudyRunner:
                         and self.cell(arm, seed).config_hash == config_hash):
                     cells.setdefault(Cell(arm, seed, config_hash).key, Cell(arm, seed, config_hash))
         return list(cells.values())
-
-    def identical_groups(self) -> list[str]:
-        """Sentences naming arms that are the same training run at these settings (flagged before training)."""
-        return [describe_identical(self.arm_configs, group) for group in identical_arms(self.arm_configs)]
 
     # -- MLflow side -------------------------------------------------------------------------------
 
@@ -385,9 +381,10 @@ class StudyRunner:
         """
         from . import offline
 
-        self._publish_definition(self.planned_cells())
+        planned = self.planned_cells()
+        self._publish_definition(planned)
         finished = store.finished_cells(self.study.name)
-        by_key = {cell.key: cell for cell in self.planned_cells()}
+        by_key = {cell.key: cell for cell in planned}
         imported, skipped, problems = 0, 0, []
         for folder in offline.saved_cells(directory):
             result, record = offline.load_result(folder)

@@ -59,7 +59,7 @@ def diagnose(storage_url: str | None = None, stale_after: float = 1800.0, grace_
             else:
                 diagnosis.alive.append(name)
             continue
-        idle = now - store.last_activity_ms(run.info.run_id) / 1000
+        idle = now - store.last_activity_ms(run) / 1000
         if idle > stale_after:
             diagnosis.stale.append(StaleRun(run.info.run_id, experiment, name,
                                             f"no metric logged for {idle / 60:.0f} min"))

@@ -110,7 +110,3 @@ def study_id(storage: RDBStorage, study_name: str) -> int:
     """The storage's id of a study (public API, unlike ``Study._study_id``)."""
     return retrying(lambda: storage.get_study_id_from_name(study_name))
 
-
-def trial_id(storage: RDBStorage, study_name: str, number: int) -> int:
-    """The storage's id of trial ``number`` of a study (public API, unlike ``FrozenTrial._trial_id``)."""
-    return retrying(lambda: storage.get_trial_id_from_study_id_trial_number(study_id(storage, study_name), number))

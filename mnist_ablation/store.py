@@ -315,13 +315,12 @@ def metric_histories(runs: pd.DataFrame, metrics: Iterable[str] = HISTORY_METRIC
     return pd.concat(frames, ignore_index=True)[columns].sort_values(["run_id", "epoch"]).reset_index(drop=True)
 
 
-def last_activity_ms(run_id: str) -> int:
-    """Epoch milliseconds of the run's latest logged metric, or its start when it logged none."""
+def last_activity_ms(run) -> int:
+    """Epoch milliseconds of ``run``'s (an MLflow Run) latest logged metric, or its start when it logged none."""
     client = MlflowClient()
-    run = client.get_run(run_id)
     latest = run.info.start_time or 0
     for key in run.data.metrics:
-        for metric in client.get_metric_history(run_id, key)[-1:]:
+        for metric in client.get_metric_history(run.info.run_id, key)[-1:]:
             latest = max(latest, metric.timestamp)
     return latest
 
@@ -337,14 +336,12 @@ def load_model(run_id: str):
     return mlflow.keras.load_model(f"runs:/{run_id}/{MODEL_NAME}")
 
 
-def all_runs(statuses: Iterable[str] | None = None) -> Iterable[tuple[str, object]]:
-    """(experiment name, run) for every run of the store (of ``statuses`` if given)."""
+def all_runs() -> Iterable[tuple[str, object]]:
+    """(experiment name, run) for every run of the store."""
     client = MlflowClient()
-    wanted = set(statuses) if statuses is not None else None
     for experiment in client.search_experiments():
         for run in client.search_runs([experiment.experiment_id], max_results=MAX_RESULTS):
-            if wanted is None or run.info.status in wanted:
-                yield experiment.name, run
+            yield experiment.name, run
 
 
 def redacted_tracking_uri() -> str:

@@ -51,7 +51,6 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the one MLflow pare
 BASE_CONFIG_ATTR = "base_config"  # study user attr: the fixed config the search space is applied to
 BASELINE_ATTR = "baseline"  # trial user attr: True on the enqueued seed-recipe trial
 OBJECTIVE_METRIC = "val_accuracy"
-STORAGE_FILE = "optuna.db"
 PARENT_WAIT_SECONDS = 120.0
 
 
