@@ -123,7 +123,8 @@ def test_two_seeds_of_wildly_different_runs_keep_accuracy_intervals_on_the_axis(
 def test_report_pages_escape_markup_and_say_what_intervals_cover(tmp_path):
     arms = {**LEAVE_ONE_OUT, MARKUP_ARM: ({"dropout": False, "conv_dropout_rate": 0.3}, -0.1)}
     data = simulated_study(arms)
-    report = build_report(data, tmp_path, report_command=["python", "-m", "experiments.report", "--study", "x"])
+    command = ["python", "-m", "experiments.report", "--study", "x", "--output", "'a&b'"]
+    report = build_report(data, tmp_path, report_command=command)
     html = (tmp_path / "report.html").read_text()
     assert MARKUP_ARM not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "<script" not in html and "<link" not in html  # self-contained, nothing executable
@@ -134,6 +135,7 @@ def test_report_pages_escape_markup_and_say_what_intervals_cover(tmp_path):
     assert len(images) >= 4  # differences, test error, learning curves, confusion differences
     markdown = (tmp_path / "report.md").read_text()
     assert "| arm |" in markdown and "figures/test_error.png" in markdown and MARKUP_ARM not in markdown
+    assert " ".join(command) in markdown  # the Reproduce block is code: copied as is, no HTML entities
     csv = pd.read_csv(tmp_path / "ablation_summary.csv")
     assert list(csv.columns[:len(SUMMARY_COLUMNS)]) == SUMMARY_COLUMNS and len(csv) == len(arms)
     assert {p.name for p in report.files} >= {"ablation_summary.csv", "report.html", "report.md", "test_error.png"}
