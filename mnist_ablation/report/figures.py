@@ -118,7 +118,7 @@ def difference_figure(summary: pd.DataFrame, baseline: str, confidence: float) -
     return fig
 
 
-def _curve_panel(ax, curves: pd.DataFrame, arm: str, color: str, width: float, epochs: int) -> None:
+def _curve_panel(ax, curves: pd.DataFrame, arm: str, color: str, width: float) -> None:
     curve = curves[curves["arm"] == arm].sort_values("epoch")
     if curve.empty:
         return
@@ -149,7 +149,7 @@ def learning_curves_figure(histories: pd.DataFrame, arms: list[str], baseline: s
                                   (axes[1], "val_loss", "validation loss")):
             curves = stats.mean_curves(histories, metric, confidence)
             for arm in present:
-                _curve_panel(ax, curves, arm, colors[arm], 2.2 if arm == baseline else 1.4, epochs)
+                _curve_panel(ax, curves, arm, colors[arm], 2.2 if arm == baseline else 1.4)
             ax.set_xlabel("epoch")
             ax.set_ylabel(label)
             ax.set_title(f"Mean {label} ({level} interval over seeds)")
@@ -162,8 +162,8 @@ def learning_curves_figure(histories: pd.DataFrame, arms: list[str], baseline: s
         curves = stats.mean_curves(histories, "val_accuracy", confidence)
         for ax, arm in zip(axes, present):
             if arm != baseline:
-                _curve_panel(ax, curves, baseline, "#b0b8c4", 1.0, epochs)
-            _curve_panel(ax, curves, arm, colors[arm], 1.8, epochs)
+                _curve_panel(ax, curves, baseline, "#b0b8c4", 1.0)
+            _curve_panel(ax, curves, arm, colors[arm], 1.8)
             ax.set_title(arm, fontsize=9)
         for ax in axes[len(present):]:
             ax.axis("off")

@@ -64,7 +64,7 @@ def table(frame: pd.DataFrame, classes: list[str] | None = None, text: bool = Fa
     return {"columns": [str(c) for c in frame.columns], "rows": rows, "classes": classes, "text": text}
 
 
-def _interval(mean, low, high, signed=False, percent=False) -> str:
+def _interval(mean, low, high, signed=False) -> str:
     if pd.isna(mean):
         return "—"
     text = points(mean, signed=signed)
