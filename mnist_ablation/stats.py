@@ -913,6 +913,14 @@ def _factorial_cells(design: pd.DataFrame, arms, components) -> tuple[list[str],
     return components, on
 
 
+def _holm_by_family(effects: pd.DataFrame) -> None:
+    """Set ``holm_family`` from each term's ``order`` and ``p_value_holm``: Holm within each family."""
+    effects["holm_family"] = np.where(effects["order"] <= 2, LEADING_FAMILY, HIGHER_ORDER_FAMILY)
+    for family in (LEADING_FAMILY, HIGHER_ORDER_FAMILY):
+        members = effects["holm_family"] == family
+        effects.loc[members, "p_value_holm"] = holm(effects.loc[members, "p_value"])
+
+
 def factorial_contrasts(correct: pd.DataFrame | CorrectnessArray, design: pd.DataFrame,
                         confidence: float = DEFAULT_CONFIDENCE, components=None) -> FactorialContrasts:
     """Main effects and every interaction of a 2^k factorial, each a contrast with seeds and images random.
@@ -953,14 +961,11 @@ def factorial_contrasts(correct: pd.DataFrame | CorrectnessArray, design: pd.Dat
                 "kind": "main effect" if order == 1 else "interaction", "order": order,
                 "effect": estimate.estimate, "ci_low": low, "ci_high": high,
                 "standard_error": estimate.standard_error, "df": estimate.df, "p_value": estimate.p_value,
-                "holm_family": LEADING_FAMILY if order <= 2 else HIGHER_ORDER_FAMILY,
                 "n_seeds": estimate.n_seeds, "seed_variance": estimate.seed_variance,
                 "image_variance": estimate.image_variance,
             })
     effects = pd.DataFrame(rows)
-    for family in (LEADING_FAMILY, HIGHER_ORDER_FAMILY):
-        members = effects["holm_family"] == family
-        effects.loc[members, "p_value_holm"] = holm(effects.loc[members, "p_value"])
+    _holm_by_family(effects)
     note = None
     if dropped:
         note = (f"{len(dropped)} seed(s) lack at least one of the {len(array.arms)} cells and are left out of the "
@@ -1030,11 +1035,8 @@ def factorial_block_ols(runs: pd.DataFrame, confidence: float = DEFAULT_CONFIDEN
         "ci_high": interval.loc[treatment, 1].to_numpy(), "standard_error": model.bse[treatment].to_numpy(),
         "df": float(model.df_resid), "t_statistic": model.tvalues[treatment].to_numpy(),
         "p_value": model.pvalues[treatment].to_numpy(),
-        "holm_family": np.where(order <= 2, LEADING_FAMILY, HIGHER_ORDER_FAMILY),
     })
-    for family in (LEADING_FAMILY, HIGHER_ORDER_FAMILY):
-        members = effects["holm_family"] == family
-        effects.loc[members, "p_value_holm"] = holm(effects.loc[members, "p_value"])
+    _holm_by_family(effects)
     effects = effects.sort_values("order", kind="stable").reset_index(drop=True)
     anova = sm.stats.anova_lm(model, typ=2).reset_index().rename(columns={"index": "term"})
     warning = None
