@@ -167,9 +167,7 @@ class Explainer:
         it bilinearly to the input size.
         """
         ops = keras.ops
-        batch = ops.convert_to_tensor(as_batch(image))
-        *feature_maps, classifier_input = self._probe(batch, training=False)
-        logits = ops.convert_to_numpy(self._logits(classifier_input))[0]
+        batch, feature_maps, logits = self._forward(image)
         predicted = int(np.argmax(logits))
         target = predicted if target_class is None else int(target_class)
         if not 0 <= target < logits.shape[-1]:
@@ -194,9 +192,24 @@ class Explainer:
             saliency=_unit_range(np.abs(pixel_gradient)),
             gradcam=_unit_range(ops.convert_to_numpy(cam)[0, :, :, 0]),
             gradcam_layer=self.feature_layer_names[-1],
-            activations=[Activations(name, ops.convert_to_numpy(maps)[0].astype(np.float32))
-                         for name, maps in zip(self.feature_layer_names, feature_maps, strict=True)],
+            activations=self._activations(feature_maps),
         )
+
+    def activations(self, image: np.ndarray) -> tuple[int, list[Activations]]:
+        """The predicted class and every conv layer's feature maps for one 28x28 image: one forward pass, no
+        gradients (``explain`` returns the same maps along with saliency and Grad-CAM)."""
+        _, feature_maps, logits = self._forward(image)
+        return int(np.argmax(logits)), self._activations(feature_maps)
+
+    def _forward(self, image: np.ndarray):
+        """(input batch, each conv layer's feature maps, the logits of the one image) from one probe pass."""
+        batch = keras.ops.convert_to_tensor(as_batch(image))
+        *feature_maps, classifier_input = self._probe(batch, training=False)
+        return batch, feature_maps, keras.ops.convert_to_numpy(self._logits(classifier_input))[0]
+
+    def _activations(self, feature_maps) -> list[Activations]:
+        return [Activations(name, keras.ops.convert_to_numpy(maps)[0].astype(np.float32))
+                for name, maps in zip(self.feature_layer_names, feature_maps, strict=True)]
 
 
 def _unit_range(values: np.ndarray) -> np.ndarray:

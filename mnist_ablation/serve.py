@@ -307,13 +307,22 @@ class ModelExplorer:
 
     def explain(self, image: np.ndarray, run_id: str | None, target_class: int | None):
         """(run id, ``explain.Explanation``) of one run's decision on a 28x28 image."""
+        run_id, explainer = self._single_model_explainer(run_id)
+        try:
+            return run_id, explainer.explain(image, target_class)
+        except ValueError as error:  # a target class the model does not have
+            raise InvalidRequestError(str(error)) from None
+
+    def activations(self, image: np.ndarray, run_id: str | None):
+        """(run id, predicted class, ``explain.Activations`` per conv layer) of one run on a 28x28 image."""
+        run_id, explainer = self._single_model_explainer(run_id)
+        return (run_id, *explainer.activations(image))
+
+    def _single_model_explainer(self, run_id: str | None):
         if run_id == ENSEMBLE:
             raise InvalidRequestError("explanations are per model; pass one run's run_id, not 'ensemble'.")
         run = self.run(run_id)
-        try:
-            return run.run_id, self.explainer(run.run_id).explain(image, target_class)
-        except ValueError as error:  # a target class the model does not have
-            raise InvalidRequestError(str(error)) from None
+        return run.run_id, self.explainer(run.run_id)
 
     def run_details(self, run_id: str | None) -> dict:
         """Key metrics and params, per-epoch curves and the MLflow UI link of one run."""
@@ -904,9 +913,9 @@ def create_app(explorer: ModelExplorer, allowed_hosts: list[str] | tuple[str, ..
               openapi_extra=request_body_schema(ActivationsRequest))
     def activations(body: Annotated[ActivationsRequest, Depends(json_body(ActivationsRequest))]):
         """Each conv layer's feature maps: the ``max_channels`` most active, each scaled to 0-255."""
-        run_id, result = explorer.explain(body.model_image(), body.run_id, body.target_class)
+        run_id, predicted_class, activations = explorer.activations(body.model_image(), body.run_id)
         layers = []
-        for activation in result.activations:
+        for activation in activations:
             maps = activation.maps
             strength = maps.mean(axis=(0, 1))
             channels = []
@@ -916,7 +925,7 @@ def create_app(explorer: ModelExplorer, allowed_hosts: list[str] | tuple[str, ..
                 channels.append({"channel": int(channel), "mean": float(strength[channel]), "max": peak,
                                  "map": _quantized(channel_map / peak if peak > 0 else channel_map)})
             layers.append({"layer": activation.layer, "shape": list(maps.shape), "channels": channels})
-        return {"run_id": run_id, "predicted_class": result.predicted_class, "layers": layers}
+        return {"run_id": run_id, "predicted_class": predicted_class, "layers": layers}
 
     return app
 
