@@ -247,10 +247,11 @@ class StudyRunner:
         return round_study
 
     def _run_round(self, round_study, outcome: WorkerOutcome) -> None:
-        cells = self.queue.round_cells(round_study)
+        progress = self.queue.progress(round_study)
         label = f"{self.study.name} {round_study.study_name.rsplit('/', 1)[-1]}"
-        with tqdm(total=len(cells), desc=label, unit="cell", dynamic_ncols=True, file=sys.stdout, smoothing=0) as bar:
-            bar.update(self.queue.settled(round_study))
+        with tqdm(total=len(progress.cells), desc=label, unit="cell", dynamic_ncols=True, file=sys.stdout,
+                  smoothing=0) as bar:
+            bar.update(progress.settled)
             for claim in self.queue.iterate(round_study):
                 self._run_claim(claim, bar, outcome)
                 bar.update(1)
@@ -423,26 +424,23 @@ class StudyRunner:
             while any(process.poll() is None for process in processes):
                 round_study = self.queue.latest_round()
                 if round_study is not None:
+                    progress = self.queue.progress(round_study)
                     if round_study.study_name != current:
                         if bar is not None:
                             bar.close()
-                            still_open = sorted({c.arm for c in self.queue.round_cells(round_study)}
-                                                - {self.study.baseline_arm})
+                            still_open = sorted({c.arm for c in progress.cells} - {self.study.baseline_arm})
                             print(f"precision round {round_study.study_name.rsplit('/', 1)[-1]}: arms still open: "
                                   f"{', '.join(still_open)}", flush=True)
                         current = round_study.study_name
-                        bar = tqdm(total=len(self.queue.round_cells(round_study)), unit="cell", dynamic_ncols=True,
+                        bar = tqdm(total=len(progress.cells), unit="cell", dynamic_ncols=True,
                                    desc=f"{self.study.name} {current.rsplit('/', 1)[-1]}", file=sys.stdout,
                                    mininterval=interval, smoothing=0)  # ETA from the whole round's throughput
-                    total = len(self.queue.round_cells(round_study))
-                    if bar.total != total:  # the round's creator may still be publishing its cells
-                        bar.total = total
-                    done = self.queue.settled(round_study)
-                    bar.update(done - bar.n)
-                    running = self.queue.running_cells(round_study)
-                    failed = self.queue.failed(round_study)
+                    if bar.total != len(progress.cells):  # the round's creator may still be publishing its cells
+                        bar.total = len(progress.cells)
+                    bar.update(progress.settled - bar.n)
+                    running = progress.running
                     text = f"running {len(running)}: {', '.join(c.key for c in running)}" + (
-                        f"; {failed} failed" if failed else "")
+                        f"; {progress.failed} failed" if progress.failed else "")
                     if text != shown:
                         bar.set_postfix_str(text, refresh=False)
                         shown = text

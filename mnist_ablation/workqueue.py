@@ -52,6 +52,24 @@ class Claim:
     previous_run_id: str | None  # MLflow run of an earlier attempt of this cell (a retry), if any
 
 
+@dataclass(frozen=True)
+class RoundProgress:
+    """Where a round stands, from one read of its trials."""
+
+    cells: list[Cell]  # the cells the round enqueued (a retried cell once)
+    settled: int  # done: completed, or failed with no retry waiting
+    running: list[Cell]
+    failed: int  # latest attempt failed and no retry waits for it
+
+
+def _cell(trial: FrozenTrial) -> Cell | None:
+    """The cell a queue trial carries in its user attributes (None for a trial that carries none)."""
+    attrs = trial.user_attrs
+    if "arm" not in attrs:
+        return None
+    return Cell(arm=attrs["arm"], seed=int(attrs["seed"]), config_hash=attrs["config_hash"])
+
+
 class CellQueue:
     """The rounds of one sweep (a study's cells at one config) in an Optuna storage."""
 
@@ -135,9 +153,7 @@ class CellQueue:
                 # Beat at once: a trial that never beat is never seen as stale, so a worker dying right
                 # here would otherwise leave its cell RUNNING for ever.
                 self._beat(trial_id)
-                attrs = trial.user_attrs
-                cell = Cell(arm=attrs["arm"], seed=int(attrs["seed"]), config_hash=attrs["config_hash"])
-                return Claim(trial_id, trial.number, cell, attrs.get(RUN_ID_ATTR))
+                return Claim(trial_id, trial.number, _cell(trial), trial.user_attrs.get(RUN_ID_ATTR))
         return None
 
     def has_work(self, study: optuna.Study) -> bool:
@@ -146,13 +162,7 @@ class CellQueue:
 
     def round_cells(self, study: optuna.Study) -> list[Cell]:
         """The cells a round enqueued (a retried cell once)."""
-        cells = {}
-        for trial in self._trials(study, tuple(TrialState)):
-            attrs = trial.user_attrs
-            if "arm" in attrs:
-                cell = Cell(arm=attrs["arm"], seed=int(attrs["seed"]), config_hash=attrs["config_hash"])
-                cells[cell.key] = cell
-        return list(cells.values())
+        return self.progress(study).cells
 
     def enqueued_cells(self) -> list[Cell]:
         """Every cell any round of this queue enqueued, in order."""
@@ -162,22 +172,26 @@ class CellQueue:
                 cells.setdefault(cell.key, cell)
         return list(cells.values())
 
-    def _cells_in(self, study: optuna.Study, states: tuple[TrialState, ...]) -> list[Cell]:
-        return [Cell(t.user_attrs["arm"], int(t.user_attrs["seed"]), t.user_attrs["config_hash"])
-                for t in self._trials(study, states) if "arm" in t.user_attrs]
+    def progress(self, study: optuna.Study) -> RoundProgress:
+        """The round's cells, how many are settled or failed, and which are running: one read of its trials."""
+        cells: dict[str, Cell] = {}
+        by_state: dict[TrialState, list[Cell]] = {}
+        for trial in self._trials(study, tuple(TrialState)):
+            cell = _cell(trial)
+            if cell is not None:
+                cells[cell.key] = cell
+                by_state.setdefault(trial.state, []).append(cell)
 
-    def running_cells(self, study: optuna.Study) -> list[Cell]:
-        return self._cells_in(study, (TrialState.RUNNING,))
+        def keys(*states: TrialState) -> set[str]:
+            return {cell.key for state in states for cell in by_state.get(state, [])}
 
-    def settled(self, study: optuna.Study) -> int:
-        """Cells of the round that are done: completed, or failed with no retry waiting."""
-        open_keys = {c.key for c in self._cells_in(study, (TrialState.WAITING, TrialState.RUNNING))}
-        return len([c for c in self.round_cells(study) if c.key not in open_keys])
-
-    def failed(self, study: optuna.Study) -> int:
-        """Cells whose latest attempt in the round failed and that no retry waits for."""
-        done = {c.key for c in self._cells_in(study, (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING))}
-        return len({c.key for c in self._cells_in(study, (TrialState.FAIL,))} - done)
+        open_keys = keys(TrialState.WAITING, TrialState.RUNNING)
+        return RoundProgress(
+            cells=list(cells.values()),
+            settled=len([key for key in cells if key not in open_keys]),
+            running=by_state.get(TrialState.RUNNING, []),
+            failed=len(keys(TrialState.FAIL) - keys(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)),
+        )
 
     def record_run_id(self, claim: Claim, run_id: str) -> None:
         retrying(lambda: self.storage.set_trial_user_attr(claim.trial_id, RUN_ID_ATTR, run_id))
