@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from .model import OUTPUT_LAYER
+
 IMAGE_SIZE = 28
-OUTPUT_LAYER = "predictions"  # model.py's name for every architecture's softmax output
 GRADIENT_BACKENDS = ("tensorflow", "jax")
 
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
+OUTPUT_LAYER = "predictions"  # every architecture's softmax output (the explorer finds the logits through it)
 
 
 def _conv_block(x, filters: int, config, *, batch_norm: bool, pool: bool, name: str):
@@ -42,7 +43,7 @@ def _classifier(x, config):
         x = layers.BatchNormalization(name="dense_bn")(x)
     if config.dropout:
         x = layers.Dropout(config.dense_dropout_rate, name="dense_dropout")(x)
-    return layers.Dense(NUM_CLASSES, activation="softmax", name="predictions")(x)
+    return layers.Dense(NUM_CLASSES, activation="softmax", name=OUTPUT_LAYER)(x)
 
 
 def seed_architecture(config) -> keras.Model:
@@ -97,7 +98,7 @@ def no_pool_architecture(config, kernel: int) -> keras.Model:
     x = layers.Dense(NUM_CLASSES, use_bias=not config.batch_norm, name="logits")(x)
     if config.batch_norm:
         x = layers.BatchNormalization(name="logits_bn")(x)
-    outputs = layers.Activation("softmax", name="predictions")(x)
+    outputs = layers.Activation("softmax", name=OUTPUT_LAYER)(x)
     return keras.Model(inputs, outputs, name=f"no_pool_{kernel}x{kernel}_cnn")
 
 
