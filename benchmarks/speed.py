@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mnist_ablation.seed_pipeline import lr_scheduler as seed_lr_scheduler  # import-light: no Keras
+
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "speed.json"
 MATMUL_SIZE = 4096
 RESULT_PREFIX = "SPEED-RESULT "  # marks the worker's protocol lines among anything else on stdout
@@ -176,13 +178,7 @@ class _SeedRunner:
         self.datagen.fit(self.images)
         self.epoch_images = len(self.labels)
 
-    @staticmethod
-    def lr_scheduler(epoch):
-        if epoch < 5:
-            return 0.001
-        elif epoch < 10:
-            return 0.0005
-        return 0.0001
+    lr_scheduler = staticmethod(seed_lr_scheduler)
 
     def build_model(self):
         from mnist_ablation.model import seed_sequential_model
