@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from experiments.cli import add_data_arguments, add_tracking_arguments
-from mnist_ablation.serve import DEFAULT_MLFLOW_UI_URL
+from mnist_ablation.naming import DEFAULT_MLFLOW_UI_URL
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 

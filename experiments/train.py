@@ -12,7 +12,7 @@ from experiments.cli import (
     config_from_arguments,
     run_command,
 )
-from mnist_ablation.store import DEFAULT_EXPERIMENT
+from mnist_ablation.naming import DEFAULT_EXPERIMENT
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     base = config_from_arguments(args)  # bad config fails here, before data, storage or store
     if args.n_trials < 0:
         raise ConfigError(f"--n-trials {args.n_trials} is negative; pass 0 or more.")
-    from mnist_ablation import search_space, store, tracking, tuning
+    from mnist_ablation import naming, search_space, tracking, tuning
     from mnist_ablation.data import load_mnist
     from mnist_ablation.redaction import redact
     from mnist_ablation.storage import default_storage_url
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                               pruner=search_space.build_pruner(args.pruner, base.epochs),
                               storage_label=redact(storage_url))
     print(f"study {study.name!r} ({'created' if study.created else 'joined'}) in {redact(storage_url)}; "
-          f"MLflow experiment {store.tuning_experiment(study.name)!r}, parent run {study.parent_run_id}, "
+          f"MLflow experiment {naming.tuning_experiment(study.name)!r}, parent run {study.parent_run_id}, "
           f"at {redact(uri)}", flush=True)
     if args.n_trials:
         tuning.optimize(study, data, n_trials=args.n_trials, timeout=args.timeout, verbose=args.verbose)

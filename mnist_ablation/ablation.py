@@ -28,7 +28,7 @@ import keras
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import store, tracking
+from . import naming, store, tracking
 from .config import TrainConfig, effective_settings
 from .data import Mnist, load_mnist
 from .redaction import redact_argv
@@ -101,9 +101,9 @@ class StudyRunner:
         self.initial_cells = [self.cell(arm, seed) for arm in self.arm_configs for seed in self.seeds]
         self.digest = self._digest()
         self.storage = open_storage(storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-        self.experiment_name = store.ablation_experiment(study.name)
+        self.experiment_name = naming.ablation_experiment(study.name)
         self.experiment_id = tracking.get_or_create_experiment(self.experiment_name, {"study": study.name})
-        self.queue = CellQueue(self.storage, store.queue_name(study.name, self.digest))
+        self.queue = CellQueue(self.storage, naming.queue_name(study.name, self.digest))
         self.checkpoint_root = tracking.local_state_directory(tracking_uri) / "checkpoints"
         self._parent_run_id: str | None = None
 
@@ -158,8 +158,8 @@ class StudyRunner:
         if existing is not None:
             return existing.info.run_id
         run_id = tracking.create_run(self.experiment_id, self.study.name, {
-            store.ROLE_TAG: store.STUDY_ROLE, store.STUDY_TAG: self.study.name, store.SWEEP_TAG: self.digest,
-            store.DESCRIPTION_TAG: self.study.description,
+            naming.ROLE_TAG: naming.STUDY_ROLE, naming.STUDY_TAG: self.study.name, naming.SWEEP_TAG: self.digest,
+            naming.DESCRIPTION_TAG: self.study.description,
         })
         tracking.log_params(run_id, self.settings())
         return run_id
@@ -207,7 +207,7 @@ class StudyRunner:
                 for c in sorted(cells, key=lambda c: (list(self.arm_configs).index(c.arm), c.seed))
             ],
         }
-        tracking.log_json(self.parent_run_id, definition, store.STUDY_DEFINITION_ARTIFACT)
+        tracking.log_json(self.parent_run_id, definition, naming.STUDY_DEFINITION_ARTIFACT)
         tracking.set_status(self.parent_run_id, "RUNNING")
 
     # -- the worker loop ---------------------------------------------------------------------------
@@ -298,7 +298,8 @@ class StudyRunner:
                     config, self.data,
                     experiment_name=self.experiment_name,
                     run_name=cell.key,
-                    tags=self._cell_tags(cell, {"optuna_trial_number": str(claim.number), store.WORKER_TAG: WORKER_ID}),
+                    tags=self._cell_tags(cell, {"optuna_trial_number": str(claim.number),
+                                                naming.WORKER_TAG: WORKER_ID}),
                     parent_run_id=self._parent_run_id,
                     checkpoint_dir=self.checkpoint_root / cell.config_hash,
                     callbacks=[EpochProgress(bar, label, config.epochs)],
@@ -320,7 +321,7 @@ class StudyRunner:
                    f"({time.perf_counter() - started:.0f} s, run {tracked.run_id})")
 
     def _cell_tags(self, cell: Cell, extra: Mapping[str, str]) -> dict[str, str]:
-        return {store.STUDY_TAG: self.study.name, store.ARM_TAG: cell.arm, store.ROLE_TAG: store.CELL_ROLE, **extra}
+        return {naming.STUDY_TAG: self.study.name, naming.ARM_TAG: cell.arm, naming.ROLE_TAG: naming.CELL_ROLE, **extra}
 
     # -- precision-driven seeding -----------------------------------------------------------------------
 
@@ -400,7 +401,7 @@ class StudyRunner:
                 continue
             tracked = tracking.log_offline_result(
                 result, record, experiment_name=self.experiment_name, run_name=cell.key,
-                tags=self._cell_tags(cell, {store.WORKER_TAG: record["environment"]["machine"]["hostname"]}),
+                tags=self._cell_tags(cell, {naming.WORKER_TAG: record["environment"]["machine"]["hostname"]}),
                 parent_run_id=self.parent_run_id, input_example=self.data.x_test[:1],
             )
             imported += 1
@@ -462,7 +463,7 @@ class StudyRunner:
         only_failed = failed[~failed["arm"].isin(summary["arm"])].assign(n=0)
         summary = pd.concat([summary, only_failed], ignore_index=True) if len(only_failed) else summary
         summary["n_failed"] = summary["n_failed"].fillna(0).astype(int)
-        tracking.log_text(self.parent_run_id, summary.to_csv(index=False), store.SUMMARY_ARTIFACT)
+        tracking.log_text(self.parent_run_id, summary.to_csv(index=False), naming.SUMMARY_ARTIFACT)
         metrics = {}
         for row in summary.itertuples():
             for name in ("n", "test_accuracy_mean", "test_accuracy_std", "delta_vs_baseline", "n_failed"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import store, tracking
+from . import naming, store, tracking
 from .storage import fail_stale_trials, open_storage
 from .workqueue import is_running, stale_trials
 
@@ -46,9 +46,9 @@ def diagnose(storage_url: str | None = None, stale_after: float = 1800.0, grace_
         name = run.info.run_name or run.info.run_id
         status = run.info.status
         if status in ("FAILED", "KILLED"):
-            reason = run.data.tags.get(store.FAILURE_REASON_TAG, "(no reason recorded)")
+            reason = run.data.tags.get(naming.FAILURE_REASON_TAG, "(no reason recorded)")
             diagnosis.failed.append((experiment, name, status, reason))
-        if status != "RUNNING" or run.data.tags.get(store.ROLE_TAG) == store.STUDY_ROLE:
+        if status != "RUNNING" or run.data.tags.get(naming.ROLE_TAG) == naming.STUDY_ROLE:
             continue  # a study's parent run is RUNNING while its workers are
         linked = trials_by_run.get(run.info.run_id, [])
         if linked:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import store, tracking
+from . import naming, store, tracking
 from .config import FIELD_NAMES
 from .errors import StudyError
 from .redaction import redact_argv
@@ -163,8 +163,8 @@ def build_ensemble(study: str, top_k: int | None = None, arm: str | None = None,
         result.metrics["members_test_accuracy_mean"] = float(members["test_accuracy"].mean())
     if "train_seconds" in members:
         result.metrics["train_seconds"] = float(members["train_seconds"].sum())
-    tta_frames = [store.read_predictions(r, store.TTA_PREDICTIONS_ARTIFACT)
-                  if store.has_artifact(r, store.TTA_PREDICTIONS_ARTIFACT) else None for r in members["run_id"]]
+    tta_frames = [store.read_predictions(r, naming.TTA_PREDICTIONS_ARTIFACT)
+                  if store.has_artifact(r, naming.TTA_PREDICTIONS_ARTIFACT) else None for r in members["run_id"]]
     if all(frame is not None for frame in tta_frames):
         _, result.tta_probabilities = average_predictions(tta_frames)
         result.metrics["test_accuracy_tta"] = accuracy(labels, result.tta_probabilities)
@@ -233,17 +233,17 @@ def log_ensemble(result: EnsembleResult, command: Sequence[str] | None = None) -
     """
     from .plots import confusion_matrix_figure
 
-    experiment_id = tracking.get_or_create_experiment(store.ablation_experiment(result.study))
+    experiment_id = tracking.get_or_create_experiment(naming.ablation_experiment(result.study))
     parent = store.find_parent_run(result.study, experiment_id)
     member_ids = ",".join(result.member_run_ids)
-    tags = {store.STUDY_TAG: result.study, store.ARM_TAG: result.arm, store.ROLE_TAG: store.ENSEMBLE_ROLE,
-            store.MEMBER_RUN_IDS_TAG: member_ids, "selection": f"top by final {SELECTION_METRIC}"}
+    tags = {naming.STUDY_TAG: result.study, naming.ARM_TAG: result.arm, naming.ROLE_TAG: naming.ENSEMBLE_ROLE,
+            naming.MEMBER_RUN_IDS_TAG: member_ids, "selection": f"top by final {SELECTION_METRIC}"}
     if result.seed is not None:
-        tags[store.SEED_TAG] = str(result.seed)
+        tags[naming.SEED_TAG] = str(result.seed)
     if parent is not None:
-        tags[store.PARENT_RUN_TAG] = parent.info.run_id
+        tags[naming.PARENT_RUN_TAG] = parent.info.run_id
     with tracking.active_run(experiment_id, result.run_name, tags) as run_id:
-        tracking.log_params(run_id, {store.MEMBER_RUN_IDS_TAG: member_ids, "ensemble_size": len(result.members),
+        tracking.log_params(run_id, {naming.MEMBER_RUN_IDS_TAG: member_ids, "ensemble_size": len(result.members),
                                      "selection_metric": SELECTION_METRIC})
         tracking.log_metrics(run_id, result.metrics)
         record = {
@@ -261,14 +261,14 @@ def log_ensemble(result: EnsembleResult, command: Sequence[str] | None = None) -
                 for row in result.members.to_dict("records")
             ],
         }
-        tracking.log_json(run_id, json.loads(json.dumps(record, default=str)), store.ENSEMBLE_ARTIFACT)
+        tracking.log_json(run_id, json.loads(json.dumps(record, default=str)), naming.ENSEMBLE_ARTIFACT)
         tracking.log_figure(run_id, confusion_matrix_figure(result.labels, result.probabilities.argmax(1),
                                                             title=f"Confusion Matrix, {result.run_name}"),
                             "plots/confusion_matrix.png")
         tracking.log_figure(run_id, members_figure(result.members), MEMBERS_PLOT)
-        tracking.log_predictions(result.labels, result.probabilities, store.PREDICTIONS_ARTIFACT)
+        tracking.log_predictions(result.labels, result.probabilities, naming.PREDICTIONS_ARTIFACT)
         if result.tta_probabilities is not None:
-            tracking.log_predictions(result.labels, result.tta_probabilities, store.TTA_PREDICTIONS_ARTIFACT)
+            tracking.log_predictions(result.labels, result.tta_probabilities, naming.TTA_PREDICTIONS_ARTIFACT)
     return run_id
 
 
@@ -276,9 +276,9 @@ def log_study_ensemble(study: str, top_k: int | None = None, arm: str | None = N
                        tracking_uri: str | None = None, command: Sequence[str] | None = None) -> LoggedEnsemble:
     """Build the ensemble and log it, unless the same ensemble (same members) is already logged."""
     tracking.use_tracking_uri(tracking_uri)
-    if store.experiment_id(store.ablation_experiment(study)) is None:
+    if store.experiment_id(naming.ablation_experiment(study)) is None:
         raise EnsembleError(
-            f"study {study!r} has no MLflow experiment {store.ablation_experiment(study)!r} "
+            f"study {study!r} has no MLflow experiment {naming.ablation_experiment(study)!r} "
             f"in {store.redacted_tracking_uri()}; "
             f"run `python -m experiments.ablate --study {study}` first or pass the right --tracking-uri."
         )

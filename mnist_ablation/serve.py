@@ -32,12 +32,11 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError, WithJsonSchema, model_validator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from . import store
+from . import naming, store
 from .errors import UserError
 from .preprocess import FIELD_SIZE, mnist_preprocess
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")  # Host headers always accepted (see trusted_hosts)
 MAX_BODY_BYTES = 2_000_000  # a 560x560 drawing with 3 decimals fits; anything bigger is a mistake or abuse
 MAX_DRAWING_SIDE = 560  # twice the page's canvas; larger drawings should be downscaled by the client
@@ -124,10 +123,10 @@ def study_runs_to_offer(study: str, best_per_arm: bool = True) -> list[OfferedRu
     Cells of the study's current definition (``store.cell_runs``); the baseline arm first, then the
     study's arm order. Needs the tracking URI to be set.
     """
-    experiment = store.experiment_id(store.ablation_experiment(study))
+    experiment = store.experiment_id(naming.ablation_experiment(study))
     if experiment is None:
         raise ExplorerError(
-            f"no study {study!r}: the tracking store has no experiment {store.ablation_experiment(study)!r}. "
+            f"no study {study!r}: the tracking store has no experiment {naming.ablation_experiment(study)!r}. "
             f"Studies found there: {', '.join(store.ablation_studies()) or 'none'}. Run the study first or pass "
             "--tracking-uri."
         )
@@ -166,14 +165,14 @@ def runs_by_id(run_ids: list[str]) -> list[OfferedRun]:
             record = store.run_record(run_id)
         except LookupError as error:
             raise UnknownRunError(str(error)) from None
-        arm = record.tags.get(store.ARM_TAG)
+        arm = record.tags.get(naming.ARM_TAG)
         offered.append(OfferedRun(
             run_id=run_id,
             label=arm or record.run_name,
             run_name=record.run_name,
             experiment_id=record.experiment_id,
             arm=arm,
-            seed=record.tags.get(store.SEED_TAG),
+            seed=record.tags.get(naming.SEED_TAG),
             val_accuracy=_finite_or_none(record.metrics.get("val_accuracy")),
             test_accuracy=_finite_or_none(record.metrics.get("test_accuracy")),
         ))
@@ -194,7 +193,7 @@ class ModelExplorer:
     """
 
     def __init__(self, runs: list[OfferedRun], data_dir: str | None = None,
-                 mlflow_ui_url: str = DEFAULT_MLFLOW_UI_URL):
+                 mlflow_ui_url: str = naming.DEFAULT_MLFLOW_UI_URL):
         if not runs:
             raise ExplorerError("no runs to serve; pass --run-id ID or --study NAME.")
         self.runs = {run.run_id: run for run in runs}
@@ -281,7 +280,7 @@ class ModelExplorer:
             try:
                 frame = store.read_predictions(run_id)
             except Exception as error:  # missing artifact, unreachable store
-                raise UnavailableError(f"run {run_id} has no readable {store.PREDICTIONS_ARTIFACT}: "
+                raise UnavailableError(f"run {run_id} has no readable {naming.PREDICTIONS_ARTIFACT}: "
                                        f"{type(error).__name__}: {error}") from None
             self._predictions[run_id] = frame.sort_values("index").reset_index(drop=True)
         return self._predictions[run_id]
@@ -401,7 +400,7 @@ class ModelExplorer:
 
 def open_explorer(*, study: str | None = None, run_ids: list[str] | None = None, all_runs: bool = False,
                   tracking_uri: str | None = None, data_dir: str | None = None,
-                  mlflow_ui_url: str = DEFAULT_MLFLOW_UI_URL) -> ModelExplorer:
+                  mlflow_ui_url: str = naming.DEFAULT_MLFLOW_UI_URL) -> ModelExplorer:
     """Resolve the tracking store and the runs to offer, and load the default model (failing now, not later)."""
     from .tracking import use_tracking_uri
 

@@ -1,14 +1,5 @@
-"""The tracking store's naming scheme, and every query of runs, studies and queue rounds.
-
-One home for how this project lays its work out in MLflow and Optuna:
-
-* experiments: ``ablation/<study>`` for ablation studies, ``tune/<name>`` for tuning studies;
-* runs carry the role tag ``mnist_ablation.role``: ``study`` (a study's parent run), ``cell`` (one
-  (arm, seed) of a study), ``ensemble``, ``trial`` and ``best_retrain`` (tuning); cells are tagged
-  ``study``, ``arm``, ``seed`` and ``config_hash``;
-* artifact paths every run or parent run writes (``study.json``, predictions, ``report/``...);
-* the cell queue's Optuna studies are named ``ablate/<study>/<digest>/round-<k>`` and their trials
-  record their MLflow run in the user attribute ``mlflow_run_id`` (tuning trials do too).
+"""Every query of the tracking store: runs, studies, ensembles, tuning runs, histories, predictions, models and
+queue rounds, by the names of ``naming`` (the naming scheme, kept import-light there).
 
 Writing runs is ``tracking``'s job; this module reads. With ``tracking`` it is the only library module
 that imports MLflow.
@@ -27,69 +18,34 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .config import FIELD_NAMES, ConfigError, parse_value
+from .naming import (
+    ABLATION_EXPERIMENT_PREFIX,
+    ARM_TAG,
+    CELL_ROLE,
+    CONFIG_HASH_TAG,
+    ENSEMBLE_ROLE,
+    FAILURE_REASON_TAG,
+    MEMBER_RUN_IDS_TAG,
+    MODEL_NAME,
+    PREDICTIONS_ARTIFACT,
+    ROLE_TAG,
+    RUN_ID_ATTR,
+    RUN_NAME_TAG,
+    SEED_TAG,
+    STUDY_DEFINITION_ARTIFACT,
+    STUDY_ROLE,
+    STUDY_TAG,
+    SWEEP_TAG,
+    TRIAL_ROLE,
+    ablation_experiment,
+    is_queue_round,
+    tuning_experiment,
+)
 
-# -- names ------------------------------------------------------------------------------------------------
+# -- queries ----------------------------------------------------------------------------------------------
 
-ROLE_TAG = "mnist_ablation.role"
-STUDY_ROLE, CELL_ROLE, ENSEMBLE_ROLE = "study", "cell", "ensemble"  # ablation studies
-TRIAL_ROLE, BEST_RETRAIN_ROLE = "trial", "best_retrain"  # tuning studies
-STUDY_TAG, ARM_TAG, SEED_TAG, CONFIG_HASH_TAG = "study", "arm", "seed", "config_hash"
-FAILURE_REASON_TAG = "failure_reason"
-WORKER_TAG = "worker"
-MEMBER_RUN_IDS_TAG = "member_run_ids"
-SWEEP_TAG = "mnist_ablation.sweep"  # a study's parent run: the digest of its sweep (arms, configs, seeds, rule)
-PARENT_RUN_TAG = "mlflow.parentRunId"
-RUN_NAME_TAG = "mlflow.runName"
-DESCRIPTION_TAG = "mlflow.note.content"
-
-ABLATION_EXPERIMENT_PREFIX = "ablation/"
-TUNING_EXPERIMENT_PREFIX = "tune/"
-DEFAULT_EXPERIMENT = "mnist_ablation"  # single runs of experiments.train
-
-STUDY_DEFINITION_ARTIFACT = "study.json"  # on a study's parent run: arms, seeds, cells and their configs
-SUMMARY_ARTIFACT = "summary.csv"  # on a study's parent run
-REPORT_ARTIFACT_DIR = "report"  # on a study's parent run
-PREDICTIONS_ARTIFACT = "predictions/test_predictions.parquet"
-TTA_PREDICTIONS_ARTIFACT = "predictions/test_predictions_tta.parquet"
-CONFIG_ARTIFACT = "config.json"
-ENVIRONMENT_ARTIFACT = "environment.json"
-ENSEMBLE_ARTIFACT = "ensemble.json"
-MODEL_NAME = "model"  # runs:/<run_id>/model
-
-QUEUE_PREFIX = "ablate/"
-RUN_ID_ATTR = "mlflow_run_id"  # user attribute of a queue or tuning trial: its MLflow run
 HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 MAX_RESULTS = 50_000
-
-
-def ablation_experiment(study: str) -> str:
-    """The MLflow experiment that holds an ablation study."""
-    return f"{ABLATION_EXPERIMENT_PREFIX}{study}"
-
-
-def tuning_experiment(study_name: str) -> str:
-    """The MLflow experiment that holds a tuning study."""
-    return f"{TUNING_EXPERIMENT_PREFIX}{study_name}"
-
-
-def queue_name(study: str, digest: str) -> str:
-    """The prefix of a study's queue rounds at one set of cells (``digest`` of their keys and hashes)."""
-    return f"{QUEUE_PREFIX}{study}/{digest}"
-
-
-def round_name(queue: str, number: int) -> str:
-    return f"{queue}/round-{number}"
-
-
-def round_number(queue: str, name: str) -> int | None:
-    """k of ``<queue>/round-<k>``, or None when ``name`` is not a round of ``queue``."""
-    prefix = f"{queue}/round-"
-    suffix = name[len(prefix):]
-    return int(suffix) if name.startswith(prefix) and suffix.isdigit() else None
-
-
-def is_queue_round(optuna_study_name: str) -> bool:
-    return optuna_study_name.startswith(QUEUE_PREFIX)
 
 
 def _quoted(value: str) -> str:

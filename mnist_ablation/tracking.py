@@ -46,9 +46,7 @@ from .data import KERAS_DOWNLOAD_SOURCE, NUM_CLASSES, Mnist
 from .environment import environment_record
 from .errors import TrackingError
 from .model import inference_copy
-from .plots import confusion_matrix_figure, training_curves_figure
-from .redaction import redact
-from .store import (
+from .naming import (
     CONFIG_ARTIFACT,
     CONFIG_HASH_TAG,
     DEFAULT_EXPERIMENT,
@@ -61,6 +59,8 @@ from .store import (
     SEED_TAG,
     TTA_PREDICTIONS_ARTIFACT,
 )
+from .plots import confusion_matrix_figure, training_curves_figure
+from .redaction import redact
 from .train import EPOCH_METRICS, RunResult, train
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"

@@ -37,14 +37,14 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from . import store, tracking
+from . import naming, store, tracking
 from .config import TrainConfig, from_dict
 from .data import Mnist
 from .errors import UserError
+from .naming import BEST_RETRAIN_ROLE, ROLE_TAG, RUN_ID_ATTR, STUDY_ROLE, TRIAL_ROLE
 from .search_space import baseline_params, check_base_config, config_from_params, suggest_config
 from .storage import fail_stale_trials, quietly, retry_callback
 from .storage import open_storage as open_rdb_storage
-from .store import BEST_RETRAIN_ROLE, ROLE_TAG, RUN_ID_ATTR, STUDY_ROLE, TRIAL_ROLE
 from .train import TrainingDiverged
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the one MLflow parent run of the study
@@ -130,7 +130,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.base)
-        tags = {ROLE_TAG: TRIAL_ROLE, store.STUDY_TAG: self.study_name, "trial_number": str(trial.number)}
+        tags = {ROLE_TAG: TRIAL_ROLE, naming.STUDY_TAG: self.study_name, "trial_number": str(trial.number)}
         retried = _frozen(trial).system_attrs.get("failed_trial")  # set by the heartbeat retry
         if retried is not None:
             tags["retry_of_trial"] = str(retried)
@@ -150,7 +150,7 @@ class Objective:
     def run_trial(self, trial: optuna.Trial, config: TrainConfig, tags: dict[str, str]) -> dict[str, list[float]]:
         """Train ``config`` as the trial's MLflow run, reporting to the pruner; returns the per-epoch history."""
         tracked = tracking.run_training(
-            config, self.data, experiment_name=store.tuning_experiment(self.study_name),
+            config, self.data, experiment_name=naming.tuning_experiment(self.study_name),
             run_name=f"trial-{trial.number}", tags=tags, parent_run_id=self.parent_run_id,
             callbacks=[PruningCallback(trial)], verbose=self.verbose,
             on_run_created=lambda run_id: trial.set_user_attr(RUN_ID_ATTR, run_id),
@@ -247,8 +247,8 @@ def _check_same_base(study: optuna.Study, study_name: str, base: TrainConfig) ->
 
 
 def _create_parent_run(study_name: str, base: TrainConfig, storage_label: str) -> str:
-    experiment_id = tracking.get_or_create_experiment(store.tuning_experiment(study_name), {"study": study_name})
-    run_id = tracking.create_run(experiment_id, study_name, {ROLE_TAG: STUDY_ROLE, store.STUDY_TAG: study_name,
+    experiment_id = tracking.get_or_create_experiment(naming.tuning_experiment(study_name), {"study": study_name})
+    run_id = tracking.create_run(experiment_id, study_name, {ROLE_TAG: STUDY_ROLE, naming.STUDY_TAG: study_name,
                                                              "optuna.storage": storage_label})
     tracking.log_json(run_id, base.to_dict(), "base_config.json")
     tracking.log_json(run_id, baseline_params(base), "baseline_params.json")
@@ -400,7 +400,7 @@ def _retrain(tuning: TuningStudy, data: Mnist, config: TrainConfig, trial_number
     config_hash = config.hash(data.checksums)
     existing = store.tuning_runs(tuning.name, role=BEST_RETRAIN_ROLE, finished_only=True)
     if not existing.empty:
-        existing = existing[existing[f"tags.{store.CONFIG_HASH_TAG}"] == config_hash]
+        existing = existing[existing[f"tags.{naming.CONFIG_HASH_TAG}"] == config_hash]
     if not existing.empty:
         row = existing.iloc[0]
         print(f"best config (trial {trial_number}) was already retrained: run {row['run_id']}", flush=True)
@@ -410,9 +410,9 @@ def _retrain(tuning: TuningStudy, data: Mnist, config: TrainConfig, trial_number
           flush=True)
     try:
         tracked = tracking.run_training(
-            config, data, experiment_name=store.tuning_experiment(tuning.name),
+            config, data, experiment_name=naming.tuning_experiment(tuning.name),
             run_name=f"best-retrain-trial-{trial_number}",
-            tags={ROLE_TAG: BEST_RETRAIN_ROLE, store.STUDY_TAG: tuning.name, "trial_number": str(trial_number)},
+            tags={ROLE_TAG: BEST_RETRAIN_ROLE, naming.STUDY_TAG: tuning.name, "trial_number": str(trial_number)},
             parent_run_id=tuning.parent_run_id, verbose=verbose,
             checkpoint_dir=tracking.local_state_directory(tracking.current_tracking_uri()) / "checkpoints"
             / config_hash,

@@ -33,8 +33,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import QueueError
+from .naming import RUN_ID_ATTR, round_name, round_number
 from .storage import fail_stale_trials, quietly, retrying, study_id
-from .store import RUN_ID_ATTR, round_name, round_number
 from .studies import Cell
 
 ENQUEUED_ATTR = "enqueued"

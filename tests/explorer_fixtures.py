@@ -40,7 +40,7 @@ def explorer_store(tmp_path_factory, mnist) -> dict:
     """{"uri": SQLite tracking URI, "runs": {arm: run_id}} of study STUDY, one tiny trained run per arm."""
     import mlflow
 
-    from mnist_ablation import store, tracking
+    from mnist_ablation import naming, tracking
     from mnist_ablation.config import BASELINE
 
     root = tmp_path_factory.mktemp("explorer_store")
@@ -48,17 +48,17 @@ def explorer_store(tmp_path_factory, mnist) -> dict:
     previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        experiment_name = store.ablation_experiment(STUDY)
+        experiment_name = naming.ablation_experiment(STUDY)
         experiment_id = tracking.get_or_create_experiment(experiment_name)
         parent_id = tracking.create_run(experiment_id, STUDY,
-                                        {store.STUDY_TAG: STUDY, store.ROLE_TAG: store.STUDY_ROLE})
+                                        {naming.STUDY_TAG: STUDY, naming.ROLE_TAG: naming.STUDY_ROLE})
         tracking.set_status(parent_id, "FINISHED")
         runs = {}
         for arm, overrides in ARM_OVERRIDES.items():
             config = BASELINE.replace(train_subset=300, epochs=1, **overrides)
             tracked = tracking.run_training(
                 config, mnist, experiment_name=experiment_name, run_name=f"{arm}-seed0", parent_run_id=parent_id,
-                tags={store.STUDY_TAG: STUDY, store.ARM_TAG: arm, store.ROLE_TAG: store.CELL_ROLE}, verbose=0,
+                tags={naming.STUDY_TAG: STUDY, naming.ARM_TAG: arm, naming.ROLE_TAG: naming.CELL_ROLE}, verbose=0,
             )
             runs[arm] = tracked.run_id
     finally:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_ablation import compare, store
+from mnist_ablation import compare, naming, store
 
 from helpers import command_env, run_module
 
@@ -14,7 +14,7 @@ TINY = ("--train-subset", "200", "--epochs", "1", "--no-report")
 
 
 def _children(study):
-    experiment = MlflowClient().get_experiment_by_name(store.ablation_experiment(study))
+    experiment = MlflowClient().get_experiment_by_name(naming.ablation_experiment(study))
     return mlflow.search_runs([experiment.experiment_id], filter_string="tags.`mnist_ablation.role` = 'cell'")
 
 

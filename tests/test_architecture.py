@@ -48,9 +48,11 @@ def test_only_the_owning_modules_import_mlflow_and_optuna(package):
 
 
 def test_importing_the_light_modules_loads_no_framework():
-    # Config errors, --list and --help must answer without TensorFlow, Keras, MLflow or Optuna.
+    # Config errors, --list and --help must answer without TensorFlow, Keras, MLflow or Optuna: the light
+    # library modules and every command module load none of them when imported.
+    commands = sorted(f"experiments.{p.stem}" for p in (REPO_ROOT / "experiments").glob("*.py"))
     probe = ("import sys, mnist_ablation.config, mnist_ablation.studies, mnist_ablation.search_space, "
-             "mnist_ablation.redaction, experiments.cli; "
+             f"mnist_ablation.redaction, mnist_ablation.naming, {', '.join(commands)}; "
              "print(sorted(m for m in ('tensorflow', 'keras', 'mlflow', 'optuna') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -68,11 +70,11 @@ def string_literals(path: Path) -> list[str]:
 
 
 def test_the_naming_scheme_is_spelled_once():
-    # Experiment prefixes, the role tag, the queue prefix and the run-id attribute live in store.py only.
+    # Experiment prefixes, the role tag, the queue prefix and the run-id attribute live in naming.py only.
     spelled = ("mnist_ablation.role", "ablation/", "ablate/", "tune/", "mlflow_run_id")
     offenders = {}
     for path in library_modules():
-        if path.name == "store.py":
+        if path.name == "naming.py":
             continue
         found = sorted({name for literal in string_literals(path) for name in spelled if literal.startswith(name)})
         if found:

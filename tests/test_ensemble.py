@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_ablation import ensemble
 from mnist_ablation.config import FIELD_NAMES
-from mnist_ablation.store import ROLE_TAG
+from mnist_ablation.naming import ROLE_TAG
 
 from helpers import command_env, run_module
 

@@ -249,7 +249,7 @@ def test_parity_study_compares_the_trainer_with_the_seeds_script():
 def test_parity_study_runs_from_the_command_line(tmp_path, tracking_uri, data_dir):
     from mlflow.tracking import MlflowClient
 
-    from mnist_ablation import store
+    from mnist_ablation import naming, store
 
     env = command_env(tracking_uri, data_dir)
     listing = run_module("experiments.ablate", "--list", env=env, cwd=tmp_path)
@@ -273,7 +273,7 @@ def test_parity_study_runs_from_the_command_line(tmp_path, tracking_uri, data_di
         assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 1
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"predictions", "plots", "config.json"}
         assert len(store.read_predictions(run.info.run_id)) == 10_000
-        config = store.read_json_artifact(run.info.run_id, store.CONFIG_ARTIFACT)
+        config = store.read_json_artifact(run.info.run_id, naming.CONFIG_ARTIFACT)
         assert config["pipeline"] == run.data.params["pipeline"]
     # The report compares them like any two arms.
     summary = (output / "ablation_summary.csv").read_text()

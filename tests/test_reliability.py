@@ -15,7 +15,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_ablation import store
+from mnist_ablation import naming, store
 
 from helpers import command_env, run_module, start_module
 
@@ -24,7 +24,7 @@ FAST_HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "4")
 
 
 def _cells(study):
-    experiment = MlflowClient().get_experiment_by_name(store.ablation_experiment(study))
+    experiment = MlflowClient().get_experiment_by_name(naming.ablation_experiment(study))
     if experiment is None:
         return []
     return MlflowClient().search_runs([experiment.experiment_id], filter_string="tags.`mnist_ablation.role` = 'cell'")

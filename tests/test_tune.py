@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from mnist_ablation import search_space, store, tuning
+from mnist_ablation import naming, search_space, tuning
 from mnist_ablation.config import BASELINE, ConfigError
 
 from helpers import command_env, start_module
@@ -206,7 +206,7 @@ def _finish(process: subprocess.Popen, tmp_path: Path, name: str, timeout: float
 def _trial_runs(study_name: str, tracking_uri: str) -> tuple[str, list]:
     """(parent run id, child runs) of a tuning study on the tracking server."""
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(store.tuning_experiment(study_name))
+    experiment = client.get_experiment_by_name(naming.tuning_experiment(study_name))
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     [parent] = [r for r in runs if r.data.tags.get(tuning.ROLE_TAG) == "study"]
     return parent.info.run_id, [r for r in runs if r.data.tags.get(tuning.ROLE_TAG) != "study"]

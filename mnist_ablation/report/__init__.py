@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import stats, tracking
-from ..store import REPORT_ARTIFACT_DIR
+from ..naming import REPORT_ARTIFACT_DIR
 from . import analysis, figures, render
 from .analysis import SUMMARY_COLUMNS, seeds_plan, summary_table
 from .gather import StudyData, failure_reasons, gather_study, load_test_images

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import stats, store, tracking
+from .. import naming, stats, store, tracking
 from ..errors import StudyError
 from ..redaction import redact
 from ..studies import STUDIES
@@ -85,7 +85,7 @@ def gather_study(study: str, tracking_uri: str | None = None, predictions: bool 
     if parent is None:
         raise StudyError(
             f"no study {study!r} in the tracking store {redact(uri)} (no parent run in experiment "
-            f"{store.ablation_experiment(study)!r}). Run `python -m experiments.ablate --study {study}` first, "
+            f"{naming.ablation_experiment(study)!r}). Run `python -m experiments.ablate --study {study}` first, "
             "or pass the store it used with --tracking-uri."
         )
     definition = store.study_definition(study)
@@ -129,7 +129,7 @@ def _environment(data: StudyData) -> dict | None:
     """The environment.json of a baseline run (else any finished run): commit, machine, packages, data."""
     ordered = pd.concat([data.finished[data.finished["arm"] == data.baseline], data.finished])
     for run_id in ordered["run_id"].drop_duplicates()[:3]:
-        record = store.read_json_artifact(run_id, store.ENVIRONMENT_ARTIFACT)
+        record = store.read_json_artifact(run_id, naming.ENVIRONMENT_ARTIFACT)
         if record is not None:
             return record
     return None
