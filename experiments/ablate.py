@@ -23,8 +23,10 @@ import time
 from experiments.cli import (
     add_config_arguments,
     add_data_arguments,
+    add_equivalence_margin_argument,
     add_tracking_arguments,
     apply_tracking_arguments,
+    check_equivalence_margin,
     run_command,
 )
 from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
@@ -49,9 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "0.1 points), until it is narrower, has --max-seeds seeds, or the test set limits it")
     parser.add_argument("--max-seeds", type=int, default=None, metavar="M",
                         help="with --target-ci-width: at most M seeds per arm (default: 10)")
-    parser.add_argument("--equivalence-margin", type=float, default=0.001, metavar="M",
-                        help="margin of the report's equivalence test (TOST), a fraction (default: %(default)s, "
-                             "i.e. +-0.1 points)")
+    add_equivalence_margin_argument(parser)
     add_config_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help=f"a first look in minutes: {QUICK_PRESET} (explicit flags win)")
@@ -98,8 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_seeds = 10 if args.max_seeds is None else args.max_seeds
         if args.max_seeds < max(2, args.seeds):
             parser.error(f"--max-seeds {args.max_seeds}: expected an integer >= --seeds ({args.seeds}) and >= 2")
-    if not 0 < args.equivalence_margin < 1:
-        parser.error(f"--equivalence-margin {args.equivalence_margin}: expected a fraction in (0, 1), e.g. 0.001")
+    check_equivalence_margin(parser, args)
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: expected an integer >= 1")
     return args

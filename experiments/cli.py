@@ -42,6 +42,17 @@ def add_tracking_arguments(parser: argparse.ArgumentParser, runs: bool = False) 
                              "(MLflow's system metrics; also MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true)")
 
 
+def add_equivalence_margin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--equivalence-margin", type=float, default=0.001, metavar="M",
+                        help="margin of the report's equivalence test (TOST), a fraction (default: %(default)s, "
+                             "i.e. +-0.1 points)")
+
+
+def check_equivalence_margin(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 < args.equivalence_margin < 1:
+        parser.error(f"--equivalence-margin {args.equivalence_margin}: expected a fraction in (0, 1), e.g. 0.001")
+
+
 def apply_tracking_arguments(args: argparse.Namespace) -> None:
     """Process-wide tracking switches from the command line (worker processes inherit them)."""
     if getattr(args, "system_metrics", False):

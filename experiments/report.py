@@ -13,7 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.cli import add_data_arguments, add_tracking_arguments, run_command
+from experiments.cli import (
+    add_data_arguments,
+    add_equivalence_margin_argument,
+    add_tracking_arguments,
+    check_equivalence_margin,
+    run_command,
+)
 from mnist_ablation.studies import DEFAULT_STUDY
 
 COLUMNS = ["arm", "n_seeds", "n_pairs", "test_accuracy_mean", "delta_vs_baseline", "delta_ci_low", "delta_ci_high",
@@ -30,9 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default: %(default)s)")
     parser.add_argument("--confidence", type=float, default=0.95,
                         help="confidence level of the intervals (default: %(default)s)")
-    parser.add_argument("--equivalence-margin", type=float, default=0.001, metavar="M",
-                        help="margin of the equivalence test (TOST), a fraction (default: %(default)s, i.e. +-0.1 "
-                             "points)")
+    add_equivalence_margin_argument(parser)
     parser.add_argument("--target-ci-width", type=float, default=None, metavar="W",
                         help="also print, per arm, about how many seeds would make its difference interval at most "
                              "W wide (a fraction: 0.001 = 0.1 points), to plan before spending compute")
@@ -45,8 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--threshold {args.threshold}: expected a validation accuracy in (0, 1], e.g. 0.99")
     if not 0 < args.confidence < 1:
         parser.error(f"--confidence {args.confidence}: expected a level between 0 and 1, e.g. 0.95")
-    if not 0 < args.equivalence_margin < 1:
-        parser.error(f"--equivalence-margin {args.equivalence_margin}: expected a fraction in (0, 1), e.g. 0.001")
+    check_equivalence_margin(parser, args)
     if args.target_ci_width is not None and not 0 < args.target_ci_width < 1:
         parser.error(f"--target-ci-width {args.target_ci_width}: expected a fraction in (0, 1), e.g. 0.002")
     return args
