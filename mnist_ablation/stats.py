@@ -44,9 +44,12 @@ import pandas as pd
 from scipy import special
 from scipy import stats as scipy_stats
 
-DEFAULT_CONFIDENCE = 0.95
-DEFAULT_EQUIVALENCE_MARGIN = 0.001  # +-0.1 points of accuracy
-DEFAULT_POWER = 0.8
+from .defaults import CONFIDENCE as DEFAULT_CONFIDENCE  # the defaults' one home, re-exported
+from .defaults import EQUIVALENCE_MARGIN as DEFAULT_EQUIVALENCE_MARGIN
+from .defaults import LEARNING_CURVE_THRESHOLD as DEFAULT_THRESHOLD
+from .defaults import POWER as DEFAULT_POWER
+from .defaults import check_confidence, check_equivalence_margin, check_threshold
+
 WILCOXON_MIN_PAIRS = 6  # below this the two-sided signed-rank test cannot reach p < 0.05 (2 / 2**5 = 0.0625)
 FACTORIAL_COMPONENTS = ("augmentation", "batch_norm", "dropout", "step_lr")
 FACTORIAL_BLOCK_FORMULA = "test_accuracy ~ C(seed) + augmentation * batch_norm * dropout * step_lr"
@@ -70,8 +73,7 @@ HIGHER_ORDER_FAMILY = "three-way and higher interactions"
 
 
 def _check_confidence(confidence: float) -> None:
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence {confidence!r}: expected a level strictly between 0 and 1, e.g. 0.95.")
+    check_confidence(confidence)
 
 
 @dataclass(frozen=True)
@@ -270,9 +272,7 @@ class ContrastEstimate:
         (1992) monotone skewness-removing transformation, a form of Johnson's (1978) modified t, before the t
         distribution is applied. NaN where the difference test is.
         """
-        if not margin > 0:
-            raise ValueError(f"equivalence margin {margin!r}: expected a positive fraction of accuracy, "
-                             "e.g. 0.001 for +-0.1 points.")
+        check_equivalence_margin(margin, "equivalence margin")
         se = self.standard_error
         if math.isnan(se) or se == 0:
             return float("nan")
@@ -698,9 +698,7 @@ def compare_to_baseline(correct: pd.DataFrame, baseline: str = "baseline", confi
     With one paired seed the seed variance is not estimable: the interval, the tests and the plans are NaN.
     """
     _check_confidence(confidence)
-    if not equivalence_margin > 0:
-        raise ValueError(f"equivalence_margin {equivalence_margin!r}: expected a positive fraction of accuracy, "
-                         "e.g. 0.001 for +-0.1 points.")
+    check_equivalence_margin(equivalence_margin)
     array = correct if isinstance(correct, CorrectnessArray) else correctness_array(correct)
     base = array.arm_index(baseline)
     estimates = contrasts_to_baseline(array, baseline)
@@ -1046,7 +1044,7 @@ def factorial_block_ols(runs: pd.DataFrame, confidence: float = DEFAULT_CONFIDEN
     return FactorialOLS(effects, anova, warning, len(design))
 
 
-def learning_curve_table(histories: pd.DataFrame, threshold: float = 0.99) -> pd.DataFrame:
+def learning_curve_table(histories: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
     """Per run, from per-epoch metrics (run_id, arm, seed, epoch, accuracy, val_accuracy; epoch from 0).
 
     epochs_to_threshold: first epoch (counting from 1) whose validation accuracy reaches ``threshold``
@@ -1054,8 +1052,7 @@ def learning_curve_table(histories: pd.DataFrame, threshold: float = 0.99) -> pd
     final_gap: training minus validation accuracy at the last epoch (positive = overfitting, negative is
     usual with augmentation and dropout, which handicap the training pass).
     """
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold {threshold!r}: expected a validation accuracy in (0, 1], e.g. 0.99.")
+    check_threshold(threshold)
     rows = []
     for (arm, seed, run_id), history in histories.groupby(["arm", "seed", "run_id"], sort=False):
         history = history.sort_values("epoch")
@@ -1075,7 +1072,7 @@ def learning_curve_table(histories: pd.DataFrame, threshold: float = 0.99) -> pd
                                        "best_val_accuracy", "final_val_accuracy", "final_gap"])
 
 
-def learning_curve_summary(per_run: pd.DataFrame, threshold: float = 0.99) -> pd.DataFrame:
+def learning_curve_summary(per_run: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
     """Per arm, the mean over seeds of ``learning_curve_table``'s columns and how many seeds reached ``threshold``."""
     grouped = per_run.groupby("arm", sort=False)
     summary = pd.DataFrame({
