@@ -194,6 +194,7 @@ class StudyRunner:
             "description": self.study.description,
             "baseline_arm": self.study.baseline_arm,
             "factors": self.study.factors,
+            naming.RECORDED_DEFINITION_KEY: self.study.definition,
             "command": self.command,
             "sweep": self.digest,
             "precision": None if self.precision is None else {
