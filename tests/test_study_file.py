@@ -125,3 +125,16 @@ def test_a_study_file_runs_and_later_commands_read_it_from_the_store(tmp_path, t
     assert "Does a narrower dense layer cost accuracy?" in markdown and "narrow_dense" in markdown
     rerun = run_module("experiments.ablate", "--study", "my-study", *tiny, "--no-report", env=env, cwd=tmp_path)
     assert "skipping 2 of 2 cells" in rerun.stdout
+
+
+def test_a_factorial_study_file_is_analysed_by_its_own_components():
+    from test_report import simulated_study
+
+    from mnist_ablation.report import analysis
+
+    study = study_from_definition({"name": "mine", "question": "q?",
+                                   "components": {"bn": {"batch_norm": False}, "drop": {"dropout": False}}})
+    arms = {arm: ({"batch_norm": config.batch_norm, "dropout": config.dropout}, 0.0 if config.batch_norm else -1.0)
+            for arm, config in study.arms.items()}
+    section = analysis.factorial_section(simulated_study(arms, n_seeds=3, n_images=500, factors=study.factors), 0.95)
+    assert list(section["effects"]["term"]) == ["bn", "drop", "bn:drop"]
