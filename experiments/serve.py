@@ -1,5 +1,4 @@
-"""``python -m experiments.serve`` (also ``python -m mnist_ablation.serve``): the model explorer, a web page and
-JSON API over runs in MLflow.
+"""``python -m experiments.serve``: the model explorer, a web page and JSON API over runs in MLflow.
 
 Offers one or more runs (``--run-id``, repeatable; the first is the default) or the runs of an ablation study
 (``--study``: the best seed of each arm by final validation accuracy, or every finished run with
@@ -13,9 +12,8 @@ localhost, the ``--host`` given or an ``--allowed-host``. Reference: docs/explor
 from __future__ import annotations
 
 import argparse
-import sys
 
-from experiments.cli import add_data_arguments, add_tracking_arguments
+from experiments.cli import add_data_arguments, add_tracking_arguments, run_command
 from mnist_ablation.naming import DEFAULT_MLFLOW_UI_URL
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -53,16 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mnist_ablation import serve
-    from mnist_ablation.errors import UserError
-    from mnist_ablation.redaction import redact
+    from mnist_ablation.explorer import open_explorer
 
-    try:
-        explorer = serve.open_explorer(study=args.study, run_ids=args.run_id, all_runs=args.all_runs,
-                                       tracking_uri=args.tracking_uri, data_dir=args.data_dir,
-                                       mlflow_ui_url=args.mlflow_ui_url)
-    except UserError as error:
-        print(f"error: {redact(str(error))}", file=sys.stderr)
-        return 2
+    explorer = open_explorer(study=args.study, run_ids=args.run_id, all_runs=args.all_runs,
+                             tracking_uri=args.tracking_uri, data_dir=args.data_dir, mlflow_ui_url=args.mlflow_ui_url)
     offered = ", ".join(f"{run.label} [{run.run_id}]" for run in explorer.runs.values())
     print(f"serving {offered} at http://{args.host}:{args.port}/", flush=True)
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:
@@ -74,4 +66,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -2,7 +2,7 @@
 selection, request validation, and the JSON API of a real server.
 
 Pure tests build untrained models or talk to the app in process (no model is ever loaded for a refused
-request). The ``slow`` tests talk over HTTP to ``python -m mnist_ablation.serve`` serving four tiny trained
+request). The ``slow`` tests talk over HTTP to ``python -m experiments.serve`` serving four tiny trained
 runs, one of them a pooling-free net and one with an arm named in HTML markup (tests/explorer_fixtures.py).
 """
 
@@ -254,7 +254,7 @@ def _cell_run(client, experiment_id, arm, seed, val_accuracy, status="FINISHED")
 def test_study_offers_best_finished_seed_per_arm_baseline_first(tracking_uri):
     from mlflow.tracking import MlflowClient
 
-    from mnist_ablation.serve import study_runs_to_offer
+    from mnist_ablation.explorer import study_runs_to_offer
 
     client = MlflowClient()
     experiment_id = client.create_experiment("ablation/pick")
@@ -280,7 +280,7 @@ def test_study_offers_best_finished_seed_per_arm_baseline_first(tracking_uri):
 def test_unknown_study_and_run_fail_with_what_exists(tracking_uri):
     from mlflow.tracking import MlflowClient
 
-    from mnist_ablation.serve import ExplorerError, UnknownRunError, runs_by_id, study_runs_to_offer
+    from mnist_ablation.explorer import ExplorerError, UnknownRunError, runs_by_id, study_runs_to_offer
 
     MlflowClient().create_experiment("ablation/leave-one-out")
     with pytest.raises(ExplorerError, match="Studies found there: leave-one-out"):
@@ -294,10 +294,13 @@ def test_unknown_study_and_run_fail_with_what_exists(tracking_uri):
 def test_command_refuses_an_unknown_study_with_exit_code_2(tracking_uri, capsys):
     from mlflow.tracking import MlflowClient
 
+    from experiments.cli import run_command
     from experiments.serve import main
 
     MlflowClient().create_experiment("ablation/leave-one-out")
-    assert main(["--study", "nope", "--tracking-uri", tracking_uri, "--port", "8765"]) == 2
+    with pytest.raises(SystemExit) as exited:  # the command runs through run_command like every other
+        run_command(lambda: main(["--study", "nope", "--tracking-uri", tracking_uri, "--port", "8765"]))
+    assert exited.value.code == 2
     error = capsys.readouterr().err
     assert "no study 'nope'" in error and "leave-one-out" in error
 
@@ -312,10 +315,13 @@ def test_library_import_changes_nothing_and_the_documented_module_command_still_
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment,
                               cwd=REPO_ROOT, timeout=120)
     assert imported.stdout.split() == ["True", "False"], imported.stderr[-3000:]
-    usage = subprocess.run([sys.executable, "-m", "mnist_ablation.serve", "--help"], capture_output=True, text=True,
+    usage = subprocess.run([sys.executable, "-m", "experiments.serve", "--help"], capture_output=True, text=True,
                            env=environment, cwd=REPO_ROOT, timeout=120)
     assert usage.returncode == 0, usage.stderr[-3000:]
     assert "--allowed-host" in usage.stdout and "--study" in usage.stdout
+    former = subprocess.run([sys.executable, "-m", "mnist_ablation.serve", "--help"], capture_output=True, text=True,
+                            env=environment, cwd=REPO_ROOT, timeout=120)
+    assert former.returncode != 0 and "python -m experiments.serve" in former.stderr, "it says where the command is"
 
 
 def test_static_files_ship_with_the_package():
@@ -348,7 +354,8 @@ FAKE_RUN_ID = "f" * 32
 def app_client():
     from fastapi.testclient import TestClient
 
-    from mnist_ablation.serve import ModelExplorer, OfferedRun, create_app
+    from mnist_ablation.explorer import ModelExplorer, OfferedRun
+    from mnist_ablation.serve import create_app
 
     run = OfferedRun(FAKE_RUN_ID, "baseline", "baseline-seed0", "1", "baseline", "0", 0.99, 0.99)
     with TestClient(create_app(ModelExplorer([run]), allowed_hosts=["testserver"])) as client:
