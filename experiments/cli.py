@@ -88,10 +88,16 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def run_command(main: Callable[[], int]) -> None:
-    """Run a command's main; user errors print one clear line and exit 2, anything else is a bug (traceback)."""
-    from mnist_ablation.errors import UserError
-    from mnist_ablation.redaction import redact
+    """Run a command's main; user errors print one clear line and exit 2, anything else is a bug (traceback,
+    exit 1). Whatever is printed has its credentials hidden: the secrets of every URL on the command line and
+    in the tracking environment variables are remembered first, so even a traceback quoting one shows ``***``."""
+    import traceback
 
+    from mnist_ablation.errors import UserError
+    from mnist_ablation.redaction import redact, remember_secret, remember_secrets
+
+    remember_secrets(*sys.argv[1:], os.environ.get("MLFLOW_TRACKING_URI"))
+    remember_secret(os.environ.get("MLFLOW_TRACKING_PASSWORD"))
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     _quiet_libraries()
     try:
@@ -104,3 +110,6 @@ def run_command(main: Callable[[], int]) -> None:
         print("\ninterrupted: the current run was marked KILLED in MLflow; rerun the same command to resume.",
               file=sys.stderr)
         sys.exit(130)
+    except Exception:  # a bug, or a library failing in a way it does not explain: the traceback, redacted
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        sys.exit(1)

@@ -55,8 +55,12 @@ def main(argv=None) -> int:
 
     explorer = open_explorer(study=args.study, run_ids=args.run_id, all_runs=args.all_runs,
                              tracking_uri=args.tracking_uri, data_dir=args.data_dir, mlflow_ui_url=args.mlflow_ui_url)
-    offered = ", ".join(f"{run.label} [{run.run_id}]" for run in explorer.runs.values())
+    from mnist_ablation.redaction import printable
+
+    offered = ", ".join(f"{printable(run.label)} [{run.run_id}]" for run in explorer.runs.values())
     print(f"serving {offered} at http://{args.host}:{args.port}/", flush=True)
+    for reason in explorer.refused.values():
+        print(f"note: {printable(reason)}; that run answers 503.", flush=True)
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:
         print(f"note: listening on {args.host}, but only requests for Host 127.0.0.1 or localhost are answered; "
               "pass --allowed-host NAME for each name clients use to reach this machine.", flush=True)

@@ -16,8 +16,9 @@ from urllib.parse import quote
 import numpy as np
 
 from . import naming, store
-from .errors import UserError
+from .errors import StoreDataError, UserError
 from .preprocess import FIELD_SIZE
+from .redaction import redact
 
 ENSEMBLE = "ensemble"  # run_id meaning: average the probabilities of every offered run
 KEY_METRICS = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "train_seconds", "train_images_per_second")
@@ -170,6 +171,7 @@ class ModelExplorer:
         self._test_images: np.ndarray | None = None
         self._test_labels: np.ndarray | None = None
         self._lock = threading.Lock()  # one loader at a time; loads are rare, requests read the caches
+        self.refused: dict[str, str] = {}  # run id -> why its model is refused (kept: refusals are final)
 
     def run(self, run_id: str | None) -> OfferedRun:
         """The offered run ``run_id`` (the default run when None)."""
@@ -192,18 +194,29 @@ class ModelExplorer:
         return self._test_images is not None
 
     def model(self, run_id: str):
-        """The run's Keras model, loaded on first use and warmed up (its predict function traced)."""
+        """The run's Keras model, loaded on first use and warmed up (its predict function traced).
+
+        A model the store loader refuses (``store.load_model``: it could run code, or has the wrong shape)
+        is refused for good: the reason is kept and every later request answers it without loading again.
+        """
+        if run_id in self.refused:
+            raise UnavailableError(self.refused[run_id])
         if run_id not in self._models:
             with self._lock:
+                if run_id in self.refused:
+                    raise UnavailableError(self.refused[run_id])
                 if run_id not in self._models:
                     try:
                         model = store.load_model(run_id)
-                    except Exception as error:  # MLflow raises several types for a missing or broken model
-                        raise UnavailableError(
+                        model.predict_on_batch(np.zeros((1, FIELD_SIZE, FIELD_SIZE, 1), np.float32))
+                    except StoreDataError as error:
+                        self.refused[run_id] = redact(str(error))
+                        raise UnavailableError(self.refused[run_id]) from None
+                    except Exception as error:  # MLflow raises several types for a missing model or store trouble
+                        raise UnavailableError(redact(
                             f"cannot load the model of run {run_id}: {type(error).__name__}: {error}. "
                             "Was the run FINISHED with its model logged?"
-                        ) from None
-                    model.predict_on_batch(np.zeros((1, FIELD_SIZE, FIELD_SIZE, 1), np.float32))
+                        )) from None
                     self._models[run_id] = model
         return self._models[run_id]
 
@@ -242,9 +255,11 @@ class ModelExplorer:
         if run_id not in self._predictions:
             try:
                 frame = store.read_predictions(run_id)
+            except StoreDataError as error:  # labels, classes or indices this library could not have written
+                raise UnavailableError(redact(str(error))) from None
             except Exception as error:  # missing artifact, unreachable store
-                raise UnavailableError(f"run {run_id} has no readable {naming.PREDICTIONS_ARTIFACT}: "
-                                       f"{type(error).__name__}: {error}") from None
+                raise UnavailableError(redact(f"run {run_id} has no readable {naming.PREDICTIONS_ARTIFACT}: "
+                                              f"{type(error).__name__}: {error}")) from None
             self._predictions[run_id] = frame.sort_values("index").reset_index(drop=True)
         return self._predictions[run_id]
 
@@ -309,7 +324,10 @@ class ModelExplorer:
                 record = store.run_record(run.run_id)
                 history = store.metric_history(run.run_id)
             except LookupError as error:
-                raise UnavailableError(str(error)) from None
+                raise UnavailableError(redact(str(error))) from None
+            except Exception as error:  # the tracking server failed the request
+                raise UnavailableError(redact(f"cannot read run {run.run_id} from the tracking store: "
+                                              f"{type(error).__name__}: {error}")) from None
             self._details[run.run_id] = {
                 **self.summary(run),
                 "status": record.status,
@@ -338,7 +356,8 @@ class ModelExplorer:
         run = self.run(run_id)
         frame = self.predictions(run.run_id)
         images, labels = self.test_set()
-        if len(frame) != len(labels) or not np.array_equal(frame["label"].to_numpy(), labels[frame["index"]]):
+        if (len(frame) != len(labels) or frame["index"].max() >= len(labels)
+                or not np.array_equal(frame["label"].to_numpy(), labels[frame["index"]])):
             raise UnavailableError(
                 f"run {run.run_id}'s logged test predictions do not match the MNIST test labels of "
                 f"{self.data_dir or 'the default MNIST'}; point --data-dir at the MNIST the run was trained on."
@@ -379,7 +398,11 @@ class ModelExplorer:
 def open_explorer(*, study: str | None = None, run_ids: list[str] | None = None, all_runs: bool = False,
                   tracking_uri: str | None = None, data_dir: str | None = None,
                   mlflow_ui_url: str = naming.DEFAULT_MLFLOW_UI_URL) -> ModelExplorer:
-    """Resolve the tracking store and the runs to offer, and load the default model (failing now, not later)."""
+    """Resolve the tracking store and the runs to offer, and load the default model (failing now, not later).
+
+    A default model the loader refuses (see ``ModelExplorer.model``) does not stop the server: it is listed
+    in ``explorer.refused`` and its run answers 503 with the reason; the other runs stay usable.
+    """
     from .tracking import use_tracking_uri
 
     if (study is None) == (not run_ids):
@@ -387,5 +410,9 @@ def open_explorer(*, study: str | None = None, run_ids: list[str] | None = None,
     use_tracking_uri(tracking_uri)
     runs = study_runs_to_offer(study, best_per_arm=not all_runs) if study else runs_by_id(run_ids)
     explorer = ModelExplorer(runs, data_dir=data_dir, mlflow_ui_url=mlflow_ui_url)
-    explorer.model(explorer.default_run_id)
+    try:
+        explorer.model(explorer.default_run_id)
+    except UnavailableError:
+        if explorer.default_run_id not in explorer.refused:
+            raise  # the store or the model is unreachable: fail now, not at the first request
     return explorer

@@ -8,8 +8,10 @@ that imports MLflow.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import mlflow
 import numpy as np
@@ -18,6 +20,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .config import FIELD_NAMES, ConfigError, parse_value
+from .data import NUM_CLASSES
+from .errors import StoreDataError
 from .naming import (
     ABLATION_EXPERIMENT_PREFIX,
     ARM_TAG,
@@ -281,15 +285,87 @@ def last_activity_ms(run) -> int:
     return latest
 
 
+PREDICTION_COLUMNS = ("index", "label", "predicted", *(f"prob_{k}" for k in range(NUM_CLASSES)))
+MODEL_INPUT_SHAPE = (None, 28, 28, 1)
+MODEL_OUTPUT_SHAPE = (None, NUM_CLASSES)
+KERAS_MODEL_FILE = "model.keras"  # in the Keras flavor's data directory (MLflow's layout)
+
+
 def read_predictions(run_id: str, artifact: str = PREDICTIONS_ARTIFACT) -> pd.DataFrame:
-    """The per-example test predictions a run logged (index, label, predicted, prob_0..prob_9)."""
+    """The per-example test predictions a run logged (index, label, predicted, prob_0..prob_9), checked.
+
+    A frame this library could not have written (a missing column, a label or class outside 0..9, a
+    negative or repeated index, a probability that is not a number in [0, 1]) raises StoreDataError.
+    """
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)
-    return pd.read_parquet(path)
+    return checked_predictions(pd.read_parquet(path), f"run {run_id}'s {artifact}")
+
+
+def checked_predictions(frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    """``frame`` if it is a predictions table of ``NUM_CLASSES`` classes; else StoreDataError naming ``what``."""
+    missing = [column for column in PREDICTION_COLUMNS if column not in frame]
+    if missing:
+        raise StoreDataError(f"{what} lacks the columns {', '.join(missing)} (a model of another number of classes, "
+                             f"or not written by mnist_ablation); expected {', '.join(PREDICTION_COLUMNS)}.")
+    for column in ("index", "label", "predicted"):
+        values = frame[column]
+        if not pd.api.types.is_integer_dtype(values):
+            raise StoreDataError(f"{what}: column {column!r} holds {values.dtype} values; expected integers.")
+    for column in ("label", "predicted"):
+        bad = frame[column][(frame[column] < 0) | (frame[column] >= NUM_CLASSES)]
+        if len(bad):
+            raise StoreDataError(f"{what}: {column} {int(bad.iloc[0])} is not a class of 0..{NUM_CLASSES - 1}.")
+    if (frame["index"] < 0).any() or frame["index"].duplicated().any():
+        raise StoreDataError(f"{what}: the test image indices must be distinct and not negative.")
+    probabilities = frame[list(PREDICTION_COLUMNS[3:])].to_numpy(np.float64)
+    if not np.all(np.isfinite(probabilities)) or probabilities.min(initial=0) < 0 or probabilities.max(initial=0) > 1:
+        raise StoreDataError(f"{what}: class probabilities must be numbers in [0, 1].")
+    return frame
 
 
 def load_model(run_id: str):
-    """The run's logged Keras model (``runs:/<run_id>/model``)."""
-    return mlflow.keras.load_model(f"runs:/{run_id}/{MODEL_NAME}")
+    """The run's logged Keras model, loaded without running anything the store holds; checked before use.
+
+    Only the Keras file (``model/<data>/model.keras``) is read, with Keras' ``safe_mode`` (no Lambda code)
+    and ``compile=False``; a TensorFlow SavedModel is never loaded, whatever the ``MLmodel`` file says,
+    because loading one runs its initializers. Raises StoreDataError when the model is refused: no Keras
+    file, a data path that leaves the model directory, a layer safe mode refuses, an input other than
+    (None, 28, 28, 1), an output other than (None, 10), or weights that are not finite numbers.
+    """
+    import keras
+    import yaml
+
+    where = f"run {run_id}'s model"
+    mlmodel = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{MODEL_NAME}/MLmodel")
+    with open(mlmodel) as handle:
+        flavor = ((yaml.safe_load(handle) or {}).get("flavors") or {}).get("keras") or {}
+    data = str(flavor.get("data", "data"))
+    relative = PurePosixPath(data)
+    if relative.is_absolute() or ".." in relative.parts or "\\" in data or ":" in data:
+        raise StoreDataError(f"{where} is refused: its MLmodel names the data path {data!r}, outside the model "
+                             "directory; log the model again with mnist_ablation.")
+    try:
+        path = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{MODEL_NAME}/{relative}/{KERAS_MODEL_FILE}")
+    except (MlflowException, OSError):
+        raise StoreDataError(
+            f"{where} is refused: it has no Keras file {MODEL_NAME}/{relative}/{KERAS_MODEL_FILE} (a TensorFlow "
+            "SavedModel is never loaded: loading one runs code from the store); log the model with mnist_ablation."
+        ) from None
+    if not zipfile.is_zipfile(path):
+        raise StoreDataError(f"{where} is refused: {KERAS_MODEL_FILE} is not a Keras archive.")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as error:  # safe mode's refusal, an unknown layer, a corrupt archive
+        raise StoreDataError(f"{where} is refused by Keras' safe loading: "
+                             f"{type(error).__name__}: {str(error).splitlines()[0][:300]}") from None
+    shapes = (tuple(model.input_shape) if not isinstance(model.input_shape, list) else model.input_shape,
+              tuple(model.output_shape) if not isinstance(model.output_shape, list) else model.output_shape)
+    if shapes != (MODEL_INPUT_SHAPE, MODEL_OUTPUT_SHAPE):
+        raise StoreDataError(f"{where} is refused: it maps {shapes[0]} to {shapes[1]}; expected MNIST images "
+                             f"{MODEL_INPUT_SHAPE} to {NUM_CLASSES} class probabilities {MODEL_OUTPUT_SHAPE}.")
+    if not all(np.all(np.isfinite(weights)) for weights in model.get_weights()):
+        raise StoreDataError(f"{where} is refused: its weights hold NaN or infinite values (a diverged run).")
+    return model
 
 
 def all_runs() -> Iterable[tuple[str, object]]:
