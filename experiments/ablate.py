@@ -27,6 +27,7 @@ from experiments.cli import (
     add_tracking_arguments,
     apply_tracking_arguments,
     check_equivalence_margin,
+    check_output_directory,
     run_command,
 )
 from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
@@ -137,6 +138,8 @@ def main(argv=None) -> int:
         print(f"note: {describe_identical(configs, group)}.", flush=True)
     if args.offline:
         return run_offline(configs, args)
+    if not args.no_report and not args.worker_only:
+        check_output_directory(args.output)  # a report that cannot be written fails now, not after every cell
     from mnist_ablation import ablation
 
     precision = (ablation.PrecisionRule(args.target_ci_width, args.max_seeds)

@@ -71,6 +71,25 @@ def config_from_arguments(args: argparse.Namespace, base: TrainConfig = BASELINE
     return with_overrides(base, overrides)
 
 
+def check_output_directory(path: str | os.PathLike | None, flag: str = "--output") -> None:
+    """Create ``path`` and prove a file can be written there, before any training (not after every cell)."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    from mnist_ablation.errors import UserError
+
+    directory = Path(path)
+    probe = directory / ".mnist_ablation-write-test"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"{flag} {str(path)!r} cannot be written ({error.strerror or error}); pass a directory you "
+                        "can write to.") from None
+
+
 def _quiet_libraries() -> None:
     """The commands print one line per cell or trial themselves; Optuna's INFO lines would repeat them.
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import naming, store, tracking
 from .config import TrainConfig, effective_settings
 from .data import Mnist, load_mnist
-from .redaction import redact_argv
+from .redaction import redact, redact_argv
 from .storage import default_storage_url, open_storage
 from .studies import Cell, Study, identical_arms
 from .workqueue import CellQueue
@@ -310,10 +310,11 @@ class StudyRunner:
                 self.queue.fail(claim, "interrupted")
                 raise
             except Exception as error:  # noqa: BLE001 - one bad cell (a TrainingDiverged, say) must not stop the study
-                self.queue.fail(claim, f"{type(error).__name__}: {error}")
+                reason = redact(f"{type(error).__name__}: {error}")  # a stopped server's error quotes its URL
+                self.queue.fail(claim, reason)
                 outcome.failed += 1
-                outcome.failures.append(f"{cell.key}: {type(error).__name__}: {error}")
-                tqdm.write(f"FAILED {cell.key}: {type(error).__name__}: {error}")
+                outcome.failures.append(f"{cell.key}: {reason}")
+                tqdm.write(f"FAILED {cell.key}: {reason}")
                 return
         self.queue.complete(claim, tracked.result.history["val_accuracy"][-1])
         outcome.ran += 1

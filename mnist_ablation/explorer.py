@@ -27,8 +27,8 @@ KEY_PARAMS = ("epochs", "train_subset", "validation", "augmentation", "batch_nor
 
 
 def quantized(values: np.ndarray) -> list:
-    """[0, 1] floats as 0-255 integers, which is all a heat map can show and a quarter of the JSON."""
-    return np.rint(np.clip(values, 0, 1) * 255).astype(int).tolist()
+    """[0, 1] floats as 0-255 integers, which is all a heat map can show and a quarter of the JSON (NaN: 0)."""
+    return np.rint(np.clip(np.nan_to_num(values, nan=0.0), 0, 1) * 255).astype(int).tolist()
 
 
 # -- domain errors: raised by the explorer, mapped to HTTP status codes in one place (serve.create_app) -------

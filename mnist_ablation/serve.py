@@ -26,7 +26,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
-from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.responses import PlainTextResponse
 
 from .explorer import (
     ENSEMBLE,
@@ -36,6 +36,7 @@ from .explorer import (
     UnknownRunError,
     quantized,
 )
+from .redaction import redact
 from .schemas import (
     MAX_DRAWING_SIDE,
     MAX_EXAMPLES,
@@ -77,14 +78,27 @@ class BodyTooLargeError(Exception):
     """A request body over MAX_BODY_BYTES (HTTP 413)."""
 
 
+class UnsupportedMediaTypeError(Exception):
+    """A POST whose Content-Type is not application/json (HTTP 415)."""
+
+
 ERROR_STATUS = {UnknownRunError: 404, UnavailableError: 503, InvalidRequestError: 422, MalformedBodyError: 400,
-                BodyTooLargeError: 413}
+                BodyTooLargeError: 413, UnsupportedMediaTypeError: 415}
 
 
 # -- HTTP: reading bodies, describing validation errors, security headers --------------------------------------
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
                type(None): "null"}
+
+
+def _require_json(request: Request) -> None:
+    """Only ``application/json`` bodies: a web page can send text/plain or a form to any address without a
+    CORS preflight, but not JSON, so this keeps other sites' pages from making the explorer compute."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaTypeError(
+            f"request body must be sent with Content-Type: application/json, got {media_type or 'none'!r}.")
 
 
 async def _read_body(request: Request) -> bytes:
@@ -102,13 +116,14 @@ async def _read_body(request: Request) -> bytes:
 
 
 def json_body(model: type[BaseModel]):
-    """A dependency: the request body parsed as JSON (whatever its Content-Type) and validated as ``model``.
+    """A dependency: the request body (Content-Type: application/json only) parsed and validated as ``model``.
 
     Parsed by pydantic's own JSON parser, which bounds nesting depth and number size, so no body reaches
     Python's ``json`` module; problems become MalformedBodyError, BodyTooLargeError or RequestValidationError.
     """
 
     async def parse(request: Request):
+        _require_json(request)
         body = await _read_body(request)
         try:
             return model.model_validate_json(body)
@@ -169,7 +184,7 @@ def describe_validation_errors(problems: list[dict], shown: int = 3) -> str:
 
 def _status_handler(status: int):
     async def handle(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=status)
+        return JSONResponse({"detail": redact(str(error))}, status_code=status)  # no password in any answer
 
     return handle
 
@@ -202,6 +217,39 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without port or IPv6 brackets: ``[::1]:8000`` -> ``::1``, ``a.b:80`` -> ``a.b``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheck:
+    """ASGI middleware: answer only requests whose Host is allowed (HTTP 400 otherwise), IPv6 literals included.
+
+    Starlette's TrustedHostMiddleware splits ``[::1]:8000`` at its first colon and so refuses every IPv6 request.
+    """
+
+    def __init__(self, app, allowed_hosts: list[str] | tuple[str, ...]):
+        self.app = app
+        self.allowed = {host_name(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+                        for host in allowed_hosts}
+
+    def allows(self, header: str) -> bool:
+        name = host_name(header)
+        return "*" in self.allowed or name in self.allowed or any(
+            pattern.startswith("*.") and name.endswith(pattern[1:]) for pattern in self.allowed)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        header = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"host"), "")
+        if not self.allows(header):
+            return await PlainTextResponse("Invalid host header", status_code=400)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def trusted_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -237,7 +285,7 @@ def _error_responses(*statuses: int) -> dict:
 
 
 RUN_ERRORS = _error_responses(404, 422, 503)  # GET routes of one run
-BODY_ERRORS = _error_responses(400, 404, 413, 422, 503)  # POST routes
+BODY_ERRORS = _error_responses(400, 404, 413, 415, 422, 503)  # POST routes
 
 
 def create_app(explorer: ModelExplorer, allowed_hosts: list[str] | tuple[str, ...] = LOCAL_HOSTS) -> FastAPI:
@@ -252,7 +300,7 @@ def create_app(explorer: ModelExplorer, allowed_hosts: list[str] | tuple[str, ..
         app.add_exception_handler(error_type, _status_handler(status))
     app.add_exception_handler(RequestValidationError, _validation_handler)
     # Added last, so outermost: a wrong Host is refused first, and every answer carries the headers.
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(HostCheck, allowed_hosts=list(allowed_hosts))
     app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

@@ -348,6 +348,7 @@ def test_page_has_no_inline_script_or_style_and_never_parses_html_from_strings()
 
 # ---------- request and response models, in process (no model is loaded for a refused request) ----------
 FAKE_RUN_ID = "f" * 32
+JSON = {"Content-Type": "application/json"}  # the only Content-Type a POST may have (issue 24, finding 9)
 
 
 @pytest.fixture(scope="module")
@@ -433,12 +434,19 @@ def test_odd_explanation_and_preprocess_bodies_get_a_422(app_client, path, body,
     assert words in answer.json()["detail"]
 
 
-def test_bodies_are_json_whatever_their_content_type(app_client):
-    # curl -d sends application/x-www-form-urlencoded; the documented curl commands rely on this.
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          None])
+def test_bodies_must_be_sent_as_json(app_client, content_type):
+    # Issue 24, finding 9: a page on any site may POST text/plain or a form here without a CORS preflight.
     drawing = np.zeros((30, 30))
     drawing[5:25, 12:16] = 1.0
-    answer = app_client.post("/api/preprocess", content=json.dumps({"drawing": drawing.tolist()}),
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    body = json.dumps({"drawing": drawing.tolist()})
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    refused = app_client.post("/api/preprocess", content=body, headers=headers)
+    assert refused.status_code == 415, refused.text
+    assert "Content-Type: application/json" in refused.json()["detail"]
+    answer = app_client.post("/api/preprocess", content=body,
+                             headers={"Content-Type": "application/json; charset=utf-8"})
     assert answer.status_code == 200, answer.text
     np.testing.assert_allclose(answer.json()["image"], mnist_preprocess(drawing), atol=1e-4)
 
@@ -563,14 +571,14 @@ def test_server_answers_odd_bodies_with_a_4xx_and_keeps_serving(client):
             yield b"0" * 10_000
 
     odd = [
-        (client.post("/api/predict", content=b'{"image": ' + b"[" * 5000 + b"]" * 5000 + b"}"), 400),
-        (client.post("/api/predict", content=b'{"image": [[' + b"9" * 5000 + b"]]}"), 400),
-        (client.post("/api/saliency", content=_image_text("1e400")), 422),
-        (client.post("/api/activations", content=_image_text("NaN")), 422),
+        (client.post("/api/predict", content=b'{"image": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers=JSON), 400),
+        (client.post("/api/predict", content=b'{"image": [[' + b"9" * 5000 + b"]]}", headers=JSON), 400),
+        (client.post("/api/saliency", content=_image_text("1e400"), headers=JSON), 422),
+        (client.post("/api/activations", content=_image_text("NaN"), headers=JSON), 422),
         (client.post("/api/predict", json={"drawing": []}), 422),
-        (client.post("/api/predict", content=b"{broken"), 400),
-        (client.post("/api/predict", content=chunks()), 413),
-        (client.post("/api/predict", content=b"[" + b"0," * 1_200_000 + b"0]"), 413),
+        (client.post("/api/predict", content=b"{broken", headers=JSON), 400),
+        (client.post("/api/predict", content=chunks(), headers=JSON), 413),
+        (client.post("/api/predict", content=b"[" + b"0," * 1_200_000 + b"0]", headers=JSON), 413),
     ]
     for answer, status in odd:
         assert answer.status_code == status, answer.text
