@@ -48,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def describe_offered(runs) -> str:
+    """``label [run id], ...`` of the offered runs; labels come from the store, so control characters are escaped."""
+    from mnist_ablation.redaction import printable
+
+    return ", ".join(f"{printable(run.label)} [{run.run_id}]" for run in runs)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mnist_ablation import serve
@@ -57,8 +64,7 @@ def main(argv=None) -> int:
                              tracking_uri=args.tracking_uri, data_dir=args.data_dir, mlflow_ui_url=args.mlflow_ui_url)
     from mnist_ablation.redaction import printable
 
-    offered = ", ".join(f"{printable(run.label)} [{run.run_id}]" for run in explorer.runs.values())
-    print(f"serving {offered} at http://{args.host}:{args.port}/", flush=True)
+    print(f"serving {describe_offered(explorer.runs.values())} at http://{args.host}:{args.port}/", flush=True)
     for reason in explorer.refused.values():
         print(f"note: {printable(reason)}; that run answers 503.", flush=True)
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:

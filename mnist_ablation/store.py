@@ -137,6 +137,23 @@ def search_role(experiment: str, role: str, status: str | None = None) -> pd.Dat
                               order_by=["attributes.start_time ASC"])
 
 
+def _checked_cell_tags(raw: pd.DataFrame, study: str) -> pd.DataFrame:
+    """``raw`` (cell runs) if every run has an arm tag and a whole-number seed tag; else StoreDataError naming
+    the first run that does not (a run written by hand or by another tool)."""
+    arms, seeds = _column(raw, f"tags.{ARM_TAG}"), _column(raw, f"tags.{SEED_TAG}")
+    for run_id, arm, seed in zip(raw["run_id"], arms, seeds, strict=True):
+        problem = None
+        if not isinstance(arm, str) or not arm:
+            problem = f"has no {ARM_TAG!r} tag"
+        elif not isinstance(seed, str) or not seed.isdigit():
+            problem = f"has the {SEED_TAG!r} tag {seed!r}, not a whole number"
+        if problem:
+            raise StoreDataError(
+                f"cell run {run_id} of study {study!r} {problem}; every cell run needs its arm and seed. Fix the tag "
+                f"(MlflowClient().set_tag) or delete the run (mlflow runs delete --run-id {run_id}).")
+    return raw
+
+
 def cell_runs(study: str, include_unfinished: bool = False, all_sweeps: bool = False) -> pd.DataFrame:
     """One row per cell run of ``study``: study, arm, seed, run_id, status, config fields, final metrics.
 
@@ -149,6 +166,7 @@ def cell_runs(study: str, include_unfinished: bool = False, all_sweeps: bool = F
     raw = search_role(ablation_experiment(study), CELL_ROLE)
     if raw.empty:
         return pd.DataFrame(columns=CELL_COLUMNS)
+    _checked_cell_tags(raw, study)
     frame = pd.DataFrame({
         "study": study,
         "arm": raw[f"tags.{ARM_TAG}"],
@@ -183,6 +201,7 @@ def finished_cells(study: str) -> set[tuple[str, int, str]]:
     raw = search_role(ablation_experiment(study), CELL_ROLE, status="FINISHED")
     if raw.empty:
         return set()
+    _checked_cell_tags(raw, study)
     return set(zip(raw[f"tags.{ARM_TAG}"], raw[f"tags.{SEED_TAG}"].astype(int), raw[f"tags.{CONFIG_HASH_TAG}"]))
 
 
