@@ -386,7 +386,7 @@ def test_no_command_prints_or_stores_the_password_of_a_failing_tracking_server(t
         ("experiments.ablate", "--arms", "baseline", "--seeds", "1", "--epochs", "1", "--train-subset", "100"),
         ("experiments.report", "--study", "leave-one-out"),
         ("experiments.doctor",),
-        ("experiments.ensemble", "--study", "leave-one-out"),
+        ("experiments.ensemble", "--study", "leave-one-out", "--top-k", "1"),
         ("experiments.serve", "--study", "leave-one-out", "--port", str(_free_port())),
         ("experiments.tune", "--n-trials", "1", "--epochs", "1", "--train-subset", "100"),
     ]
@@ -394,6 +394,7 @@ def test_no_command_prints_or_stores_the_password_of_a_failing_tracking_server(t
         result = run_module(*command, "--tracking-uri", uri, env=env, cwd=tmp_path, check=False, timeout=180)
         output = result.stdout + result.stderr
         assert result.returncode != 0, f"{command[0]} succeeded against a failing server"
+        assert "alice:***@127.0.0.1" in output, f"{command[0]} did not reach the server:\n{output[-3000:]}"
         for secret in (PASSWORD, quote(PASSWORD, safe=""), "Pw'd"):
             assert secret not in output, f"{command[0]} printed the password:\n{output[-3000:]}"
     # Nothing written locally (queue database, checkpoints, logs) holds it either.
