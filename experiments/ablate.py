@@ -31,7 +31,7 @@ from experiments.cli import (
     run_command,
 )
 from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
-from mnist_ablation.redaction import redact, redact_argv
+from mnist_ablation.redaction import printable, redact, redact_argv
 from mnist_ablation.studies import DEFAULT_STUDY, STUDIES, Study, describe_identical, identical_arms
 
 # Batch norm's moving statistics (momentum 0.99) lag the fast-changing early network: measured here, a
@@ -223,7 +223,7 @@ def finish(runner, args: argparse.Namespace, failed: int) -> int:
     summary = runner.write_summary()
     print()
     print(f"Study {runner.study.name!r}: test accuracy per arm over seeds (finished runs)")
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(printable(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), lines=True))
     if not args.no_report:
         report_command = ["python", "-m", "experiments.report", "--study", args.study,
                           "--tracking-uri", runner.tracking_uri, "--equivalence-margin", str(args.equivalence_margin)]

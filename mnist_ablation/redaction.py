@@ -110,8 +110,13 @@ def remember_secrets(*texts: str | None) -> None:
                 remember_secret(secret)
 
 
-def printable(text: object) -> str:
+def printable(text: object, lines: bool = False) -> str:
     """``text`` with control characters (terminal escape sequences, newlines) written as escapes, so a name
-    read from the store prints as the text it is and cannot move the cursor, recolour or clear a terminal."""
+    read from the store prints as the text it is and cannot move the cursor, recolour or clear a terminal.
+
+    ``lines``: keep the line breaks of a multi-line text (a table) and escape within each line.
+    """
+    if lines:
+        return "\n".join(printable(line) for line in str(text).split("\n"))
     return "".join(character if character.isprintable() else character.encode("unicode_escape").decode("ascii")
                    for character in str(text))

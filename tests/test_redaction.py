@@ -66,3 +66,4 @@ def test_control_characters_print_as_escapes():
 
     assert printable("arm\x1b[2J\x1b[31mred\r\n") == "arm\\x1b[2J\\x1b[31mred\\r\\n"
     assert printable("baseline <b>naïve</b>") == "baseline <b>naïve</b>"
+    assert printable(" arm\n\x1b[2Jx", lines=True) == " arm\n\\x1b[2Jx", "a table keeps its rows, not the escapes"
