@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
@@ -288,6 +288,96 @@ RUN_ERRORS = _error_responses(404, 422, 503)  # GET routes of one run
 BODY_ERRORS = _error_responses(400, 404, 413, 415, 422, 503)  # POST routes
 
 
+def api_routes(explorer: ModelExplorer) -> APIRouter:
+    """The JSON API under ``/api``: each route validates its input (``schemas``), asks ``explorer``, and answers."""
+    router = APIRouter()
+
+    @router.get("/api/health", response_model=HealthResponse)
+    def health():
+        """Which runs are offered and which models are loaded."""
+        return {
+            "status": "ok",
+            "default_run_id": explorer.default_run_id,
+            "models": [{"run_id": run.run_id, "label": run.label, "loaded": explorer.is_loaded(run.run_id)}
+                       for run in explorer.runs.values()],
+            "test_images_loaded": explorer.test_images_loaded,
+        }
+
+    @router.get("/api/runs", response_model=RunsResponse)
+    def runs():
+        """The offered runs, default first, with their MLflow UI links."""
+        return {"default_run_id": explorer.default_run_id, "ensemble": ENSEMBLE if len(explorer.runs) > 1 else None,
+                "runs": [explorer.summary(run) for run in explorer.runs.values()]}
+
+    @router.get("/api/runs/{run_id}", response_model=RunDetails, responses=RUN_ERRORS)
+    def run_details(run_id: str):
+        """Key metrics and config, per-epoch curves and the MLflow UI link of one run."""
+        return explorer.run_details(run_id)
+
+    @router.get("/api/runs/{run_id}/confusion", response_model=ConfusionResponse, responses=RUN_ERRORS)
+    def confusion(run_id: str):
+        """The run's confusion matrix on the MNIST test set, from its logged test predictions."""
+        return explorer.confusion(run_id)
+
+    @router.get("/api/runs/{run_id}/examples", response_model=ExamplesResponse, responses=RUN_ERRORS)
+    def examples(run_id: str,
+                 label: Annotated[int | None, Query(ge=0, le=9, description="true label (row of the matrix)")] = None,
+                 predicted: Annotated[int | None, Query(ge=0, le=9, description="predicted class (column)")] = None,
+                 sort: Annotated[Sort, Query(description="confidence: most confident first; true_probability: "
+                                                         "least probability on the true label first")] = "confidence",
+                 limit: Annotated[int, Query(ge=1, le=MAX_EXAMPLES)] = 24,
+                 offset: Annotated[int, Query(ge=0, le=10_000)] = 0):
+        """Test images of one confusion-matrix cell (or a row or column) with the run's probabilities."""
+        return explorer.examples(run_id, label, predicted, sort, limit, offset)
+
+    @router.post("/api/predict", response_model=PredictResponse, response_model_exclude_none=True,
+              responses=BODY_ERRORS, openapi_extra=request_body_schema(PredictRequest))
+    def predict(body: Annotated[PredictRequest, Depends(json_body(PredictRequest))], response: Response):
+        """Predicted class and ten probabilities of one run (or the ``ensemble``) for an image or drawing."""
+        start = time.perf_counter()
+        image = body.model_image()
+        probabilities, members = explorer.probabilities(image, body.run_id)
+        response.headers["Server-Timing"] = f"model;dur={(time.perf_counter() - start) * 1000:.2f}"
+        return {
+            "run_id": body.run_id or explorer.default_run_id,
+            "predicted_class": int(np.argmax(probabilities)),
+            "probabilities": [float(p) for p in probabilities],
+            "members": members if body.run_id == ENSEMBLE else None,
+            "image": _rounded(image) if body.preprocessed else None,
+        }
+
+    @router.post("/api/preprocess", response_model=PreprocessResponse, responses=BODY_ERRORS,
+              openapi_extra=request_body_schema(PreprocessRequest))
+    def preprocess(body: Annotated[PreprocessRequest, Depends(json_body(PreprocessRequest))]):
+        """The 28x28 image the model sees for a drawing (bounding box 20x20, centre of mass centred)."""
+        return {"image": _rounded(body.model_image())}
+
+    @router.post("/api/saliency", response_model=SaliencyResponse, responses=BODY_ERRORS,
+              openapi_extra=request_body_schema(SaliencyRequest))
+    def saliency(body: Annotated[SaliencyRequest, Depends(json_body(SaliencyRequest))]):
+        """Gradient saliency and Grad-CAM (28x28, 0-255) for the predicted (or ``target_class``) class."""
+        image = body.model_image()
+        run_id, result = explorer.explain(image, body.run_id, body.target_class)
+        return {
+            "run_id": run_id,
+            "predicted_class": result.predicted_class,
+            "target_class": result.target_class,
+            "probabilities": [float(p) for p in result.probabilities],
+            "image": quantized(image),
+            "saliency": quantized(result.saliency),
+            "gradcam": quantized(result.gradcam),
+            "gradcam_layer": result.gradcam_layer,
+        }
+
+    @router.post("/api/activations", response_model=ActivationsResponse, responses=BODY_ERRORS,
+              openapi_extra=request_body_schema(ActivationsRequest))
+    def activations(body: Annotated[ActivationsRequest, Depends(json_body(ActivationsRequest))]):
+        """Each conv layer's feature maps: the ``max_channels`` most active, each scaled to 0-255."""
+        return explorer.activations(body.model_image(), body.run_id, body.max_channels)
+
+    return router
+
+
 def create_app(explorer: ModelExplorer, allowed_hosts: list[str] | tuple[str, ...] = LOCAL_HOSTS) -> FastAPI:
     """The FastAPI app: the page at ``/``, its files under ``/static``, the JSON API under ``/api``.
 
@@ -312,89 +402,7 @@ def create_app(explorer: ModelExplorer, allowed_hosts: list[str] | tuple[str, ..
     def docs() -> HTMLResponse:
         return _docs_page(app.openapi_url, f"{app.title} - API")
 
-    @app.get("/api/health", response_model=HealthResponse)
-    def health():
-        """Which runs are offered and which models are loaded."""
-        return {
-            "status": "ok",
-            "default_run_id": explorer.default_run_id,
-            "models": [{"run_id": run.run_id, "label": run.label, "loaded": explorer.is_loaded(run.run_id)}
-                       for run in explorer.runs.values()],
-            "test_images_loaded": explorer.test_images_loaded,
-        }
-
-    @app.get("/api/runs", response_model=RunsResponse)
-    def runs():
-        """The offered runs, default first, with their MLflow UI links."""
-        return {"default_run_id": explorer.default_run_id, "ensemble": ENSEMBLE if len(explorer.runs) > 1 else None,
-                "runs": [explorer.summary(run) for run in explorer.runs.values()]}
-
-    @app.get("/api/runs/{run_id}", response_model=RunDetails, responses=RUN_ERRORS)
-    def run_details(run_id: str):
-        """Key metrics and config, per-epoch curves and the MLflow UI link of one run."""
-        return explorer.run_details(run_id)
-
-    @app.get("/api/runs/{run_id}/confusion", response_model=ConfusionResponse, responses=RUN_ERRORS)
-    def confusion(run_id: str):
-        """The run's confusion matrix on the MNIST test set, from its logged test predictions."""
-        return explorer.confusion(run_id)
-
-    @app.get("/api/runs/{run_id}/examples", response_model=ExamplesResponse, responses=RUN_ERRORS)
-    def examples(run_id: str,
-                 label: Annotated[int | None, Query(ge=0, le=9, description="true label (row of the matrix)")] = None,
-                 predicted: Annotated[int | None, Query(ge=0, le=9, description="predicted class (column)")] = None,
-                 sort: Annotated[Sort, Query(description="confidence: most confident first; true_probability: "
-                                                         "least probability on the true label first")] = "confidence",
-                 limit: Annotated[int, Query(ge=1, le=MAX_EXAMPLES)] = 24,
-                 offset: Annotated[int, Query(ge=0, le=10_000)] = 0):
-        """Test images of one confusion-matrix cell (or a row or column) with the run's probabilities."""
-        return explorer.examples(run_id, label, predicted, sort, limit, offset)
-
-    @app.post("/api/predict", response_model=PredictResponse, response_model_exclude_none=True,
-              responses=BODY_ERRORS, openapi_extra=request_body_schema(PredictRequest))
-    def predict(body: Annotated[PredictRequest, Depends(json_body(PredictRequest))], response: Response):
-        """Predicted class and ten probabilities of one run (or the ``ensemble``) for an image or drawing."""
-        start = time.perf_counter()
-        image = body.model_image()
-        probabilities, members = explorer.probabilities(image, body.run_id)
-        response.headers["Server-Timing"] = f"model;dur={(time.perf_counter() - start) * 1000:.2f}"
-        return {
-            "run_id": body.run_id or explorer.default_run_id,
-            "predicted_class": int(np.argmax(probabilities)),
-            "probabilities": [float(p) for p in probabilities],
-            "members": members if body.run_id == ENSEMBLE else None,
-            "image": _rounded(image) if body.preprocessed else None,
-        }
-
-    @app.post("/api/preprocess", response_model=PreprocessResponse, responses=BODY_ERRORS,
-              openapi_extra=request_body_schema(PreprocessRequest))
-    def preprocess(body: Annotated[PreprocessRequest, Depends(json_body(PreprocessRequest))]):
-        """The 28x28 image the model sees for a drawing (bounding box 20x20, centre of mass centred)."""
-        return {"image": _rounded(body.model_image())}
-
-    @app.post("/api/saliency", response_model=SaliencyResponse, responses=BODY_ERRORS,
-              openapi_extra=request_body_schema(SaliencyRequest))
-    def saliency(body: Annotated[SaliencyRequest, Depends(json_body(SaliencyRequest))]):
-        """Gradient saliency and Grad-CAM (28x28, 0-255) for the predicted (or ``target_class``) class."""
-        image = body.model_image()
-        run_id, result = explorer.explain(image, body.run_id, body.target_class)
-        return {
-            "run_id": run_id,
-            "predicted_class": result.predicted_class,
-            "target_class": result.target_class,
-            "probabilities": [float(p) for p in result.probabilities],
-            "image": quantized(image),
-            "saliency": quantized(result.saliency),
-            "gradcam": quantized(result.gradcam),
-            "gradcam_layer": result.gradcam_layer,
-        }
-
-    @app.post("/api/activations", response_model=ActivationsResponse, responses=BODY_ERRORS,
-              openapi_extra=request_body_schema(ActivationsRequest))
-    def activations(body: Annotated[ActivationsRequest, Depends(json_body(ActivationsRequest))]):
-        """Each conv layer's feature maps: the ``max_channels`` most active, each scaled to 0-255."""
-        return explorer.activations(body.model_image(), body.run_id, body.max_channels)
-
+    app.include_router(api_routes(explorer))
     return app
 
 
