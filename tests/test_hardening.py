@@ -359,16 +359,23 @@ def _grep_tree(root: Path, secret: str) -> list[str]:
 def test_the_explorer_never_answers_with_the_password(tmp_path, failing_tracking_server, monkeypatch):
     from urllib.parse import quote
 
+    import mlflow
+
     from mnist_ablation.tracking import use_tracking_uri
 
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # use_tracking_uri sets them: restored after
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    previous = mlflow.get_tracking_uri()
     use_tracking_uri(f"http://alice:{quote(PASSWORD, safe='')}@{failing_tracking_server}")
     run_id = "a" * 32
     _, client = _client([run_id])
-    answers = [client.get(f"/api/runs/{run_id}"), client.get(f"/api/runs/{run_id}/confusion"),
-               client.post("/api/predict", json={"image": IMAGE, "run_id": run_id})]
+    try:
+        answers = [client.get(f"/api/runs/{run_id}"), client.get(f"/api/runs/{run_id}/confusion"),
+                   client.post("/api/predict", json={"image": IMAGE, "run_id": run_id})]
+    finally:
+        mlflow.set_tracking_uri(previous)
     for answer in answers:
         assert answer.status_code == 503, answer.text
         assert PASSWORD not in answer.text and quote(PASSWORD, safe="") not in answer.text and "***" in answer.text
