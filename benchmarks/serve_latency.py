@@ -3,7 +3,7 @@
     python -m benchmarks.serve_latency                       # trains a tiny run into a temporary store
     python -m benchmarks.serve_latency --run-id ID [--tracking-uri URI] --requests 500
 
-Starts ``python -m mnist_ablation.serve`` on a free 127.0.0.1 port, warms it up, then sends a bounded
+Starts ``python -m experiments.serve`` on a free 127.0.0.1 port, warms it up, then sends a bounded
 number of sequential requests with one keep-alive httpx client in three scenarios: a 28x28 MNIST test
 image, the page's 112x112 drawing (MNIST preprocessing on the server), and the ensemble of all offered
 runs. Without ``--run-id``/``--study`` it trains one tiny run (300 images, 1 epoch): the network is the
@@ -75,7 +75,7 @@ def start_server(arguments: list[str], log_path: Path) -> tuple[subprocess.Popen
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mnist_ablation.serve", *arguments, "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "experiments.serve", *arguments, "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "warning"]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,

@@ -29,11 +29,12 @@ from experiments.cli import (
     add_tracking_arguments,
     apply_tracking_arguments,
     check_equivalence_margin,
+    check_output_directory,
     run_command,
 )
 from mnist_ablation import defaults
 from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
-from mnist_ablation.redaction import redact, redact_argv
+from mnist_ablation.redaction import printable, redact, redact_argv
 from mnist_ablation.studies import DEFAULT_STUDY, STUDIES, Study, describe_identical, identical_arms
 
 # Batch norm's moving statistics (momentum 0.99) lag the fast-changing early network: measured here, a
@@ -159,6 +160,8 @@ def main(argv=None) -> int:
         print(f"note: {describe_identical(configs, group)}.", flush=True)
     if args.offline:
         return run_offline(study, configs, args)
+    if not args.no_report and not args.worker_only:
+        check_output_directory(args.output)  # a report that cannot be written fails now, not after every cell
     from mnist_ablation import ablation
 
     apply_tracking_arguments(args)
@@ -314,7 +317,7 @@ def finish(runner, args: argparse.Namespace, failed: int) -> int:
     summary = runner.write_summary()
     print()
     print(f"Study {runner.study.name!r}: test accuracy per arm over seeds (finished runs)")
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(printable(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), lines=True))
     if not args.no_report:
         report_command = ["python", "-m", "experiments.report", "--study", args.study,
                           "--tracking-uri", runner.tracking_uri, "--equivalence-margin", str(args.equivalence_margin)]

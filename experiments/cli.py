@@ -82,6 +82,25 @@ def config_from_arguments(args: argparse.Namespace, base: TrainConfig = BASELINE
     return with_overrides(base, overrides)
 
 
+def check_output_directory(path: str | os.PathLike | None, flag: str = "--output") -> None:
+    """Create ``path`` and prove a file can be written there, before any training (not after every cell)."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    from mnist_ablation.errors import UserError
+
+    directory = Path(path)
+    probe = directory / ".mnist_ablation-write-test"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"{flag} {str(path)!r} cannot be written ({error.strerror or error}); pass a directory you "
+                        "can write to.") from None
+
+
 def _quiet_libraries() -> None:
     """The commands print one line per cell or trial themselves; Optuna's INFO lines would repeat them.
 
@@ -121,10 +140,16 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def run_command(main: Callable[[], int]) -> None:
-    """Run a command's main; user errors print one clear line and exit 2, anything else is a bug (traceback)."""
-    from mnist_ablation.errors import UserError
-    from mnist_ablation.redaction import redact
+    """Run a command's main; user errors print one clear line and exit 2, anything else is a bug (traceback,
+    exit 1). Whatever is printed has its credentials hidden: the secrets of every URL on the command line and
+    in the tracking environment variables are remembered first, so even a traceback quoting one shows ``***``."""
+    import traceback
 
+    from mnist_ablation.errors import UserError
+    from mnist_ablation.redaction import redact, remember_secret, remember_secrets
+
+    remember_secrets(*sys.argv[1:], os.environ.get("MLFLOW_TRACKING_URI"))
+    remember_secret(os.environ.get("MLFLOW_TRACKING_PASSWORD"))
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     _quiet_libraries()
     show_library_lines()
@@ -138,3 +163,6 @@ def run_command(main: Callable[[], int]) -> None:
         print("\ninterrupted: the current run was marked KILLED in MLflow; rerun the same command to resume.",
               file=sys.stderr)
         sys.exit(130)
+    except Exception:  # a bug, or a library failing in a way it does not explain: the traceback, redacted
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        sys.exit(1)

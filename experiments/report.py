@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mnist_ablation import report, tracking
-    from mnist_ablation.redaction import redact, redact_argv
+    from mnist_ablation.redaction import printable, redact, redact_argv
 
     uri = tracking.use_tracking_uri(args.tracking_uri)
     command = ["python", "-m", "experiments.report", *(sys.argv[1:] if argv is None else argv)]
@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     )
     print(f"Study {args.study!r}: each arm against the baseline (fractions; intervals with seeds and test images "
           "random)")
-    print(result.summary[COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"))
+    print(printable(result.summary[COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"),
+                    lines=True))  # arm names come from the store
     if args.target_ci_width is not None:
         plan = report.seeds_plan(result.data, args.target_ci_width, args.confidence)
         print(f"\nSeeds per arm for a {round(100 * args.confidence)}% difference interval at most "

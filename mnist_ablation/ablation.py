@@ -26,7 +26,7 @@ import pandas as pd
 from . import naming, store, tracking
 from .config import TrainConfig
 from .data import Mnist, load_mnist
-from .redaction import redact_argv
+from .redaction import redact, redact_argv
 from .storage import default_storage_url, open_storage
 from .studies import Study
 from .sweep import Cell, Plan, PrecisionRound, PrecisionRule, study_summary, usable_runs
@@ -190,10 +190,11 @@ class StudyRunner:
         for claim in claims:
             result = results[claim.number]
             if isinstance(result, BaseException):
-                self.queue.fail(claim, f"{type(result).__name__}: {result}")
+                reason = redact(f"{type(result).__name__}: {result}")  # a stopped server's error quotes its URL
+                self.queue.fail(claim, reason)
                 outcome.failed += 1
-                outcome.failures.append(f"{claim.cell.key}: {type(result).__name__}: {result}")
-                self.observer.line(f"FAILED {claim.cell.key}: {type(result).__name__}: {result}")
+                outcome.failures.append(f"{claim.cell.key}: {reason}")
+                self.observer.line(f"FAILED {claim.cell.key}: {reason}")
             else:
                 run_id, test_accuracy, val_accuracy = result
                 self.queue.complete(claim, val_accuracy)

@@ -92,7 +92,7 @@ def load_result(directory: Path):
               for name in ARRAYS}
     result = RunResult(
         config=from_dict(record["config"]),
-        model=keras.models.load_model(directory / MODEL_FILE, compile=False),
+        model=keras.models.load_model(directory / MODEL_FILE, compile=False, safe_mode=True),
         history=record["history"],
         test_loss=record["test_loss"],
         test_accuracy=record["test_accuracy"],

@@ -8,8 +8,10 @@ that imports MLflow.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import mlflow
 import numpy as np
@@ -18,7 +20,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .config import FIELD_NAMES, ConfigError, parse_value
-from .errors import StudyError
+from .data import NUM_CLASSES
+from .errors import StoreDataError, StudyError
 from .naming import (
     ABLATION_EXPERIMENT_PREFIX,
     ARM_TAG,
@@ -46,7 +49,7 @@ from .naming import (
 )
 from .registry import UnknownNameError
 from .studies import STUDIES, DefinitionError, Study, study_from_definition
-from .sweep import INDEX_COLUMN, LABEL_COLUMN, PREDICTED_COLUMN
+from .sweep import INDEX_COLUMN, LABEL_COLUMN, PREDICTED_COLUMN, PREDICTION_COLUMNS, PROBABILITY_COLUMNS
 
 # -- queries ----------------------------------------------------------------------------------------------
 
@@ -178,6 +181,23 @@ def search_role(experiment: str, role: str, status: str | None = None) -> pd.Dat
                               order_by=["attributes.start_time ASC"])
 
 
+def _checked_cell_tags(raw: pd.DataFrame, study: str) -> pd.DataFrame:
+    """``raw`` (cell runs) if every run has an arm tag and a whole-number seed tag; else StoreDataError naming
+    the first run that does not (a run written by hand or by another tool)."""
+    arms, seeds = _column(raw, f"tags.{ARM_TAG}"), _column(raw, f"tags.{SEED_TAG}")
+    for run_id, arm, seed in zip(raw["run_id"], arms, seeds, strict=True):
+        problem = None
+        if not isinstance(arm, str) or not arm:
+            problem = f"has no {ARM_TAG!r} tag"
+        elif not isinstance(seed, str) or not seed.isdigit():
+            problem = f"has the {SEED_TAG!r} tag {seed!r}, not a whole number"
+        if problem:
+            raise StoreDataError(
+                f"cell run {run_id} of study {study!r} {problem}; every cell run needs its arm and seed. Fix the tag "
+                f"(MlflowClient().set_tag) or delete the run (mlflow runs delete --run-id {run_id}).")
+    return raw
+
+
 def cell_runs(study: str, include_unfinished: bool = False, all_sweeps: bool = False) -> pd.DataFrame:
     """One row per cell run of ``study``: study, arm, seed, run_id, status, config fields, final metrics.
 
@@ -190,6 +210,7 @@ def cell_runs(study: str, include_unfinished: bool = False, all_sweeps: bool = F
     raw = search_role(ablation_experiment(study), CELL_ROLE)
     if raw.empty:
         return pd.DataFrame(columns=CELL_COLUMNS)
+    _checked_cell_tags(raw, study)
     frame = pd.DataFrame({
         "study": study,
         "arm": raw[f"tags.{ARM_TAG}"],
@@ -225,6 +246,7 @@ def finished_cells(study: str) -> set[tuple[str, int, str]]:
     raw = search_role(ablation_experiment(study), CELL_ROLE, status="FINISHED")
     if raw.empty:
         return set()
+    _checked_cell_tags(raw, study)
     return set(zip(raw[f"tags.{ARM_TAG}"], raw[f"tags.{SEED_TAG}"].astype(int), raw[f"tags.{CONFIG_HASH_TAG}"]))
 
 
@@ -327,18 +349,93 @@ def last_activity_ms(run) -> int:
     return latest
 
 
+MODEL_INPUT_SHAPE = (None, 28, 28, 1)
+MODEL_OUTPUT_SHAPE = (None, NUM_CLASSES)
+KERAS_MODEL_FILE = "model.keras"  # in the Keras flavor's data directory (MLflow's layout)
+
+
 def read_predictions(run_id: str, artifact: str = PREDICTIONS_ARTIFACT) -> pd.DataFrame:
-    """The per-example test predictions a run logged (``sweep.PREDICTION_COLUMNS``), or those of the run it reuses."""
+    """The per-example test predictions a run logged (``sweep.PREDICTION_COLUMNS``), or those of the run it
+    reuses, checked.
+
+    A frame this library could not have written (a missing column, a label or class outside 0..9, a
+    negative or repeated index, a probability that is not a number in [0, 1]) raises StoreDataError.
+    """
     return _read_parquet(artifact_run(run_id, artifact), artifact)
 
 
 def _read_parquet(run_id: str, artifact: str) -> pd.DataFrame:
-    return pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact))
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)
+    return checked_predictions(pd.read_parquet(path), f"run {run_id}'s {artifact}")
+
+
+def checked_predictions(frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    """``frame`` if it is a predictions table of ``NUM_CLASSES`` classes; else StoreDataError naming ``what``."""
+    missing = [column for column in PREDICTION_COLUMNS if column not in frame]
+    if missing:
+        raise StoreDataError(f"{what} lacks the columns {', '.join(missing)} (a model of another number of classes, "
+                             f"or not written by mnist_ablation); expected {', '.join(PREDICTION_COLUMNS)}.")
+    for column in (INDEX_COLUMN, LABEL_COLUMN, PREDICTED_COLUMN):
+        values = frame[column]
+        if not pd.api.types.is_integer_dtype(values):
+            raise StoreDataError(f"{what}: column {column!r} holds {values.dtype} values; expected integers.")
+    for column in (LABEL_COLUMN, PREDICTED_COLUMN):
+        bad = frame[column][(frame[column] < 0) | (frame[column] >= NUM_CLASSES)]
+        if len(bad):
+            raise StoreDataError(f"{what}: {column} {int(bad.iloc[0])} is not a class of 0..{NUM_CLASSES - 1}.")
+    if (frame[INDEX_COLUMN] < 0).any() or frame[INDEX_COLUMN].duplicated().any():
+        raise StoreDataError(f"{what}: the test image indices must be distinct and not negative.")
+    probabilities = frame[list(PROBABILITY_COLUMNS)].to_numpy(np.float64)
+    if not np.all(np.isfinite(probabilities)) or probabilities.min(initial=0) < 0 or probabilities.max(initial=0) > 1:
+        raise StoreDataError(f"{what}: class probabilities must be numbers in [0, 1].")
+    return frame
 
 
 def load_model(run_id: str):
-    """The run's logged Keras model (``runs:/<run_id>/model``), or that of the run it reuses."""
-    return mlflow.keras.load_model(f"runs:/{reused_run(run_id) or run_id}/{MODEL_NAME}")
+    """The run's logged Keras model (or that of the run it reuses), loaded without running anything the store
+    holds; checked before use.
+
+    Only the Keras file (``model/<data>/model.keras``) is read, with Keras' ``safe_mode`` (no Lambda code)
+    and ``compile=False``; a TensorFlow SavedModel is never loaded, whatever the ``MLmodel`` file says,
+    because loading one runs its initializers. Raises StoreDataError when the model is refused: no Keras
+    file, a data path that leaves the model directory, a layer safe mode refuses, an input other than
+    (None, 28, 28, 1), an output other than (None, 10), or weights that are not finite numbers.
+    """
+    import keras
+    import yaml
+
+    run_id = reused_run(run_id) or run_id
+    where = f"run {run_id}'s model"
+    mlmodel = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{MODEL_NAME}/MLmodel")
+    with open(mlmodel) as handle:
+        flavor = ((yaml.safe_load(handle) or {}).get("flavors") or {}).get("keras") or {}
+    data = str(flavor.get("data", "data"))
+    relative = PurePosixPath(data)
+    if relative.is_absolute() or ".." in relative.parts or "\\" in data or ":" in data:
+        raise StoreDataError(f"{where} is refused: its MLmodel names the data path {data!r}, outside the model "
+                             "directory; log the model again with mnist_ablation.")
+    try:
+        path = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{MODEL_NAME}/{relative}/{KERAS_MODEL_FILE}")
+    except (MlflowException, OSError):
+        raise StoreDataError(
+            f"{where} is refused: it has no Keras file {MODEL_NAME}/{relative}/{KERAS_MODEL_FILE} (a TensorFlow "
+            "SavedModel is never loaded: loading one runs code from the store); log the model with mnist_ablation."
+        ) from None
+    if not zipfile.is_zipfile(path):
+        raise StoreDataError(f"{where} is refused: {KERAS_MODEL_FILE} is not a Keras archive.")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as error:  # safe mode's refusal, an unknown layer, a corrupt archive
+        raise StoreDataError(f"{where} is refused by Keras' safe loading: "
+                             f"{type(error).__name__}: {str(error).splitlines()[0][:300]}") from None
+    shapes = (tuple(model.input_shape) if not isinstance(model.input_shape, list) else model.input_shape,
+              tuple(model.output_shape) if not isinstance(model.output_shape, list) else model.output_shape)
+    if shapes != (MODEL_INPUT_SHAPE, MODEL_OUTPUT_SHAPE):
+        raise StoreDataError(f"{where} is refused: it maps {shapes[0]} to {shapes[1]}; expected MNIST images "
+                             f"{MODEL_INPUT_SHAPE} to {NUM_CLASSES} class probabilities {MODEL_OUTPUT_SHAPE}.")
+    if not all(np.all(np.isfinite(weights)) for weights in model.get_weights()):
+        raise StoreDataError(f"{where} is refused: its weights hold NaN or infinite values (a diverged run).")
+    return model
 
 
 def all_runs() -> Iterable[tuple[str, object]]:

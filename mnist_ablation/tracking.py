@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 import keras
 import mlflow
@@ -60,11 +60,12 @@ from .naming import (
     TTA_PREDICTIONS_ARTIFACT,
 )
 from .plots import confusion_matrix_figure, training_curves_figure
-from .redaction import redact
+from .redaction import redact, remember_secrets
 from .sweep import predictions_frame
 from .train import EPOCH_METRICS, RunResult, train
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+TRACKING_USERNAME_ENV, TRACKING_PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 DEFAULT_STORE_DIR = Path("mlruns")
 # The file keras.datasets.mnist.load_data() downloads: the source of runs on Keras' own copy of MNIST.
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
@@ -113,32 +114,83 @@ def local_state_directory(uri: str) -> Path:
     return directory if directory is not None else (Path.cwd() / DEFAULT_STORE_DIR).resolve()
 
 
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any training, if the store cannot be reached or created."""
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy URLs, each with its driver suffix (+psycopg)
+CONNECT_TIMEOUT_SECONDS = 5  # one short try before work starts, not MLflow's 125-150 s of retries
+
+
+def check_tracking_uri(uri: str, timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
+    """Fail fast, before any training, if the store cannot be reached or created (one short try)."""
     parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
+    scheme = parsed.scheme.split("+")[0]
+    if scheme in ("http", "https"):
         import requests
 
+        auth = None
+        if os.environ.get(TRACKING_USERNAME_ENV):
+            auth = (os.environ[TRACKING_USERNAME_ENV], os.environ.get(TRACKING_PASSWORD_ENV, ""))
         try:
-            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout, auth=auth)
             response.raise_for_status()
         except requests.RequestException as error:
-            raise TrackingError(
-                f"MLflow tracking server at {redact(uri)} is not reachable ({type(error).__name__}: {error}). "
+            raise TrackingError(redact(
+                f"MLflow tracking server at {uri} is not reachable ({type(error).__name__}: {error}). "
                 f"Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another --tracking-uri."
-            ) from None
-    elif parsed.scheme == "sqlite":
+            )) from None
+    elif scheme == "sqlite":
         directory = store_directory(uri)
         if directory is not None:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise TrackingError(f"cannot create the tracking store directory {directory}: {error}") from None
-    elif parsed.scheme not in ("", "file", "postgresql", "mysql", "mssql", "databricks"):
+    elif scheme in DATABASE_SCHEMES:
+        _check_database(uri, timeout)
+    elif scheme in ("", "file"):
+        directory = Path(parsed.path or uri)
+        raise TrackingError(
+            f"tracking URI {redact(uri)!r} is a directory (MLflow's file store), which this MLflow no longer "
+            f"writes reliably; use a SQLite database in it instead: --tracking-uri sqlite:///{directory / 'mlflow.db'}"
+        )
+    elif scheme != "databricks":
         raise TrackingError(
             f"tracking URI {redact(uri)!r} has an unknown scheme {parsed.scheme!r}; expected sqlite:///PATH.db, "
-            "http://HOST:PORT, a SQLAlchemy database URL or a directory."
+            "http://HOST:PORT or a SQLAlchemy database URL (postgresql://USER:PASSWORD@HOST/DB)."
         )
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    """Connect once to a database tracking URI with a short timeout; a dead one is a TrackingError at once."""
+    import sqlalchemy
+
+    scheme = urlparse(uri).scheme.split("+")[0]
+    connect_args = {"connect_timeout": max(1, int(timeout))} if scheme in ("postgresql", "mysql") else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect():
+            pass
+    except ModuleNotFoundError as error:
+        raise TrackingError(f"tracking URI {redact(uri)} needs a database driver: {error}; e.g. pip install "
+                            "'psycopg[binary]' for PostgreSQL.") from None
+    except Exception as error:  # SQLAlchemy wraps every driver's connection error differently
+        reason = redact(str(getattr(error, "orig", None) or error).strip().splitlines()[0][:300])
+        raise TrackingError(
+            f"cannot connect to the tracking database {redact(uri)} within {timeout:g} s ({type(error).__name__}: "
+            f"{reason}). Start the database, check the URL and password, or pass another --tracking-uri."
+        ) from None
+
+
+def _credentials_to_environment(uri: str) -> str:
+    """``uri`` without the user info of an http(s) URL, which goes into MLflow's own credential variables.
+
+    MLflow then sends it as HTTP basic auth, and no URL it prints or raises holds the password.
+    """
+    parsed = urlsplit(uri)
+    if parsed.scheme not in ("http", "https") or parsed.password is None:
+        return uri
+    os.environ[TRACKING_USERNAME_ENV] = unquote(parsed.username or "")
+    os.environ[TRACKING_PASSWORD_ENV] = unquote(parsed.password)
+    host = parsed.netloc.rpartition("@")[2]
+    return urlunsplit(parsed._replace(netloc=host))
 
 
 def current_tracking_uri() -> str:
@@ -160,8 +212,11 @@ def ensure_tracking_uri(uri: str | None = None) -> str:
 
 
 def use_tracking_uri(uri: str | None) -> str:
-    """Resolve, check and activate a tracking URI; returns it."""
+    """Resolve, check and activate a tracking URI; returns it (an http(s) URL without its user info, which
+    moves into $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD)."""
     resolved = resolve_tracking_uri(uri)
+    remember_secrets(resolved)
+    resolved = _credentials_to_environment(resolved)
     check_tracking_uri(resolved)
     mlflow.set_tracking_uri(resolved)
     return resolved

@@ -38,6 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .errors import QueueError
 from .naming import RUN_ID_ATTR, round_name, round_number
+from .redaction import redact
 from .storage import fail_stale_trials, quietly, retrying, study_id
 from .sweep import Cell
 
@@ -239,7 +240,8 @@ class CellQueue:
 
     def fail(self, claim: Claim, reason: str) -> None:
         """The cell's run failed or was interrupted: its trial is FAIL, with the reason as a user attribute."""
-        retrying(lambda: self.storage.set_trial_user_attr(claim.trial_id, "failure_reason", reason[:1000]))
+        reason = redact(reason)[:1000]
+        retrying(lambda: self.storage.set_trial_user_attr(claim.trial_id, "failure_reason", reason))
         retrying(lambda: self.storage.set_trial_state_values(claim.trial_id, TrialState.FAIL))
 
     def _beat(self, trial_id: int) -> None:

@@ -40,6 +40,14 @@ def test_the_library_never_imports_the_command_layer_or_the_benchmarks():
     assert not offenders, offenders
 
 
+def test_the_library_never_runs_other_modules_through_runpy():
+    # runpy (or importlib by name) would run the command layer while slipping past the import check above.
+    offenders = sorted(str(p.relative_to(REPO_ROOT)) for p in library_modules()
+                       if "runpy" in imports(p)
+                       or any(literal.startswith("experiments.") for literal in string_literals(p)))
+    assert not offenders, offenders
+
+
 @pytest.mark.parametrize("package", sorted(ALLOWED_IMPORTERS))
 def test_only_the_owning_modules_import_mlflow_and_optuna(package):
     importers = {p.stem for p in library_modules() if package in imports(p)}
