@@ -241,7 +241,8 @@ def _context(data: StudyData, summary: pd.DataFrame, notes: list[str], drawn: li
             "effects": render.effects_display(factorial["effects"], confidence),
             "covers": f"Intervals: {round(100 * confidence)}%, {analysis.INTERVALS_COVER}.",
             "anova": render.rounded(factorial["anova"]) if factorial.get("anova") is not None else None,
-            "anova_intro": (f"Run-level OLS of {stats.FACTORIAL_BLOCK_FORMULA} (seed as a block, saturated model), "
+            "anova_intro": (f"Run-level OLS of {factorial.get('formula', 'the block model')} (seed as a block, "
+                            "saturated model), "
                             "type II ANOVA: test images fixed, a check on the effects above."),
             "warnings": factorial["warnings"],
         }

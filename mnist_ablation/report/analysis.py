@@ -341,7 +341,7 @@ def factorial_section(data: StudyData, confidence: float) -> dict | None:
     level = f"{round(100 * confidence)}%"
     present = set(array.arms)
     design = pd.DataFrame([{"arm": arm, **on} for arm, on in factors.items() if arm in present])
-    components = [c for c in stats.FACTORIAL_COMPONENTS if c in design.columns]
+    components = [c for c in design.columns if c != "arm"]  # the study definition's components, in its order
     section: dict = {"notes": [], "warnings": []}
     try:
         contrasts = stats.factorial_contrasts(array, design, confidence, components=components)
@@ -376,12 +376,13 @@ def factorial_section(data: StudyData, confidence: float) -> dict | None:
                        "over the cells, paired by seed, with training seeds and test images random; three- and "
                        "four-way interactions are in the table below (their own Holm family).")
     try:
-        ols = stats.factorial_block_ols(data.finished, confidence)
+        ols = stats.factorial_block_ols(data.finished, design, confidence, components=components)
     except ValueError as error:
         section["notes"].append(f"The run-level block model is not shown: {error}")
         section["anova"] = None
     else:
         section["anova"] = ols.anova
+        section["formula"] = ols.formula
         if ols.warning:
             section["warnings"].append(ols.warning)
     if identical_groups(data):
