@@ -198,7 +198,7 @@ class StudyRunner:
             "sweep": self.digest,
             "precision": None if self.precision is None else {
                 "target_ci_width": self.precision.target_ci_width, "max_seeds": self.precision.max_seeds,
-                "confidence": self.precision.confidence},
+                "confidence": self.precision.confidence, "first_stage_seeds": max(len(self.seeds), 2)},
             "identical_arms": identical_arms(self.arm_configs),
             "data": {"source": self.data.source, "sha256": self.data.checksums},
             "cells": [
@@ -360,17 +360,13 @@ class StudyRunner:
             print(f"precision rule: no finished {self.study.baseline_arm!r} run to compare with; no seeds added",
                   flush=True)
             return {}
-        table = stats.compare_to_baseline(correct, baseline=self.study.baseline_arm,
-                                          confidence=self.precision.confidence)
+        # Seeds attempted (finished or failed) count towards the maximum, so a failing arm cannot loop. The
+        # decision is Stein's: made from each arm's first-stage seeds only (stats.precision_seeds).
         attempted = {arm: len({c.seed for c in planned if c.arm == arm}) for arm in self.arm_configs}
-        decisions = {}
-        for row in table.itertuples():
-            width = row.delta_ci_high - row.delta_ci_low
-            # Seeds attempted (finished or failed) count towards the maximum, so a failing arm cannot loop.
-            reason = stats.precision_stop_reason(width, row.ci_width_floor, attempted.get(row.arm, 0),
-                                                 self.precision.target_ci_width, self.precision.max_seeds)
-            decisions[row.arm] = (reason, width)
-        return decisions
+        table = stats.precision_decisions(correct, max(len(self.seeds), 2), self.precision.target_ci_width,
+                                          self.precision.max_seeds, baseline=self.study.baseline_arm,
+                                          confidence=self.precision.confidence, n_seeds=attempted)
+        return {row.arm: (row.stop_reason, row.first_stage_width) for row in table.itertuples()}
 
     # -- offline cells ------------------------------------------------------------------------------------
 

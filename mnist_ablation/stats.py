@@ -415,7 +415,7 @@ class ContrastEstimate:
             raise ValueError(f"alpha {alpha!r}: expected a level strictly between 0 and 1, e.g. 0.05.")
         if not self.estimable or math.isnan(effect):
             return float("nan")
-        se, df = self.standard_error_at(n_seeds), self.df_at(n_seeds)
+        se, df = self.standard_error_at(n_seeds) * self._planning_inflation, self.df_at(n_seeds)
         if math.isnan(se) or math.isnan(df) or se == 0:  # no spread measured: nothing to plan from
             return float("nan")
         critical, noncentrality = _t_quantile(1 - alpha / 2, df), abs(effect) / se
@@ -423,6 +423,18 @@ class ContrastEstimate:
         below, beyond = (float(np.nan_to_num(special.nctdtr(df, noncentrality, t), nan=0.0))
                          for t in (critical, -critical))
         return 1 - below + beyond
+
+    @property
+    def _planning_inflation(self) -> float:
+        """A plan from an estimated variance is short more often than not: the variance estimate, scaled
+        chi-square with ``df`` degrees of freedom, is below the truth more than half the time (its median is
+        ``chi2.ppf(0.5, df) / df`` of it: 0.69 with 2 df). Plans therefore use the median-unbiased variance, the
+        estimate times ``df / chi2.ppf(0.5, df)``; without it, power at the reported smallest visible effect was
+        64% at 3 seeds, not 80%."""
+        df = self.df
+        if math.isnan(df) or math.isinf(df):
+            return 1.0
+        return math.sqrt(df / scipy_stats.chi2.ppf(0.5, df))
 
     def minimum_detectable_effect(self, alpha: float = 1 - DEFAULT_CONFIDENCE, power: float = DEFAULT_POWER) -> float:
         """Smallest |contrast| a two-sided level-``alpha`` test detects with probability ``power`` in this design.
@@ -452,7 +464,7 @@ class ContrastEstimate:
     def _detectable_at(self, n_seeds: float, alpha: float, power: float) -> float:
         if not (0 < alpha < 1 and 0 < power < 1):
             raise ValueError(f"alpha {alpha!r} and power {power!r}: expected both strictly between 0 and 1.")
-        se, df = self.standard_error_at(n_seeds), self.df_at(n_seeds)
+        se, df = self.standard_error_at(n_seeds) * self._planning_inflation, self.df_at(n_seeds)
         if se == 0:
             return 0.0
         if math.isnan(se) or math.isnan(df):

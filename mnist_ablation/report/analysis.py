@@ -92,8 +92,10 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
             rows[row.arm].update(n_seeds=row.n_seeds, test_accuracy_mean=row.test_accuracy_mean,
                                  test_accuracy_ci_low=row.test_accuracy_ci_low,
                                  test_accuracy_ci_high=row.test_accuracy_ci_high)
+        precision = (data.definition or {}).get("precision") or {}
         if data.baseline in array.arms:
-            comparison = stats.compare_to_baseline(array, data.baseline, confidence, equivalence_margin)
+            comparison = stats.compare_to_baseline(array, data.baseline, confidence, equivalence_margin,
+                                                   first_stage_seeds=precision.get("first_stage_seeds"))
             for row in comparison.itertuples():
                 rows[row.arm].update(
                     delta_vs_baseline=row.delta, delta_ci_low=row.delta_ci_low, delta_ci_high=row.delta_ci_high,
@@ -115,6 +117,13 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
     unfinished = unfinished.drop_duplicates(["arm", "seed"], keep="last") if len(unfinished) else unfinished
     identical = {arm for group in identical_groups(data) if data.baseline in group for arm in group}
     precision = (data.definition or {}).get("precision")
+    decisions = {}
+    if precision and array is not None and data.baseline in array.arms:
+        given = {arm: int(count) for arm, count in planned.items()} if planned is not None else None
+        table = stats.precision_decisions(array, precision.get("first_stage_seeds") or 2,
+                                          precision["target_ci_width"], precision["max_seeds"], data.baseline,
+                                          precision.get("confidence", confidence), n_seeds=given)
+        decisions = dict(zip(table["arm"], table["stop_reason"]))
     for arm, row in rows.items():
         row["n_planned_seeds"] = int(planned.get(arm, 0)) if planned is not None else np.nan
         if len(unfinished):
@@ -125,10 +134,7 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
             row["n_failed"], row["n_running"] = 0, 0
         row["identical_to_baseline"] = arm != data.baseline and arm in identical
         if precision and arm != data.baseline and row["n_seeds"]:
-            reason = stats.precision_stop_reason(row["delta_ci_high"] - row["delta_ci_low"], row["ci_width_floor"],
-                                                 int(row["n_planned_seeds"] if not pd.isna(row["n_planned_seeds"])
-                                                     else row["n_seeds"]),
-                                                 precision["target_ci_width"], precision["max_seeds"])
+            reason = decisions.get(arm)
             row["stop_reason"] = reason or "still adding seeds"
         row["verdict"] = verdict(row, data.baseline, 1 - confidence)
         row["status"] = status(row, data.baseline, bool(rows.get(data.baseline, {}).get("n_seeds")))
