@@ -48,6 +48,23 @@ def add_equivalence_margin_argument(parser: argparse.ArgumentParser) -> None:
                              "i.e. +-0.1 points)")
 
 
+def add_smallest_effect_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smallest-effect", type=float, default=None, metavar="E",
+                        help="the smallest difference worth detecting, a fraction (default: the equivalence margin); "
+                             "the report's \"about N seeds\" is the number that detects it with 80%% power")
+
+
+def check_smallest_effect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The library's own check (stats.check_smallest_effect), run before any work; the default is the margin."""
+    from mnist_ablation.stats import check_smallest_effect as check
+
+    if args.smallest_effect is not None:
+        try:
+            check(args.smallest_effect)
+        except ValueError as error:
+            parser.error(f"--smallest-effect: {error}")
+
+
 def check_equivalence_margin(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not 0 < args.equivalence_margin < 1:
         parser.error(f"--equivalence-margin {args.equivalence_margin}: expected a fraction in (0, 1), e.g. 0.001")

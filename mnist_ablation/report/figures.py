@@ -118,6 +118,35 @@ def difference_figure(summary: pd.DataFrame, baseline: str, confidence: float) -
     return fig
 
 
+def per_seed_figure(per_seed: pd.DataFrame, summary: pd.DataFrame, baseline: str) -> Figure | None:
+    """Each arm minus the baseline on every paired seed (dots), its mean (bar) and its worst seed (ring), in points."""
+    arms = [arm for arm in summary["arm"] if arm != baseline and arm in set(per_seed["arm"])]
+    if not arms:
+        return None
+    fig = new_figure(figsize=(9, 0.55 * len(arms) + 1.8))
+    ax = fig.subplots()
+    ax.axvline(0, color="black", lw=0.8)
+    positions = np.arange(len(arms))[::-1]
+    for y, arm in zip(positions, arms):
+        deltas = 100 * per_seed.loc[per_seed["arm"] == arm, "delta"].to_numpy()
+        jitter = np.linspace(-0.12, 0.12, len(deltas)) if len(deltas) > 1 else np.zeros(1)
+        ax.plot(deltas, y + jitter, "o", color=ARM_COLOR, alpha=0.75, markersize=5,
+                label="one paired seed" if y == positions[0] else None)
+        ax.plot([deltas.mean()] * 2, [y - 0.3, y + 0.3], color="black", lw=2,
+                label="mean over seeds" if y == positions[0] else None)
+        worst = int(np.argmin(deltas))
+        ax.plot(deltas[worst], y + jitter[worst], "o", markersize=11, markerfacecolor="none",
+                markeredgecolor=BASELINE_COLOR, label="worst seed" if y == positions[0] else None)
+    ax.set_yticks(positions, arms)
+    ax.set_xlabel(f"arm minus {baseline} on the same seed (points of test accuracy)")
+    ax.set_title("Per-seed differences from the baseline")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_ylim(-0.8, len(arms) - 0.4)
+    ax.legend(loc="best", fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def _curve_panel(ax, curves: pd.DataFrame, arm: str, color: str, width: float) -> None:
     curve = curves[curves["arm"] == arm].sort_values("epoch")
     if curve.empty:
