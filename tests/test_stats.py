@@ -115,6 +115,29 @@ def test_crossed_contrast_mean_squares_match_a_two_way_anova():
     assert stats.crossed_contrast(arms, [-1.0, 1.0]).estimate == pytest.approx(values.mean())
 
 
+def test_crossed_contrast_with_mostly_zero_images_matches_a_two_way_anova():
+    # MNIST-like: most images never differ (their all-zero columns share one weighted column inside).
+    import statsmodels.api as sm
+    import statsmodels.formula.api as smf
+
+    rng = np.random.default_rng(17)
+    values = np.zeros((3, 120))
+    values[:, :25] = rng.integers(-1, 2, (3, 25))
+    seeds, images = np.meshgrid(range(3), range(120), indexing="ij")
+    frame = pd.DataFrame({"d": values.ravel(), "seed": seeds.ravel(), "image": images.ravel()})
+    anova = sm.stats.anova_lm(smf.ols("d ~ C(seed) + C(image)", data=frame).fit()).set_index(
+        pd.Index(["seed", "image", "residual"]))["mean_sq"]
+    estimate = stats.crossed_contrast(values)
+    assert estimate.n_images == 120 and estimate.estimate == pytest.approx(values.mean())
+    assert estimate.seed_mean_variance == pytest.approx(anova["seed"] / 120)
+    assert estimate.residual_variance == pytest.approx(anova["residual"])
+    assert estimate.image_variance == pytest.approx(max(anova["image"] - anova["residual"], 0) / 3)
+    # The image df and the jackknife moments do not depend on where the zero images sit.
+    shuffled = stats.crossed_contrast(values[:, rng.permutation(120)])
+    for field in ("image_df", "skewness", "skew_covariance"):
+        assert getattr(shuffled, field) == pytest.approx(getattr(estimate, field), rel=1e-9, abs=1e-15), field
+
+
 def test_crossed_contrast_truncates_a_negative_image_component():
     # Images that differ less than the seed x image noise: the image component estimates as 0, never negative,
     # and the variance is the seed-only one with n - 1 degrees of freedom.
@@ -416,6 +439,22 @@ def test_precision_stop_reason_branches():
         reason(stage, 3, 0.001, 1)
 
 
+def test_a_zero_standard_error_with_real_spread_gives_no_interval():
+    # The audit's case: 2 seeds, the arm right on 10 images per seed that the baseline misses, other images each
+    # seed. The seed means agree exactly, yet the runs differ: the within-run noise floor keeps a real error.
+    values = np.zeros((2, 1000))
+    values[0, :10], values[1, 10:20] = 1, 1
+    estimate = stats.crossed_contrast(values)
+    assert estimate.seed_mean_variance == 0 and estimate.seed_term_floored
+    low, high = estimate.interval()
+    assert estimate.standard_error > 0 and low < 0.01 < high and not math.isnan(estimate.p_value)
+    # Every (seed, image) value equal and non-zero: no spread can be measured, so no interval (not a zero width).
+    constant = stats.ContrastEstimate(estimate=0.001, n_seeds=2, n_images=1000, seed_mean_variance=0.0,
+                                      image_variance=0.0, residual_variance=0.0, image_df=999.0)
+    assert math.isnan(constant.standard_error) and all(math.isnan(v) for v in constant.interval())
+    assert stats.precision_stop_reason(constant, 2, 0.01, 10) is None
+
+
 def test_a_zero_width_interval_never_reaches_the_target():
     values = np.zeros((3, 50))
     identical = stats.crossed_contrast(values)
@@ -618,3 +657,50 @@ def test_an_arm_identical_to_the_baseline_has_zero_width_and_no_test():
     # A zero-width interval never counts as "target width reached" (issue 21): nothing was measured.
     same = stats.crossed_contrast(baseline.astype(np.int8) - baseline)
     assert stats.precision_stop_reason(same, 4, 0.001, 10) != stats.TARGET_REACHED
+
+
+def test_an_arm_without_a_seed_in_common_gets_an_unpaired_comparison():
+    rng = np.random.default_rng(21)
+    baseline, arm = rng.random((3, 500)) < 0.9, rng.random((3, 500)) < 0.8
+    frame = _tidy({"baseline": baseline, "other": arm})
+    frame.loc[frame["arm"] == "other", "seed"] += 10  # seeds 10-12: none in common with the baseline
+    row = stats.compare_to_baseline(frame).iloc[0]
+    assert row["comparison"] == stats.UNPAIRED and row["n_pairs"] == 0
+    assert row["delta"] == pytest.approx(arm.mean() - baseline.mean())
+    assert row["delta_ci_low"] < row["delta"] < row["delta_ci_high"] and 0 <= row["p_value"] <= 1
+    assert math.isnan(row["p_value_this_test_set"]) and math.isnan(row["seeds_needed"])
+    # By hand: each arm's floored seed term over its seeds, plus the images' part of the per-image difference.
+    unpaired = stats.unpaired_contrast(arm, baseline)
+    own = [stats.crossed_contrast(m.astype(float)) for m in (arm, baseline)]
+    difference = arm.mean(axis=0) - baseline.mean(axis=0)
+    image = max(difference.var(ddof=1) - sum(e.residual_variance / 3 for e in own), 0.0)
+    assert unpaired.standard_error ** 2 == pytest.approx(
+        sum(e.seed_term_variance / 3 for e in own) + image / 500)
+    paired = stats.compare_to_baseline(_tidy({"baseline": baseline, "other": arm})).iloc[0]
+    assert paired["comparison"] == stats.PAIRED
+
+
+def test_planning_is_for_the_stated_smallest_effect_not_the_observed_one():
+    rng = np.random.default_rng(22)
+    frame = _tidy({"baseline": rng.random((3, 2000)) < 0.95, "arm": rng.random((3, 2000)) < 0.95})
+    small = stats.compare_to_baseline(frame, smallest_effect=0.002).iloc[0]
+    large = stats.compare_to_baseline(frame, smallest_effect=0.02).iloc[0]
+    assert small["smallest_effect"] == 0.002 and large["smallest_effect"] == 0.02
+    assert small["seeds_needed"] >= large["seeds_needed"]  # the observed delta plays no part
+    default = stats.compare_to_baseline(frame, equivalence_margin=0.004).iloc[0]
+    assert default["smallest_effect"] == 0.004
+    estimate = stats.contrasts_to_baseline(frame)["arm"]
+    needed = large["seeds_needed"]
+    if math.isfinite(needed) and needed > 2:
+        assert estimate.power_at(0.02, needed, 0.05) >= 0.8 > estimate.power_at(0.02, needed - 1, 0.05)
+    with pytest.raises(ValueError, match="smallest effect 2"):
+        stats.compare_to_baseline(frame, smallest_effect=2)
+
+
+def test_per_seed_differences_show_every_paired_seed():
+    baseline = _counts_matrix([45, 46, 44], 50)
+    arm = _counts_matrix([47, 30, 44], 50)  # seed 1 is bad
+    per_seed = stats.per_seed_differences(_tidy({"baseline": baseline, "arm": arm}))
+    assert list(per_seed.columns) == ["arm", "seed", "delta"]
+    assert per_seed["delta"].tolist() == pytest.approx([2 / 50, -16 / 50, 0.0])
+    assert per_seed.loc[per_seed["delta"].idxmin(), "seed"] == 1
