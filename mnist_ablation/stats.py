@@ -1293,14 +1293,20 @@ def factorial_contrasts(correct: pd.DataFrame | CorrectnessArray, design: pd.Dat
         raise ValueError(f"no seed has a run in every one of the {len(array.arms)} cells, so no factorial contrast "
                          "can be paired by seed; finish the missing cells (python -m experiments.ablate --study "
                          "factorial resumes them).")
-    values = array.correct[:, complete].astype(np.float64)
+    correct = array.correct[:, complete]
+    # An image right (or wrong) in every cell and seed contributes 0 to every term (the weights add up to 0):
+    # only the others are combined, into contrasts that are 0 elsewhere.
+    varying = correct.any(axis=(0, 1)) & ~correct.all(axis=(0, 1))
+    values = correct[:, :, varying].astype(np.float64)
     codes = np.where(on, 1.0, -1.0)
     terms, estimates, squared_weights = [], [], []
     for order in range(1, len(components) + 1):
         for term in itertools.combinations(range(len(components)), order):
             weights = codes[:, term].prod(axis=1) * 2.0 ** order / len(array.arms)
+            contrast = np.zeros(correct.shape[1:])
+            contrast[:, varying] = np.tensordot(weights, values, axes=1)
             terms.append((term, order))
-            estimates.append(crossed_contrast(values, weights))
+            estimates.append(crossed_contrast(contrast))
             squared_weights.append(float(weights @ weights))
     estimates, homogeneity_p = pool_seed_error(estimates, squared_weights) if pool else (estimates, float("nan"))
     pooled = pool and not math.isnan(estimates[0].seed_df)
