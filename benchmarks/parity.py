@@ -32,12 +32,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from mnist_ablation.defaults import CONFIDENCE, EQUIVALENCE_MARGIN
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 STUDY = "parity"
 BASELINE_ARM, SEED_SCRIPT_ARM = "baseline", "seed_script"
-EQUIVALENCE_MARGIN = 0.001  # +-0.1 points of accuracy
-CONFIDENCE = 0.95
 # mode: (train_subset (None = all 55,000 training images), epochs, seeds per arm, what it shows)
 MODES = {
     "smoke": (300, 1, 2, "checks the script end to end; its accuracies mean nothing"),

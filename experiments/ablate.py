@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from tqdm.auto import tqdm
+
 from experiments.cli import (
     add_config_arguments,
     add_data_arguments,
@@ -31,6 +33,7 @@ from experiments.cli import (
     check_smallest_effect,
     run_command,
 )
+from mnist_ablation import defaults
 from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
 from mnist_ablation.redaction import redact, redact_argv
 from mnist_ablation.studies import DEFAULT_STUDY, STUDIES, Study, describe_identical, identical_arms
@@ -49,10 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 per arm (default 3)")
     parser.add_argument("--target-ci-width", type=float, default=None, metavar="W",
                         help="precision-driven seeding: after the first --seeds, add seeds in rounds to every arm "
-                             "whose 95%% interval of the difference from the baseline is wider than W (0.001 = "
-                             "0.1 points), until it is narrower, has --max-seeds seeds, or the test set limits it")
+                             f"whose {100 * defaults.CONFIDENCE:.0f}%% interval of the difference from the baseline "
+                             "is wider than W (0.001 = 0.1 points), until it is narrower, has --max-seeds seeds, or "
+                             "the test set limits it")
     parser.add_argument("--max-seeds", type=int, default=None, metavar="M",
-                        help="with --target-ci-width: at most M seeds per arm (default: 10)")
+                        help=f"with --target-ci-width: at most M seeds per arm (default: {defaults.MAX_SEEDS})")
     add_equivalence_margin_argument(parser)
     add_smallest_effect_argument(parser)
     add_config_arguments(parser)
@@ -90,17 +94,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                 setattr(args, key, value)
     if args.seeds is None:
         args.seeds = 3
-    if args.seeds < 1:
-        parser.error(f"--seeds {args.seeds}: expected an integer >= 1")
-    if args.max_seeds is not None and args.target_ci_width is None:
-        parser.error("--max-seeds needs --target-ci-width W (the interval width that stops adding seeds)")
-    if args.target_ci_width is not None:
-        if not 0 < args.target_ci_width < 1:
-            parser.error(f"--target-ci-width {args.target_ci_width}: expected a fraction in (0, 1), e.g. 0.002 "
-                         "for an interval 0.2 points wide")
-        args.max_seeds = 10 if args.max_seeds is None else args.max_seeds
-        if args.max_seeds < max(2, args.seeds):
-            parser.error(f"--max-seeds {args.max_seeds}: expected an integer >= --seeds ({args.seeds}) and >= 2")
     check_equivalence_margin(parser, args)
     check_smallest_effect(parser, args)
     if args.workers < 1:
@@ -118,15 +111,18 @@ def list_studies() -> str:
     return "\n".join(lines)
 
 
-def study_configs(study: Study, args: argparse.Namespace) -> dict[str, TrainConfig]:
-    """Each selected arm's config with the command line's overrides applied (validated here, before any run)."""
+def study_configs(study: Study, args: argparse.Namespace, paired: bool = False) -> dict[str, TrainConfig]:
+    """Each selected arm's config with the command line's overrides applied (validated here, before any run).
+
+    ``paired`` (a precision rule): the baseline arm is always run, since every added seed is paired with it.
+    """
     overrides = parse_set_arguments(args.overrides)
     for flag in ("epochs", "train_subset"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     arms = list(study.arms) if not args.arms else [a.strip() for a in args.arms.split(",") if a.strip()]
-    if args.target_ci_width is not None and study.baseline_arm not in arms:
-        arms.insert(0, study.baseline_arm)  # every added seed is paired with a baseline run
+    if paired and study.baseline_arm not in arms:
+        arms.insert(0, study.baseline_arm)
     return {arm: with_overrides(study.arm(arm), overrides) for arm in arms}
 
 
@@ -135,23 +131,24 @@ def main(argv=None) -> int:
     if args.list:
         print(list_studies())
         return 0
+    from mnist_ablation import sweep
+
     study = STUDIES[args.study]
-    configs = study_configs(study, args)
+    precision = sweep.PrecisionRule.from_options(args.target_ci_width, args.max_seeds)
+    configs = study_configs(study, args, paired=precision is not None)
     for group in identical_arms(configs):
         print(f"note: {describe_identical(configs, group)}.", flush=True)
     if args.offline:
-        return run_offline(configs, args)
+        return run_offline(study, configs, args)
     from mnist_ablation import ablation
 
-    precision = (ablation.PrecisionRule(args.target_ci_width, args.max_seeds)
-                 if args.target_ci_width is not None else None)
     apply_tracking_arguments(args)
     # Opening the runner checks the stores and the data, and creates the MLflow and queue databases, so
     # that workers started next never race to create the same tables.
     runner = ablation.StudyRunner.open(
         study, configs, seeds=range(args.seeds), data_dir=args.data_dir, tracking_uri=args.tracking_uri,
         storage_url=args.storage, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-        command=recorded_command(args, argv), precision=precision,
+        command=recorded_command(args, argv), precision=precision, observer=ProgressObserver(),
     )
     if args.import_offline:
         imported, skipped, problems = runner.import_offline(args.import_offline)
@@ -168,13 +165,13 @@ def main(argv=None) -> int:
     return finish(runner, args, failed=outcome.failed)
 
 
-def run_offline(configs: dict[str, TrainConfig], args: argparse.Namespace) -> int:
+def run_offline(study: Study, configs: dict[str, TrainConfig], args: argparse.Namespace) -> int:
     """``--offline DIR``: train the cells into folders, with no tracking store."""
     from mnist_ablation import offline
 
     started = time.perf_counter()
-    trained, skipped, failures = offline.run_offline(configs, range(args.seeds), args.data_dir, args.offline,
-                                                     workers=args.workers)
+    trained, skipped, failures = offline.run_offline(study, configs, range(args.seeds), args.data_dir, args.offline,
+                                                     workers=args.workers, report=_print_flushed)
     print(f"trained {trained} cell(s) in {time.perf_counter() - started:.0f} s ({skipped} already saved) into "
           f"{args.offline}; log them with: python -m experiments.ablate --study {args.study} --seeds {args.seeds} "
           f"--import-offline {args.offline} (plus the same --epochs/--train-subset/--set)")
@@ -197,13 +194,82 @@ def launch_workers(runner, args: argparse.Namespace, argv: list[str]) -> list[in
         with open(log_dir / f"worker-{index}.log", "w") as handle:  # the worker keeps its own copy
             processes.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT))
     try:
-        runner.watch(processes)
+        watch(runner, processes)
         return [process.wait() for process in processes]
     except KeyboardInterrupt:
         # Workers got the same SIGINT: they mark their runs KILLED and exit; wait for that.
         for process in processes:
             process.wait()
         raise
+
+
+def _print_flushed(text: str) -> None:
+    print(text, flush=True)
+
+
+class ProgressObserver:
+    """Draws a worker's sweep: a progress bar per queue round, the running cell's epoch, and the runner's lines."""
+
+    def __init__(self):
+        self.bar = None
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            tqdm.write(text)
+        else:
+            print(text, flush=True)
+
+    def round_started(self, label: str, total: int, settled: int) -> None:
+        self.bar = tqdm(total=total, desc=label, unit="cell", dynamic_ncols=True, file=sys.stdout, smoothing=0)
+        self.bar.update(settled)
+
+    def cell_started(self, label: str) -> None:
+        self.bar.set_postfix_str(f"{label} starting")
+
+    def epoch_ended(self, label: str, epoch: int, epochs: int, logs) -> None:
+        self.bar.set_postfix_str(f"{label} epoch {epoch + 1}/{epochs} loss {logs.get('loss', float('nan')):.3f} "
+                                 f"val_acc {logs.get('val_accuracy', float('nan')):.4f}")
+
+    def cell_settled(self) -> None:
+        self.bar.update(1)
+
+    def round_ended(self) -> None:
+        self.bar.close()
+        self.bar = None
+
+
+def watch(runner, processes: list[subprocess.Popen], poll_seconds: float = 2.0) -> None:
+    """One progress line for the whole sweep while ``processes`` run: per round, done / total, running, ETA."""
+    bar, current, shown = None, None, None
+    # On a terminal the line redraws in place; in a log file, a new line only every half minute.
+    interval = 0.5 if sys.stdout.isatty() else 30.0
+    try:
+        while any(process.poll() is None for process in processes):
+            latest = runner.latest_round()
+            if latest is not None:
+                label, progress = latest
+                if label != current:
+                    if bar is not None:
+                        bar.close()
+                        still_open = sorted({c.arm for c in progress.cells} - {runner.plan.baseline})
+                        print(f"precision round {label.rsplit(' ', 1)[-1]}: arms still open: {', '.join(still_open)}",
+                              flush=True)
+                    current = label
+                    bar = tqdm(total=len(progress.cells), unit="cell", dynamic_ncols=True, desc=label,
+                               file=sys.stdout, mininterval=interval, smoothing=0)  # ETA from the round's throughput
+                if bar.total != len(progress.cells):  # the round's creator may still be publishing its cells
+                    bar.total = len(progress.cells)
+                bar.update(progress.settled - bar.n)
+                running = progress.running
+                text = f"running {len(running)}: {', '.join(c.key for c in running)}" + (
+                    f"; {progress.failed} failed" if progress.failed else "")
+                if text != shown:
+                    bar.set_postfix_str(text, refresh=False)
+                    shown = text
+            time.sleep(poll_seconds)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def recorded_command(args: argparse.Namespace, argv=None) -> list[str]:

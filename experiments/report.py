@@ -20,8 +20,10 @@ from experiments.cli import (
     add_tracking_arguments,
     check_equivalence_margin,
     check_smallest_effect,
+    check_value,
     run_command,
 )
+from mnist_ablation import defaults
 from mnist_ablation.studies import DEFAULT_STUDY
 
 COLUMNS = ["arm", "n_seeds", "n_pairs", "test_accuracy_mean", "delta_vs_baseline", "delta_ci_low", "delta_ci_high",
@@ -33,10 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s)")
     parser.add_argument("--output", default=None, help="directory for the report (default reports/<study>)")
-    parser.add_argument("--threshold", type=float, default=0.99,
+    parser.add_argument("--threshold", type=float, default=defaults.LEARNING_CURVE_THRESHOLD,
                         help="validation accuracy for 'epochs to reach' in the learning-curve summary "
                              "(default: %(default)s)")
-    parser.add_argument("--confidence", type=float, default=0.95,
+    parser.add_argument("--confidence", type=float, default=defaults.CONFIDENCE,
                         help="confidence level of the intervals (default: %(default)s)")
     add_equivalence_margin_argument(parser)
     add_smallest_effect_argument(parser)
@@ -48,14 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_data_arguments(parser)
     add_tracking_arguments(parser)
     args = parser.parse_args(argv)
-    if not 0 < args.threshold <= 1:
-        parser.error(f"--threshold {args.threshold}: expected a validation accuracy in (0, 1], e.g. 0.99")
-    if not 0 < args.confidence < 1:
-        parser.error(f"--confidence {args.confidence}: expected a level between 0 and 1, e.g. 0.95")
+    check_value(parser, defaults.check_threshold, args.threshold, "--threshold")
+    check_value(parser, defaults.check_confidence, args.confidence, "--confidence")
     check_equivalence_margin(parser, args)
     check_smallest_effect(parser, args)
-    if args.target_ci_width is not None and not 0 < args.target_ci_width < 1:
-        parser.error(f"--target-ci-width {args.target_ci_width}: expected a fraction in (0, 1), e.g. 0.002")
+    if args.target_ci_width is not None:
+        check_value(parser, defaults.check_target_ci_width, args.target_ci_width, "--target-ci-width")
     return args
 
 

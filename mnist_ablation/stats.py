@@ -44,9 +44,12 @@ import pandas as pd
 from scipy import optimize, special
 from scipy import stats as scipy_stats
 
-DEFAULT_CONFIDENCE = 0.95
-DEFAULT_EQUIVALENCE_MARGIN = 0.001  # +-0.1 points of accuracy
-DEFAULT_POWER = 0.8
+from .defaults import CONFIDENCE as DEFAULT_CONFIDENCE  # the defaults' one home, re-exported
+from .defaults import EQUIVALENCE_MARGIN as DEFAULT_EQUIVALENCE_MARGIN
+from .defaults import LEARNING_CURVE_THRESHOLD as DEFAULT_THRESHOLD
+from .defaults import POWER as DEFAULT_POWER
+from .defaults import check_confidence, check_equivalence_margin, check_smallest_effect, check_threshold
+
 PLANNING_MARGIN = 1.2  # plans widen the standard error by this (see ContrastEstimate._planning_inflation)
 SKEW_CORRECTION_MIN_DF = 8  # the equivalence test's skewness correction needs a well-estimated variance
 WILCOXON_MIN_PAIRS = 6  # below this the two-sided signed-rank test cannot reach p < 0.05 (2 / 2**5 = 0.0625)
@@ -78,8 +81,7 @@ def _check_probability(value: float, name: str) -> None:
 
 
 def _check_confidence(confidence: float) -> None:
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence {confidence!r}: expected a level strictly between 0 and 1, e.g. 0.95.")
+    check_confidence(confidence)
 
 
 @dataclass(frozen=True)
@@ -318,9 +320,7 @@ class ContrastEstimate:
         (1992) monotone skewness-removing transformation, a form of Johnson's (1978) modified t, before the t
         distribution is applied. NaN where the difference test is.
         """
-        if not margin > 0:
-            raise ValueError(f"equivalence margin {margin!r}: expected a positive fraction of accuracy, "
-                             "e.g. 0.001 for +-0.1 points.")
+        check_equivalence_margin(margin, "equivalence margin")
         se = self.standard_error
         if math.isnan(se) or se == 0:
             return float("nan")
@@ -928,9 +928,7 @@ def compare_to_baseline(correct: pd.DataFrame | CorrectnessArray, baseline: str 
     With one paired seed the seed variance is not estimable: the interval, the tests and the plans are NaN.
     """
     _check_confidence(confidence)
-    if not equivalence_margin > 0:
-        raise ValueError(f"equivalence_margin {equivalence_margin!r}: expected a positive fraction of accuracy, "
-                         "e.g. 0.001 for +-0.1 points.")
+    check_equivalence_margin(equivalence_margin)
     smallest_effect = check_smallest_effect(equivalence_margin if smallest_effect is None else smallest_effect)
     array = correct if isinstance(correct, CorrectnessArray) else correctness_array(correct)
     base = array.arm_index(baseline)
@@ -985,14 +983,6 @@ def compare_to_baseline(correct: pd.DataFrame | CorrectnessArray, baseline: str 
     table["p_value_holm"] = holm(table["p_value"])
     table["equivalence_p_value_holm"] = holm(table["equivalence_p_value"])
     return table
-
-
-def check_smallest_effect(smallest_effect: float) -> float:
-    """The smallest effect worth detecting, checked once where the library receives it (a fraction in (0, 1))."""
-    if not (isinstance(smallest_effect, (int, float)) and 0 < smallest_effect < 1):
-        raise ValueError(f"smallest effect {smallest_effect!r}: expected a fraction of accuracy in (0, 1), e.g. "
-                         "0.001 for 0.1 points (--smallest-effect 0.001).")
-    return float(smallest_effect)
 
 
 # -- one arm's accuracy -----------------------------------------------------------------------------------
@@ -1182,7 +1172,9 @@ def precision_decisions(correct: pd.DataFrame | CorrectnessArray, first_stage_se
         rows.append({"arm": arm, "n_seeds": given, "first_stage_seeds": 0 if stage is None else stage.n_seeds,
                      "first_stage_width": width, "ci_width_floor": floor, "seeds_target": planned,
                      "stop_reason": precision_stop_reason(stage, given, target_width, max_seeds, confidence)})
-    return pd.DataFrame(rows, columns=PRECISION_COLUMNS)
+    table = pd.DataFrame(rows, columns=PRECISION_COLUMNS)
+    table["stop_reason"] = pd.Series([row["stop_reason"] for row in rows], index=table.index, dtype=object)
+    return table
 
 
 def arms_needing_seeds(decisions: pd.DataFrame) -> list[str]:
@@ -1445,7 +1437,7 @@ def factorial_block_ols(runs: pd.DataFrame, design: pd.DataFrame, confidence: fl
     return FactorialOLS(effects, anova, warning, len(coded), formula)
 
 
-def learning_curve_table(histories: pd.DataFrame, threshold: float = 0.99) -> pd.DataFrame:
+def learning_curve_table(histories: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
     """Per run, from per-epoch metrics (run_id, arm, seed, epoch, accuracy, val_accuracy; epoch from 0).
 
     epochs_to_threshold: first epoch (counting from 1) whose validation accuracy reaches ``threshold``
@@ -1453,8 +1445,7 @@ def learning_curve_table(histories: pd.DataFrame, threshold: float = 0.99) -> pd
     final_gap: training minus validation accuracy at the last epoch (positive = overfitting, negative is
     usual with augmentation and dropout, which handicap the training pass).
     """
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold {threshold!r}: expected a validation accuracy in (0, 1], e.g. 0.99.")
+    check_threshold(threshold)
     rows = []
     for (arm, seed, run_id), history in histories.groupby(["arm", "seed", "run_id"], sort=False):
         history = history.sort_values("epoch")
@@ -1474,7 +1465,7 @@ def learning_curve_table(histories: pd.DataFrame, threshold: float = 0.99) -> pd
                                        "best_val_accuracy", "final_val_accuracy", "final_gap"])
 
 
-def learning_curve_summary(per_run: pd.DataFrame, threshold: float = 0.99) -> pd.DataFrame:
+def learning_curve_summary(per_run: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
     """Per arm, the mean over seeds of ``learning_curve_table``'s columns and how many seeds reached ``threshold``."""
     grouped = per_run.groupby("arm", sort=False)
     summary = pd.DataFrame({

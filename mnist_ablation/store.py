@@ -28,6 +28,7 @@ from .naming import (
     MEMBER_RUN_IDS_TAG,
     MODEL_NAME,
     PREDICTIONS_ARTIFACT,
+    REUSES_RUN_TAG,
     ROLE_TAG,
     RUN_ID_ATTR,
     RUN_NAME_TAG,
@@ -41,6 +42,7 @@ from .naming import (
     is_queue_round,
     tuning_experiment,
 )
+from .sweep import INDEX_COLUMN, LABEL_COLUMN, PREDICTED_COLUMN
 
 # -- queries ----------------------------------------------------------------------------------------------
 
@@ -88,15 +90,33 @@ def read_json_artifact(run_id: str, path: str) -> dict | None:
     """A JSON artifact of a run, or None when the run has none at ``path``."""
     if not has_artifact(run_id, path):
         return None
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+    local = mlflow.artifacts.download_artifacts(run_id=artifact_run(run_id, path), artifact_path=path)
     with open(local) as handle:
         return json.load(handle)
 
 
-def has_artifact(run_id: str, path: str) -> bool:
-    """Whether the run logged a file at ``path`` (e.g. ``predictions/test_predictions_tta.parquet``)."""
+def _logged(run_id: str, path: str) -> bool:
     directory = path.rsplit("/", 1)[0] if "/" in path else None
     return path in {f.path for f in MlflowClient().list_artifacts(run_id, directory)}
+
+
+def reused_run(run_id: str) -> str | None:
+    """The run whose training ``run_id`` reuses (tag ``mnist_ablation.reuses_run``), or None."""
+    return MlflowClient().get_run(run_id).data.tags.get(REUSES_RUN_TAG)
+
+
+def artifact_run(run_id: str, path: str) -> str:
+    """The run that holds ``run_id``'s file at ``path``: itself, or for a cell that reuses another cell's
+    training run (identical arms), that run (its predictions, model and figures)."""
+    if _logged(run_id, path):
+        return run_id
+    return reused_run(run_id) or run_id
+
+
+def has_artifact(run_id: str, path: str) -> bool:
+    """Whether the run logged a file at ``path`` (e.g. ``predictions/test_predictions_tta.parquet``), itself or
+    through the run it reuses."""
+    return _logged(artifact_run(run_id, path), path)
 
 
 def study_definition(study: str) -> dict | None:
@@ -107,7 +127,7 @@ def study_definition(study: str) -> dict | None:
 
 # -- cell runs as pandas ---------------------------------------------------------------------------------
 
-CELL_COLUMNS = ["study", "arm", "seed", "run_id", "run_name", "status", "config_hash"]
+CELL_COLUMNS = ["study", "arm", "seed", "run_id", "run_name", "status", "config_hash", "reuses_run"]
 
 
 def _typed_param(name: str, text):
@@ -156,6 +176,7 @@ def cell_runs(study: str, include_unfinished: bool = False, all_sweeps: bool = F
         "start_time": raw["start_time"],
         "end_time": raw["end_time"],
         "failure_reason": _column(raw, f"tags.{FAILURE_REASON_TAG}"),
+        "reuses_run": _column(raw, f"tags.{REUSES_RUN_TAG}"),
     })
     for name in FIELD_NAMES:
         if f"params.{name}" in raw and name != "seed":
@@ -282,14 +303,17 @@ def last_activity_ms(run) -> int:
 
 
 def read_predictions(run_id: str, artifact: str = PREDICTIONS_ARTIFACT) -> pd.DataFrame:
-    """The per-example test predictions a run logged (index, label, predicted, prob_0..prob_9)."""
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)
-    return pd.read_parquet(path)
+    """The per-example test predictions a run logged (``sweep.PREDICTION_COLUMNS``), or those of the run it reuses."""
+    return _read_parquet(artifact_run(run_id, artifact), artifact)
+
+
+def _read_parquet(run_id: str, artifact: str) -> pd.DataFrame:
+    return pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact))
 
 
 def load_model(run_id: str):
-    """The run's logged Keras model (``runs:/<run_id>/model``)."""
-    return mlflow.keras.load_model(f"runs:/{run_id}/{MODEL_NAME}")
+    """The run's logged Keras model (``runs:/<run_id>/model``), or that of the run it reuses."""
+    return mlflow.keras.load_model(f"runs:/{reused_run(run_id) or run_id}/{MODEL_NAME}")
 
 
 def all_runs() -> Iterable[tuple[str, object]]:
@@ -347,16 +371,22 @@ def read_test_predictions(runs: pd.DataFrame) -> LoggedPredictions:
     """
     frames, labels, predicted_by_run = [], None, {}
     for row in runs.itertuples():
-        predictions = read_predictions(row.run_id).sort_values("index")
+        reused = getattr(row, "reuses_run", None)
+        if "reuses_run" in runs:  # cell_runs read the tag: no query per run
+            predictions = _read_parquet(reused if isinstance(reused, str) and reused else row.run_id,
+                                        PREDICTIONS_ARTIFACT)
+        else:
+            predictions = read_predictions(row.run_id)
+        predictions = predictions.sort_values(INDEX_COLUMN)
         if labels is None:
-            labels = predictions["label"].to_numpy()
-        elif not np.array_equal(predictions["label"].to_numpy(), labels):
+            labels = predictions[LABEL_COLUMN].to_numpy()
+        elif not np.array_equal(predictions[LABEL_COLUMN].to_numpy(), labels):
             raise ValueError(f"run {row.run_id} ({row.arm}, seed {row.seed}) predicted a different test set from "
                              "the other runs; runs can only be compared on the same test images.")
-        predicted = predictions["predicted"].to_numpy()
+        predicted = predictions[PREDICTED_COLUMN].to_numpy()
         predicted_by_run[row.run_id] = predicted
-        frames.append(pd.DataFrame({"arm": row.arm, "seed": int(row.seed), "image": predictions["index"].to_numpy(),
-                                    "correct": predicted == labels}))
+        frames.append(pd.DataFrame({"arm": row.arm, "seed": int(row.seed),
+                                    "image": predictions[INDEX_COLUMN].to_numpy(), "correct": predicted == labels}))
     if not frames:
         correct = pd.DataFrame({"arm": pd.Series(dtype=object), "seed": pd.Series(dtype=int),
                                 "image": pd.Series(dtype=int), "correct": pd.Series(dtype=bool)})

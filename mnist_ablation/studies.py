@@ -1,7 +1,7 @@
 """Named ablation studies: each arm is a small override of the seed's recipe. Adding an arm is one line.
 
 A study is a question ("which part matters?") and the arms that answer it; its cells are (arm, seed)
-pairs. Everything here is plain data over ``TrainConfig``: the report, the explorer, the doctor and the
+pairs (``sweep.Cell``). Everything here is plain data over ``TrainConfig``: the report, the explorer, the doctor and the
 command layer all read the same definitions.
 """
 
@@ -25,24 +25,6 @@ COMPONENTS: dict[str, dict] = {
     "step_lr": {"off": {"lr_schedule": "constant"}, "removed": "constant_lr", "alone": "step_lr_only"},
 }
 ALL_OFF = BASELINE.replace(**{k: v for c in COMPONENTS.values() for k, v in c["off"].items()})
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One unit of work of a study: an arm with one seed, at one config (its hash)."""
-
-    arm: str
-    seed: int
-    config_hash: str
-
-    @property
-    def key(self) -> str:
-        """``arm-seed{n}``: the cell's MLflow run name, queue key and offline folder name."""
-        return cell_key(self.arm, self.seed)
-
-
-def cell_key(arm: str, seed: int) -> str:
-    return f"{arm}-seed{seed}"
 
 
 @dataclass(frozen=True)

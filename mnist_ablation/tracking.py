@@ -30,7 +30,6 @@ from urllib.parse import urlparse
 import keras
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
@@ -56,11 +55,13 @@ from .naming import (
     MODEL_NAME,
     PARENT_RUN_TAG,
     PREDICTIONS_ARTIFACT,
+    REUSES_RUN_TAG,
     SEED_TAG,
     TTA_PREDICTIONS_ARTIFACT,
 )
 from .plots import confusion_matrix_figure, training_curves_figure
 from .redaction import redact
+from .sweep import predictions_frame
 from .train import EPOCH_METRICS, RunResult, train
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -337,15 +338,6 @@ def log_epoch_metrics(client: MlflowClient, run_id: str, epoch: int, values: Map
     client.log_batch(run_id, metrics=metrics)
 
 
-def predictions_frame(labels: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
-    """One row per test image: its index, true label, predicted class and ten probabilities."""
-    frame = pd.DataFrame(probabilities.astype(np.float32), columns=[f"prob_{k}" for k in range(10)])
-    frame.insert(0, "predicted", probabilities.argmax(axis=1).astype(np.int64))
-    frame.insert(0, "label", labels.astype(np.int64))
-    frame.insert(0, "index", np.arange(len(labels), dtype=np.int64))
-    return frame
-
-
 def log_result_artifacts(result: RunResult, title: str, input_example: np.ndarray,
                          datasets: Mapping[str, MnistSplitDataset] | None = None) -> str:
     """Figures, predictions, the model and the final metrics, into the active run; returns the model's id.
@@ -572,6 +564,28 @@ def log_offline_result(result: RunResult, record: Mapping, *, experiment_name: s
             input_example = np.zeros((1, *IMAGE_SHAPE), dtype=np.float32)
         log_result_artifacts(result, run_name or "", input_example=input_example, datasets=datasets)
     return TrackedRun(run_id, result)
+
+
+def log_reused_run(source_run_id: str, config: TrainConfig, config_hash: str, *, experiment_name: str,
+                   run_name: str, tags: Mapping[str, str], parent_run_id: str | None) -> str:
+    """A FINISHED cell run that is ``source_run_id``'s training under another arm's name (identical arms).
+
+    It records its own config (params, config.json) and hash, the source's environment.json and a copy of
+    the source's metrics (every epoch and the final ones, same steps and times), and the tag
+    ``mnist_ablation.reuses_run``: its predictions and model are the source run's (``store`` follows the tag).
+    """
+    client = MlflowClient()
+    source = client.get_run(source_run_id)
+    run_id = _start_run(config, config_hash, experiment_name, run_name,
+                        {**dict(tags), REUSES_RUN_TAG: source_run_id}, parent_run_id)
+    with _finished_only_if_complete(run_id):
+        environment = mlflow.artifacts.load_dict(f"runs:/{source_run_id}/{ENVIRONMENT_ARTIFACT}")
+        _log_config(run_id, config, environment)
+        metrics = [Metric(point.key, point.value, point.timestamp, point.step)
+                   for key in source.data.metrics for point in client.get_metric_history(source_run_id, key)]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
+            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    return run_id
 
 
 # -- writing to runs by id (parent runs, ensembles, tuning) ----------------------------------------------

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,6 +197,17 @@ class EpochTimer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["epoch_seconds"] = time.perf_counter() - self._start
+
+
+class EpochEnd(keras.callbacks.Callback):
+    """Calls ``report(epoch, logs)`` after each epoch: how a caller follows a run without a Keras class of its own."""
+
+    def __init__(self, report: Callable[[int, dict], None]):
+        super().__init__()
+        self.report = report
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.report(epoch, dict(logs or {}))
 
 
 class DivergenceGuard(keras.callbacks.Callback):

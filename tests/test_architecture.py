@@ -89,3 +89,98 @@ def test_ruff_is_clean():
     result = subprocess.run([ruff, "check", "--output-format", "concise", "."], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def _library_path(name: str) -> str:
+    return str((LIBRARY / name).relative_to(REPO_ROOT))
+
+
+def test_one_cell_type():
+    # A study's cell (arm, seed, config hash) and its key are defined once, in sweep.py: the queue, the offline
+    # path, the import, the summary and the report all use that type.
+    cell_types, keys = [], []
+    for path in library_modules():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Cell"):
+                cell_types.append(f"{path.relative_to(REPO_ROOT)}:{node.name}")
+            if isinstance(node, ast.JoinedStr) and any(  # f"{arm}-seed{seed}"
+                    isinstance(text, ast.Constant) and str(text.value).endswith("-seed")
+                    and isinstance(value, ast.FormattedValue) for text, value in zip(node.values, node.values[1:])):
+                keys.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert cell_types == [f"{_library_path('sweep.py')}:Cell"], cell_types
+    assert len(keys) == 1 and keys[0].startswith(_library_path("sweep.py")), (
+        f"cell keys spelled outside sweep.cell_key: {keys}")
+
+
+def test_the_library_reports_and_the_commands_print():
+    # Progress and results leave the library through an observer or `logging`; only experiments/ prints.
+    offenders = {}
+    for path in library_modules():
+        found = []
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Name) and node.id == "print":
+                found.append(f"print (line {node.lineno})")
+            if isinstance(node, ast.Attribute) and node.attr == "write" and isinstance(node.value, ast.Name) \
+                    and node.value.id == "tqdm":
+                found.append(f"tqdm.write (line {node.lineno})")
+        if "tqdm" in imports(path):
+            found.append("imports tqdm (progress bars live in the command layer)")
+        if found:
+            offenders[str(path.relative_to(REPO_ROOT))] = found
+    assert not offenders, offenders
+
+
+def _names(path: Path) -> set[str]:
+    """Identifiers, attributes, keywords and string constants of a module's code."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, (ast.keyword, ast.arg)) and node.arg:
+            found.add(node.arg)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.add(node.value)
+    return found
+
+
+def _call_name(node: ast.Call) -> str:
+    return ast.unparse(node.func)
+
+
+def test_study_and_precision_rule_go_from_the_command_through_the_sweep_to_store_and_stats():
+    # `ablate --study S --target-ci-width W --max-seeds M`: the command looks the study up and hands the rule's
+    # values to sweep.PrecisionRule, which checks them once and decides through stats; the runner (ablation),
+    # the queue and the store never see the values, only the plan (sweep.Plan) built from them.
+    command = REPO_ROOT / "experiments" / "ablate.py"
+    tree = ast.parse(command.read_text(), str(command))
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    rule_flags = ("target_ci_width", "max_seeds")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in rule_flags and ast.unparse(node.value) == "args":
+            parent = parents[node]
+            assert isinstance(parent, ast.Call) and _call_name(parent) == "sweep.PrecisionRule.from_options", (
+                f"experiments/ablate.py line {node.lineno}: args.{node.attr} must go straight to "
+                "sweep.PrecisionRule.from_options (checked once, in the library)")
+        if isinstance(node, ast.Compare):
+            assert not any(name in ast.unparse(node) for name in rule_flags), (
+                f"experiments/ablate.py line {node.lineno} checks a precision flag; sweep.PrecisionRule does")
+    handlers = {str(p.relative_to(REPO_ROOT)) for p in library_modules() if _names(p) & set(rule_flags)}
+    # sweep decides, defaults checks, stats computes, the report shows the rule recorded in study.json.
+    allowed = {_library_path(name) for name in ("sweep.py", "defaults.py", "stats.py", "report/__init__.py",
+                                                "report/analysis.py")}
+    assert handlers <= allowed, sorted(handlers - allowed)
+    # The study: looked up by the command, carried by the plan; the runner never looks a study up itself.
+    assert "STUDIES" in _names(command)
+    runner = _names(LIBRARY / "ablation.py")
+    assert "STUDIES" not in runner and "get_study" not in runner and "Plan" in runner
+    # The sweep is pure: it reads studies, configs and statistics, never the store, the queue or a framework.
+    sweep_imports = {node.module for node in ast.walk(ast.parse((LIBRARY / "sweep.py").read_text()))
+                     if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    sweep_imports |= {alias.name for node in ast.walk(ast.parse((LIBRARY / "sweep.py").read_text()))
+                      if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is None
+                      for alias in node.names}
+    assert sweep_imports <= {"config", "data", "defaults", "errors", "stats", "studies"}, sweep_imports
+    assert not imports(LIBRARY / "sweep.py") & {"mlflow", "optuna", "keras", "tensorflow"}

@@ -27,7 +27,7 @@ from .analysis import SUMMARY_COLUMNS, seeds_plan, summary_table
 from .gather import StudyData, failure_reasons, gather_study, load_test_images
 
 DEFAULT_REPORT_ROOT = Path("reports")
-DEFAULT_THRESHOLD = 0.99
+DEFAULT_THRESHOLD = stats.DEFAULT_THRESHOLD
 
 __all__ = ["Report", "SUMMARY_COLUMNS", "StudyData", "ablation_summary", "build_report", "factorial_analysis",
            "gather_study", "learning_curves", "seeds_needed", "seeds_plan", "summary_table", "write_study_report"]

@@ -14,6 +14,7 @@ import pandas as pd
 from .. import stats
 from ..config import from_dict
 from ..studies import describe_identical, identical_arms
+from ..sweep import PrecisionRule, failure_counts
 from .gather import StudyData, failure_reasons
 
 SIGNIFICANCE_LEVEL = 0.05
@@ -97,11 +98,11 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
             rows[row.arm].update(n_seeds=row.n_seeds, test_accuracy_mean=row.test_accuracy_mean,
                                  test_accuracy_ci_low=row.test_accuracy_ci_low,
                                  test_accuracy_ci_high=row.test_accuracy_ci_high)
-        precision = (data.definition or {}).get("precision") or {}
+        rule = PrecisionRule.from_dict((data.definition or {}).get("precision"))
         if data.baseline in array.arms:
             comparison = stats.compare_to_baseline(array, data.baseline, confidence, equivalence_margin,
                                                    smallest_effect=smallest_effect,
-                                                   first_stage_seeds=precision.get("first_stage_seeds"))
+                                                   first_stage_seeds=rule.first_stage_seeds if rule else None)
             for row in comparison.itertuples():
                 rows[row.arm].update(
                     delta_vs_baseline=row.delta, delta_ci_low=row.delta_ci_low, delta_ci_high=row.delta_ci_high,
@@ -121,37 +122,37 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
             base = rows[data.baseline]
             base.update(delta_vs_baseline=0.0, n_pairs=base["n_seeds"])
     planned = data.planned.groupby("arm")["seed"].nunique() if data.planned is not None else None
-    finished = set(zip(data.finished["arm"], data.finished["seed"])) if len(data.finished) else set()
-    unfinished = data.runs[[(a, s) not in finished for a, s in zip(data.runs["arm"], data.runs["seed"])]] \
-        if len(data.runs) else data.runs
-    unfinished = unfinished.drop_duplicates(["arm", "seed"], keep="last") if len(unfinished) else unfinished
+    failures = failure_counts(data.runs, data.finished).set_index("arm") if len(data.runs) else None
     identical = {arm for group in identical_groups(data) if data.baseline in group for arm in group}
-    precision = (data.definition or {}).get("precision")
-    decisions = {}
-    if precision and array is not None and data.baseline in array.arms:
-        given = {arm: int(count) for arm, count in planned.items()} if planned is not None else None
-        table = stats.precision_decisions(array, precision.get("first_stage_seeds") or 2,
-                                          precision["target_ci_width"], precision["max_seeds"], data.baseline,
-                                          precision.get("confidence", confidence), n_seeds=given)
-        decisions = dict(zip(table["arm"], table["stop_reason"]))
     for arm, row in rows.items():
         row["n_planned_seeds"] = int(planned.get(arm, 0)) if planned is not None else np.nan
-        if len(unfinished):
-            mine = unfinished[unfinished["arm"] == arm]
-            row["n_failed"] = int(mine["status"].isin(["FAILED", "KILLED", "FINISHED"]).sum())
-            row["n_running"] = int((mine["status"] == "RUNNING").sum())
-        else:
-            row["n_failed"], row["n_running"] = 0, 0
+        mine = failures.loc[arm] if failures is not None and arm in failures.index else None
+        row["n_failed"] = int(mine["n_failed"]) if mine is not None else 0
+        row["n_running"] = int(mine["n_running"]) if mine is not None else 0
         row["identical_to_baseline"] = arm != data.baseline and arm in identical
-        if precision and arm != data.baseline and row["n_seeds"]:
-            reason = decisions.get(arm)
-            row["stop_reason"] = reason or "still adding seeds"
+    for arm, reason in precision_stop_reasons(data, rows).items():
+        rows[arm]["stop_reason"] = reason or "still adding seeds"
+    for row in rows.values():
         row["verdict"] = verdict(row, data.baseline, 1 - confidence)
         row["status"] = status(row, data.baseline, bool(rows.get(data.baseline, {}).get("n_seeds")))
     table = pd.DataFrame(list(rows.values()), columns=SUMMARY_COLUMNS + EXTRA_SUMMARY_COLUMNS)
     for column in ("n_seeds", "n_pairs", "n_failed", "n_running"):
         table[column] = table[column].astype(int)
     return table
+
+
+def precision_stop_reasons(data: StudyData, rows: dict[str, dict]) -> dict[str, str | None]:
+    """Per compared arm with finished seeds, why the sweep's precision rule stopped adding seeds to it (None:
+    still adding): the rule recorded in study.json, decided by ``sweep.PrecisionRule.decide`` as the sweep did."""
+    rule = PrecisionRule.from_dict((data.definition or {}).get("precision"))
+    array = data.correctness
+    if rule is None or array is None or data.baseline not in array.arms:
+        return {}
+    attempted = {arm: int(row["n_planned_seeds"] if not pd.isna(row["n_planned_seeds"]) else row["n_seeds"])
+                 for arm, row in rows.items()}
+    decisions = rule.decide(array, data.baseline, attempted)
+    return {arm: decision.stop_reason for arm, decision in decisions.items()
+            if arm != data.baseline and rows.get(arm, {}).get("n_seeds")}
 
 
 def verdict(row: dict, baseline: str, alpha: float = SIGNIFICANCE_LEVEL) -> str:
