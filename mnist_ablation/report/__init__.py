@@ -244,10 +244,15 @@ def _context(data: StudyData, summary: pd.DataFrame, notes: list[str], drawn: li
     if precision:
         rows = summary[summary["arm"] != data.baseline]
         precision_context = {
-            "rule": (f"Seeds were added in rounds to every arm whose {round(100 * confidence)}% difference interval "
-                     f"was wider than {100 * precision['target_ci_width']:.2f} points, up to "
-                     f"{precision['max_seeds']} seeds per arm; the rule reads the intervals' widths only, never "
-                     "the estimates or p-values."),
+            "rule": (f"Stein's two-stage rule: each arm's first {precision.get('first_stage_seeds', 2)} paired "
+                     "seeds decided, once, how many seeds it gets (the fewest whose "
+                     f"{round(100 * confidence)}% difference interval is at most "
+                     f"{100 * precision['target_ci_width']:.2f} points wide, up to {precision['max_seeds']}); its "
+                     "final interval keeps that first stage's seed variance and degrees of freedom. No decision "
+                     "reads a variance that enters the final test, an estimate or a p-value, so stopping cannot "
+                     "pick a variance that is small by chance (which adding seeds until an interval happened to be "
+                     "narrow did: 9-12% false positives in simulations); an interval of zero width never counts as "
+                     "the target reached."),
             "table": render.table(pd.DataFrame({
                 "arm": rows["arm"], "seeds": rows["n_pairs"],
                 "interval width now (points)": [analysis.points(h - lo) if pd.notna(h) else "—"

@@ -13,7 +13,7 @@ import pandas as pd
 
 from .. import stats
 from ..config import from_dict
-from ..studies import describe_identical, identical_arms
+from ..studies import COMPONENTS, describe_identical, identical_arms
 from ..sweep import PrecisionRule, failure_counts
 from .gather import StudyData, failure_reasons
 
@@ -383,12 +383,9 @@ def notes(data: StudyData, summary: pd.DataFrame, confidence: float) -> list[str
 
 # -- the factorial study --------------------------------------------------------------------------------
 
-TERM_NAMES = {"augmentation": "augmentation", "batch_norm": "batch norm", "dropout": "dropout",
-              "step_lr": "the step LR schedule"}
-
-
 def _term_name(term: str) -> str:
-    return " × ".join(TERM_NAMES.get(part, part) for part in term.split(":"))
+    """'batch norm × dropout': each component's label from the study definitions (its own name otherwise)."""
+    return " × ".join(COMPONENTS.get(part, {}).get("label", part.replace("_", " ")) for part in term.split(":"))
 
 
 def factorial_section(data: StudyData, confidence: float) -> dict | None:
@@ -435,9 +432,13 @@ def factorial_section(data: StudyData, confidence: float) -> dict | None:
                     f"the {len(leading)} main effects and two-way interactions.")
         section["findings"].append({"term": name[0].upper() + name[1:], "kind": kind.replace(" ", "-"),
                                     "text": text})
+    pooled = (f" The seed-to-seed variation is pooled over the {len(effects)} orthogonal terms (the standard "
+              f"factorial analysis: {len(effects)} x {contrasts.n_seeds - 1} degrees of freedom instead of "
+              f"{contrasts.n_seeds - 1} per term; Cochran's test p = {contrasts.homogeneity_p_value:.2f} finds no "
+              "term that varies more than the others)." if contrasts.pooled else "")
     section["lead"] = (f"{contrasts.n_seeds} seed(s) with all {len(design)} cells. Each effect is a contrast "
                        "over the cells, paired by seed, with training seeds and test images random; three- and "
-                       "four-way interactions are in the table below (their own Holm family).")
+                       f"four-way interactions are in the table below (their own Holm family).{pooled}")
     try:
         ols = stats.factorial_block_ols(data.finished, design, confidence, components=components)
     except ValueError as error:
