@@ -10,16 +10,19 @@ The crossed-design API (what the report and the precision rule use):
 * ``crossed_contrast`` -> ``ContrastEstimate``: a contrast between arms (arm minus baseline, or a factorial
   effect) per (seed, image), a two-way random-effects analysis (seeds x images, no replication) with
   method-of-moments variance components as in multi-reader multi-case analysis (Obuchowski & Rockette 1995;
-  Hillis 2007): interval, p-value, TOST equivalence, power and planning (``width_at``, ``seeds_for_width``);
+  Hillis 2007), its seed term never below the runs' own per-image noise: interval, p-value, TOST equivalence,
+  power and planning for a stated effect (``power_at``, ``seeds_for_effect``, ``seeds_for_width``);
 * ``compare_to_baseline``: one row per arm against the baseline from the tidy per-image frame, with Holm over
-  every compared arm, the minimum detectable effect, seeds needed, the test-image floor, the "this test set
-  only" seed-level columns, Wilcoxon on integer counts and Hedges-corrected d_z;
+  every compared arm, the smallest visible effect, the seeds that detect ``smallest_effect``, the test-image
+  floor, the "this test set only" seed-level columns, Wilcoxon on integer counts and Hedges-corrected d_z (an
+  arm with no seed in common with the baseline: ``unpaired_contrast``); ``per_seed_differences``;
 * ``accuracy_interval`` / ``accuracy_table``: one arm's accuracy, seeds and images random, on the logit scale
   (always within [0, 1]);
 * ``factorial_contrasts`` (every term of the 2^k factorial through the same machinery, seeds paired across
-  cells) and ``factorial_block_ols`` (run-level OLS with seed blocks, saturated model, imbalance warning);
-* ``precision_stop_reason`` / ``precision_stop_reasons`` / ``arms_needing_seeds``: the precision-only stopping
-  rule for adding seeds;
+  cells, the seed error pooled over the terms) and ``factorial_block_ols`` (run-level OLS with seed blocks,
+  saturated model, imbalance warning); the components always come from the caller's design (the study);
+* ``precision_seeds`` / ``precision_stop_reason`` / ``precision_decisions`` / ``two_stage_estimate``: Stein's
+  two-stage rule for adding seeds (decided once from the first stage, whose seed variance the final test keeps);
 * ``holm``: Holm's step-down adjustment in which a NaN p-value stays NaN but counts in the family;
 * ``correct_frame`` / ``correctness_array``: the tidy per-image frame (arm, seed, image, correct) and its
   validated array form.
