@@ -47,7 +47,12 @@ QUICK_PRESET = {"train_subset": 12000, "epochs": 2, "seeds": 2}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.ablate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s); see --list")
+    parser.add_argument("--study", default=None,
+                        help=f"study name (default: {DEFAULT_STUDY}); see --list. A study first run from a "
+                             "--study-file is found by its name in the tracking store")
+    parser.add_argument("--study-file", metavar="FILE", default=None,
+                        help="run the study a TOML file of your own defines (name, question, [baseline], "
+                             "[arms.NAME]; docs/studies.md); it is recorded with the study")
     parser.add_argument("--arms", default=None, help="comma-separated subset of the study's arms (default: all)")
     parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 per arm (default 3)")
     parser.add_argument("--target-ci-width", type=float, default=None, metavar="W",
@@ -86,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_data_arguments(parser)
     add_tracking_arguments(parser, runs=True)
     args = parser.parse_args(argv)
+    if args.study and args.study_file:
+        parser.error("--study and --study-file: choose one (the file names its study)")
+    if not args.study_file:
+        args.study = args.study or DEFAULT_STUDY
     if args.offline and args.import_offline:
         parser.error("--offline and --import-offline: choose one (train offline, then import on the tracking machine)")
     if args.quick:
@@ -101,14 +110,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def list_studies() -> str:
+def list_studies(studies) -> str:
     lines = []
-    for study in STUDIES.values():
+    for study in studies:
         lines.append(f"{study.name}: {study.description}")
         for arm in study.arms:
             diff = study.overrides(arm)
             lines.append(f"    {arm:32s} {json.dumps(diff) if diff else '(the study baseline)'}")
     return "\n".join(lines)
+
+
+def recorded_study(name: str, tracking_uri: str | None) -> Study:
+    """The study a ``--study-file`` recorded in the tracking store under ``name`` (reads the store: MLflow)."""
+    from mnist_ablation import store, tracking
+
+    tracking.ensure_tracking_uri(tracking_uri)
+    return store.get_study(name)
 
 
 def study_configs(study: Study, args: argparse.Namespace, paired: bool = False) -> dict[str, TrainConfig]:
@@ -128,12 +145,18 @@ def study_configs(study: Study, args: argparse.Namespace, paired: bool = False) 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.study_file:
+        from mnist_ablation.study_file import load_study_file
+
+        study = load_study_file(args.study_file)  # checked before anything runs
+        args.study = study.name
     if args.list:
-        print(list_studies())
+        print(list_studies([study] if args.study_file else STUDIES.values()))
         return 0
     from mnist_ablation import sweep
 
-    study = STUDIES[args.study]
+    if not args.study_file:
+        study = STUDIES[args.study] if args.study in STUDIES else recorded_study(args.study, args.tracking_uri)
     precision = sweep.PrecisionRule.from_options(args.target_ci_width, args.max_seeds)
     configs = study_configs(study, args, paired=precision is not None)
     for group in identical_arms(configs):
@@ -173,11 +196,16 @@ def run_offline(study: Study, configs: dict[str, TrainConfig], args: argparse.Na
     trained, skipped, failures = offline.run_offline(study, configs, range(args.seeds), args.data_dir, args.offline,
                                                      workers=args.workers, report=_print_flushed)
     print(f"trained {trained} cell(s) in {time.perf_counter() - started:.0f} s ({skipped} already saved) into "
-          f"{args.offline}; log them with: python -m experiments.ablate --study {args.study} --seeds {args.seeds} "
+          f"{args.offline}; log them with: python -m experiments.ablate {study_flag(args)} --seeds {args.seeds} "
           f"--import-offline {args.offline} (plus the same --epochs/--train-subset/--set)")
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def study_flag(args: argparse.Namespace) -> str:
+    """How a follow-up command names this study: its file when it came from one (the store may not have it yet)."""
+    return f"--study-file {args.study_file}" if args.study_file else f"--study {args.study}"
 
 
 def launch_workers(runner, args: argparse.Namespace, argv: list[str]) -> list[int]:
@@ -276,7 +304,7 @@ def recorded_command(args: argparse.Namespace, argv=None) -> list[str]:
     """This command as it reproduces the study from anywhere: module form, with the study and the store named."""
     command = ["python", "-m", "experiments.ablate",
                *[a for a in (sys.argv[1:] if argv is None else argv) if a != "--worker-only"]]
-    if "--study" not in command:
+    if "--study" not in command and "--study-file" not in command:
         command += ["--study", args.study]
     if "--tracking-uri" not in command:
         from mnist_ablation.tracking import resolve_tracking_uri

@@ -18,8 +18,8 @@ from typing import Any
 from .errors import UserError
 from .model import ARCHITECTURES
 from .optimizers import OPTIMIZERS, USES_WEIGHT_DECAY
+from .pipelines import DEFAULT_PIPELINE, PIPELINES
 from .schedules import SCHEDULES
-from .seed_pipeline import DEFAULT_PIPELINE, PIPELINES
 
 
 class ConfigError(UserError, ValueError):
@@ -81,7 +81,7 @@ class TrainConfig:
     tta_views: int = 0  # test-time augmentation: extra augmented views averaged at test; 0 = off
 
     # Code path.
-    pipeline: str = DEFAULT_PIPELINE  # registry name in seed_pipeline.py: "trainer", or "seed_script" (seed's code)
+    pipeline: str = DEFAULT_PIPELINE  # registry name in pipelines.py: "trainer", or "seed_script" (seed's code)
 
     # Speed (do not change what is computed, only how fast).
     steps_per_execution: int = 16  # training steps per compiled call: same maths, less per-step overhead

@@ -37,6 +37,7 @@ DEFAULT_EXPERIMENT = "mnist_ablation"  # single runs of experiments.train
 DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` listens: the explorer's links to runs
 
 STUDY_DEFINITION_ARTIFACT = "study.json"  # on a study's parent run: arms, seeds, cells and their configs
+RECORDED_DEFINITION_KEY = "definition"  # study.json: a user's study as its file defined it (None if built-in)
 SUMMARY_ARTIFACT = "summary.csv"  # on a study's parent run
 REPORT_ARTIFACT_DIR = "report"  # on a study's parent run
 PREDICTIONS_ARTIFACT = "predictions/test_predictions.parquet"

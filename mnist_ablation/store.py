@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .config import FIELD_NAMES, ConfigError, parse_value
+from .errors import StudyError
 from .naming import (
     ABLATION_EXPERIMENT_PREFIX,
     ARM_TAG,
@@ -28,6 +29,7 @@ from .naming import (
     MEMBER_RUN_IDS_TAG,
     MODEL_NAME,
     PREDICTIONS_ARTIFACT,
+    RECORDED_DEFINITION_KEY,
     REUSES_RUN_TAG,
     ROLE_TAG,
     RUN_ID_ATTR,
@@ -42,6 +44,8 @@ from .naming import (
     is_queue_round,
     tuning_experiment,
 )
+from .registry import UnknownNameError
+from .studies import STUDIES, DefinitionError, Study, study_from_definition
 from .sweep import INDEX_COLUMN, LABEL_COLUMN, PREDICTED_COLUMN
 
 # -- queries ----------------------------------------------------------------------------------------------
@@ -123,6 +127,27 @@ def study_definition(study: str) -> dict | None:
     """The ``study.json`` of the study's latest invocation (arms, seeds, config hashes), if any."""
     parent = find_parent_run(study)
     return None if parent is None else read_json_artifact(parent.info.run_id, STUDY_DEFINITION_ARTIFACT)
+
+
+def get_study(name: str) -> Study:
+    """The study called ``name``: a built-in one, else the definition a study of that name recorded in the
+    tracking store (a study run from a ``--study-file``), so later commands need no file.
+
+    An unknown name raises UnknownNameError listing the built-in ones.
+    """
+    if name in STUDIES:
+        return STUDIES[name]
+    recorded = (study_definition(name) or {}).get(RECORDED_DEFINITION_KEY)
+    if not recorded:
+        raise UnknownNameError(f"{STUDIES.unknown_message(name)} Nor has the tracking store "
+                               f"{redacted_tracking_uri()} a study {name!r} from a study file; to run a "
+                               "study of your own, pass --study-file FILE (docs/studies.md).")
+    try:
+        return study_from_definition(recorded)
+    except DefinitionError as error:
+        at = ".".join(error.key) or "its top level"
+        raise StudyError(f"the definition of study {name!r} recorded in the tracking store is not usable (at {at}): "
+                         f"{error} Rerun the study with --study-file FILE to record a good one.") from None
 
 
 # -- cell runs as pandas ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from . import defaults, stats
+from . import defaults, naming, stats
 from .config import TrainConfig, effective_settings
 from .data import NUM_CLASSES
 from .errors import StudyError
@@ -229,6 +229,7 @@ class Plan:
             "description": self.study.description,
             "baseline_arm": self.baseline,
             "factors": self.study.factors,
+            naming.RECORDED_DEFINITION_KEY: self.study.definition,
             "command": list(command),
             "sweep": self.digest,
             "precision": None if self.precision is None else self.precision.to_dict(),

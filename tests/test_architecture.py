@@ -59,6 +59,64 @@ def test_importing_the_light_modules_loads_no_framework():
     assert result.stdout.strip() == "[]", result.stdout
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def library_imports(path: Path) -> set[str]:
+    """The library modules ``path`` imports, at any depth (lazy imports count), ``if TYPE_CHECKING:`` left out."""
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in
+                   ast.unparse(node.test) for statement in node.body for inner in ast.walk(statement)}
+    module = module_name(path)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    known = {module_name(p) for p in library_modules()}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+            target = ".".join(filter(None, [base, node.module]))
+            # `from . import store` imports the module store; `from .config import BASELINE` the module config.
+            found |= {f"{target}.{alias.name}" if f"{target}.{alias.name}" in known else target for alias in node.names}
+    # Importing a submodule runs its package first: that edge is Python's, not the module's.
+    return {name for name in found & known if name != module and not module.startswith(f"{name}.")}
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` (module -> the modules it imports) as [a, b, ..., a], or None."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return [*path[path.index(target):], node, target] if target in path else [node, target]
+            if target not in state and (cycle := visit(target, [*path, node])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [])):
+            return cycle
+    return None
+
+
+def test_no_import_circle_among_library_modules():
+    # A circle (config -> seed_pipeline -> train -> config, once) means no module of it can be read, tested or
+    # replaced alone. Lazy imports count: they are the same dependency, paid later.
+    graph = {module_name(p): library_imports(p) for p in library_modules()}
+    assert {"mnist_ablation.config", "mnist_ablation.data"} <= graph["mnist_ablation.train"]  # the graph sees imports
+    cycle = import_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
 def string_literals(path: Path) -> list[str]:
     """Every string constant in the code of ``path``, docstrings left out."""
     tree = ast.parse(path.read_text(), str(path))
@@ -182,5 +240,5 @@ def test_study_and_precision_rule_go_from_the_command_through_the_sweep_to_store
     sweep_imports |= {alias.name for node in ast.walk(ast.parse((LIBRARY / "sweep.py").read_text()))
                       if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is None
                       for alias in node.names}
-    assert sweep_imports <= {"config", "data", "defaults", "errors", "stats", "studies"}, sweep_imports
+    assert sweep_imports <= {"config", "data", "defaults", "errors", "naming", "stats", "studies"}, sweep_imports
     assert not imports(LIBRARY / "sweep.py") & {"mlflow", "optuna", "keras", "tensorflow"}

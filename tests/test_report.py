@@ -141,6 +141,28 @@ def test_report_pages_escape_markup_and_say_what_intervals_cover(tmp_path):
     assert {p.name for p in report.files} >= {"ablation_summary.csv", "report.html", "report.md", "test_error.png"}
 
 
+def test_report_md_is_markdown_escaped_not_html_escaped(tmp_path):
+    from markdown_it import MarkdownIt
+
+    tricky = "it's \"x\" <b>*y*</b> _z_ a|b"
+    arms = {"baseline": ({}, 0.0), tricky: ({"dropout": False}, -0.1)}
+    data = simulated_study(arms, n_seeds=2, n_images=500)
+    data.definition["description"] = "The trainer's pipeline=\"seed_script\" with p < 0.05 and *no* _emphasis_ | here"
+    build_report(data, tmp_path, report_command=["python", "-m", "experiments.report", "--study", "x"])
+    markdown = (tmp_path / "report.md").read_text()
+    for entity in ("&#39;", "&#34;", "&quot;", "&lt;", "&gt;", "&amp;"):
+        assert entity not in markdown
+    # Rendered by a CommonMark parser (with tables), the page shows exactly the text: no tag, no emphasis, and
+    # the arm stays one cell of its row.
+    html = MarkdownIt("commonmark").enable("table").render(markdown)
+    shown = html.replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    assert "The trainer's pipeline=\"seed_script\" with p < 0.05 and *no* _emphasis_ | here" in shown
+    assert "<b>" not in html and "<em>" not in html.split("<h2")[0]
+    row = next(chunk for chunk in html.split("<tr>") if chunk.lstrip().startswith("<td>it"))
+    cells = [cell.split("</td>")[0] for cell in row.split("<td>")[1:]]
+    assert cells[0].replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">") == tricky
+
+
 def test_one_epoch_curves_and_failed_arms_are_drawn(tmp_path):
     arms = {"baseline": ({}, 0.0), "no_batch_norm": ({"batch_norm": False}, -0.5)}
     data = simulated_study(arms, epochs=1, missing={("no_batch_norm", 0), ("no_batch_norm", 1), ("no_batch_norm", 2)})

@@ -401,7 +401,7 @@ def factorial_section(data: StudyData, confidence: float) -> dict | None:
     level = f"{round(100 * confidence)}%"
     present = set(array.arms)
     design = pd.DataFrame([{"arm": arm, **on} for arm, on in factors.items() if arm in present])
-    components = [c for c in design.columns if c != "arm"]  # the study definition's components, in its order
+    components = [c for c in design.columns if c != "arm"]  # the study's own (its factors), built-in or a file's
     section: dict = {"notes": [], "warnings": []}
     try:
         contrasts = stats.factorial_contrasts(array, design, confidence, components=components)
