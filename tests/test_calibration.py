@@ -18,6 +18,12 @@ points) larger than the seed error of a 3-seed mean difference (about 0.02 point
 10,000 images; the easy 99% cost nothing to simulate (always right), so the noise structure and its ratios are
 this project's own.
 
+A second family, ``AuditModel``, is unlike the first (heavy-tailed difficulty, arms that swap which images are
+hard, seeds that scale how often hard images are missed, rare bad seeds). The checks cover 2, 3, 5 and 10 seeds,
+families of 4 null arms under Holm, unpaired arms, the precision rule (Stein's two stages) from 2 and 3 seeds with
+targets at and above the test-set floor, power at the report's smallest visible effect, the pooled 2^4 factorial
+at 2 seeds, and TOST at the margin.
+
 Monte-Carlo tolerance: a rate measured on N studies is compared with its target with the half-width of a 99%
 normal interval, 2.576 * sqrt(target * (1 - target) / N). Every random draw comes from a fixed seed.
 Run ``python tests/test_calibration.py`` to print every figure (the table in docs/statistics.md).
