@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -242,6 +243,19 @@ def test_two_seeds_say_what_they_can_see_and_nothing_beyond_the_range():
     for finding in analysis.findings(data, summary, 0.95):
         for number in re.findall(r"(\d+\.\d+) points", finding["text"]):
             assert float(number) <= 100
+    # A 1-df interval or plan can reach past what accuracy allows; the page cuts it there (the CSV keeps it).
+    from mnist_ablation.report import render
+
+    wide = summary.copy()
+    arm = wide["arm"] == "no_dropout"
+    wide.loc[arm, ["delta_ci_low", "delta_ci_high", "mde"]] = [-3.0, 2.5, 4.0]
+    shown = render.summary_display(wide, "baseline", 0.95)
+    text = json.dumps(shown, ensure_ascii=False, default=str)
+    assert "beyond the range" in text
+    assert all(abs(float(number)) <= 100 for number in re.findall(r"[-+]?\d+\.\d+", text))
+    row = wide[arm].iloc[0]
+    low, high, clipped = analysis.shown_difference_interval(row)
+    assert clipped and low == pytest.approx(-row["baseline_accuracy_paired"]) and high <= 1
 
 
 def test_an_arm_on_other_seeds_gets_an_unpaired_comparison():

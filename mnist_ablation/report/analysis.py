@@ -220,10 +220,25 @@ def _interval(low: float, high: float, level: str) -> str:
     return f"{level} CI [{points(low, signed=True)}, {points(high, signed=True)}]"
 
 
+def possible_range(row) -> tuple[float, float]:
+    """The differences arm - baseline that accuracy allows, given the baseline's accuracy on the paired seeds."""
+    base = row["baseline_accuracy_paired"]
+    return (-1.0, 1.0) if pd.isna(base) else (-float(base), 1 - float(base))
+
+
+def shown_difference_interval(row, low_column: str = "delta_ci_low", high_column: str = "delta_ci_high"):
+    """(low, high, clipped): a difference interval as the page shows it, never beyond what accuracy allows (a
+    t interval with 1-2 df can reach past it; the CSV keeps the unclipped bounds)."""
+    low, high = row[low_column], row[high_column]
+    if pd.isna(low):
+        return low, high, False
+    floor, ceiling = possible_range(row)
+    return max(low, floor), min(high, ceiling), low < floor or high > ceiling
+
+
 def largest_possible_difference(row) -> float:
     """The largest |arm - baseline| accuracy difference there can be, given the baseline's accuracy."""
-    base = row["baseline_accuracy_paired"]
-    return 1.0 if pd.isna(base) else max(float(base), 1 - float(base))
+    return max(abs(bound) for bound in possible_range(row))
 
 
 def visible_phrase(mde: float, limit: float) -> str:
@@ -303,7 +318,8 @@ def arm_sentence(data: StudyData, row: pd.Series, n_compared: int, confidence: f
         return (f"{subject} {verb} {points(abs(delta))} points of test accuracy{paired} with {n_pairs} paired "
                 f"seed(s); with fewer than two seeds, or no spread between them, no interval or test can be "
                 f"computed (run --seeds 3 or more).{identical}{failed}")
-    interval = _interval(row["delta_ci_low"], row["delta_ci_high"], level)
+    low, high, clipped = shown_difference_interval(row)
+    interval = _interval(low, high, level) + (" (cut at the differences accuracy allows)" if clipped else "")
     holm = f"after Holm over {n_compared} arm(s)"
     if not pd.isna(row.get("worst_seed_delta", np.nan)):
         failed = (f" Per seed (arm minus baseline), the worst is seed {row['worst_seed']} at "

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from .. import stats
 from ..plots import confusion_matrix, new_figure
+from .analysis import shown_difference_interval
 from .gather import StudyData
 
 BASELINE_COLOR, ARM_COLOR, FAILED_COLOR = "#1f4e79", "#c55a11", "#999999"
@@ -95,17 +96,19 @@ def difference_figure(summary: pd.DataFrame, baseline: str, confidence: float) -
     margin = 100 * float(rows["equivalence_margin"].iloc[0])
     ax.axvspan(-margin, margin, color="#2e7d32", alpha=0.08, lw=0, label=f"equivalence margin ±{margin:.2f}")
     ax.axvline(0, color="black", lw=0.8)
-    for y, row in zip(positions, rows.itertuples()):
+    for y, (_, line), row in zip(positions, rows.iterrows(), rows.itertuples()):
         delta = 100 * row.delta_vs_baseline
-        if not pd.isna(row.delta_ci_low):
-            ax.errorbar(delta, y, xerr=[[delta - 100 * row.delta_ci_low], [100 * row.delta_ci_high - delta]],
+        low, high, _ = shown_difference_interval(line)  # never beyond the differences accuracy allows
+        low_fixed, high_fixed, _ = shown_difference_interval(line, "delta_ci_low_this_test_set",
+                                                             "delta_ci_high_this_test_set")
+        if not pd.isna(low):
+            ax.errorbar(delta, y, xerr=[[delta - 100 * low], [100 * high - delta]],
                         fmt="o", color=ARM_COLOR, capsize=4, lw=2, markersize=7,
                         label="seeds and test images random" if y == positions[0] else None)
         else:
             ax.plot(delta, y, "o", color=ARM_COLOR, markersize=7)
-        if not pd.isna(row.delta_ci_low_this_test_set):
-            ax.errorbar(delta, y - 0.22, xerr=[[delta - 100 * row.delta_ci_low_this_test_set],
-                                               [100 * row.delta_ci_high_this_test_set - delta]],
+        if not pd.isna(low_fixed):
+            ax.errorbar(delta, y - 0.22, xerr=[[delta - 100 * low_fixed], [100 * high_fixed - delta]],
                         fmt="none", color=FAILED_COLOR, capsize=2, lw=1.2,
                         label="this test set only (seeds)" if y == positions[0] else None)
     ax.set_yticks(positions, rows["arm"])
