@@ -76,7 +76,10 @@ def main(argv=None) -> int:
     )
     print(f"Study {args.study!r}: each arm against the baseline (fractions; intervals with seeds and test images "
           "random)")
-    print(result.summary[COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"))
+    shown = result.summary[COLUMNS].astype({"mde": object})
+    beyond = result.summary.apply(report.visible_beyond_range, axis=1)
+    shown.loc[beyond, "mde"] = "beyond range"  # no number past what accuracy allows
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"))
     if args.target_ci_width is not None:
         plan = report.seeds_plan(result.data, args.target_ci_width, args.confidence)
         print(f"\nSeeds per arm for a {round(100 * args.confidence)}% difference interval at most "

@@ -400,10 +400,10 @@ class ContrastEstimate:
                         probability: float | None = None) -> float:
         """Seeds per arm for an interval of full width ``width`` (with ``probability``: reached with that
         probability): a whole number, ``inf`` when the test-image floor is at or above ``width`` (no number of
-        seeds gets there), NaN with fewer than two seeds."""
+        seeds gets there), NaN with fewer than two seeds or no measured spread."""
         if not width > 0:
             raise ValueError(f"target interval width {width!r}: expected a positive fraction, e.g. 0.001.")
-        if not self.estimable:
+        if not self.standard_error > 0:  # one seed, or no spread measured: nothing to plan from
             return float("nan")
         if self.floor_width(confidence) >= width:
             return math.inf

@@ -23,14 +23,15 @@ import pandas as pd
 from .. import stats, tracking
 from ..naming import REPORT_ARTIFACT_DIR
 from . import analysis, figures, render
-from .analysis import SUMMARY_COLUMNS, seeds_plan, summary_table
+from .analysis import SUMMARY_COLUMNS, seeds_plan, summary_table, visible_beyond_range
 from .gather import StudyData, failure_reasons, gather_study, load_test_images
 
 DEFAULT_REPORT_ROOT = Path("reports")
 DEFAULT_THRESHOLD = stats.DEFAULT_THRESHOLD
 
 __all__ = ["Report", "SUMMARY_COLUMNS", "StudyData", "ablation_summary", "build_report", "factorial_analysis",
-           "gather_study", "learning_curves", "seeds_needed", "seeds_plan", "summary_table", "write_study_report"]
+           "gather_study", "learning_curves", "seeds_needed", "seeds_plan", "summary_table", "visible_beyond_range",
+           "write_study_report"]
 
 
 def ablation_summary(study: str, tracking_uri: str | None = None, confidence: float = stats.DEFAULT_CONFIDENCE,

@@ -241,6 +241,11 @@ def largest_possible_difference(row) -> float:
     return max(abs(bound) for bound in possible_range(row))
 
 
+def visible_beyond_range(row) -> bool:
+    """Whether an arm's smallest visible effect is past every difference accuracy allows (shown as such)."""
+    return bool(not pd.isna(row["mde"]) and row["mde"] >= largest_possible_difference(row))
+
+
 def visible_phrase(mde: float, limit: float) -> str:
     """'effects smaller than X points cannot be seen here', never with an X beyond the metric's range."""
     if pd.isna(mde):
@@ -383,9 +388,10 @@ def notes(data: StudyData, summary: pd.DataFrame, confidence: float) -> list[str
         n = int(compared["n_pairs"].min())
         median = float(compared["mde"].median())
         limit = float(compared.apply(largest_possible_difference, axis=1).min())
-        seen = (f"differences smaller than the “smallest visible effect” column (median {points(median)} points)"
-                if median < limit else "no difference accuracy could show")
-        notes.append(f"With {n} paired seed(s), {seen} cannot be told from chance here (80% power after Holm); "
+        seen = (f"differences smaller than the “smallest visible effect” column (median {points(median)} points) "
+                "cannot be told from chance here" if median < limit else
+                "even the largest difference accuracy allows would not be told from chance reliably here")
+        notes.append(f"With {n} paired seed(s), {seen} (80% power after Holm); "
                      "“inconclusive” means exactly that, not “no effect”."
                      + (" Two seeds estimate the seed-to-seed variation from a single difference: they can show "
                         "only large effects; run 3 or more seeds for anything finer." if n == 2 else ""))

@@ -17,7 +17,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from .analysis import format_p, largest_possible_difference, points, shown_difference_interval
+from .analysis import format_p, points, shown_difference_interval, visible_beyond_range
 
 TEMPLATES = "mnist_ablation.report"
 
@@ -121,7 +121,7 @@ def summary_display(summary: pd.DataFrame, baseline: str, confidence: float) -> 
                 row.delta_vs_baseline, *shown_difference_interval(line)[:2], signed=True),
             "Holm p": "" if is_baseline else format_p(row.p_value_holm),
             "smallest visible effect (points)": "" if is_baseline or pd.isna(row.mde) else (
-                points(row.mde) if row.mde < largest_possible_difference(line) else "beyond the range"),
+                "beyond the range" if visible_beyond_range(line) else points(row.mde)),
             f"TOST p (±{points(row.equivalence_margin)})": "" if is_baseline else format_p(
                 row.equivalence_p_value_holm),
             f"Δ [{level} CI], this test set only": "" if is_baseline else _interval(
