@@ -1204,6 +1204,7 @@ class FactorialContrasts:
     note: str | None
     pooled: bool = False
     homogeneity_p_value: float = float("nan")
+    pooled_terms: int = 0  # terms sharing the pooled error (those exactly zero, between identical cells, do not)
 
 
 def _factorial_cells(design: pd.DataFrame, arms, components) -> tuple[list[str], np.ndarray]:
@@ -1304,7 +1305,7 @@ def factorial_contrasts(correct: pd.DataFrame | CorrectnessArray, design: pd.Dat
             estimates.append(crossed_contrast(contrast))
             squared_weights.append(float(weights @ weights))
     estimates, homogeneity_p = pool_seed_error(estimates, squared_weights) if pool else (estimates, float("nan"))
-    pooled = pool and not math.isnan(estimates[0].seed_df)
+    pooled = pool and any(not math.isnan(e.seed_df) for e in estimates)
     rows = []
     for (term, order), estimate in zip(terms, estimates):
         low, high = estimate.interval(confidence)
@@ -1330,7 +1331,8 @@ def factorial_contrasts(correct: pd.DataFrame | CorrectnessArray, design: pd.Dat
                      "so it is not pooled: each term uses its own seed variance, with n - 1 degrees of freedom, and "
                      "its interval is wider.")
     return FactorialContrasts(effects.reindex(columns=FACTORIAL_EFFECT_COLUMNS), int(complete.sum()), dropped,
-                              " ".join(notes) or None, pooled, homogeneity_p)
+                              " ".join(notes) or None, pooled, homogeneity_p,
+                              sum(not math.isnan(e.seed_df) for e in estimates))
 
 
 def pool_seed_error(estimates: list[ContrastEstimate], squared_weights) -> tuple[list[ContrastEstimate], float]:
@@ -1344,13 +1346,17 @@ def pool_seed_error(estimates: list[ContrastEstimate], squared_weights) -> tuple
     pooling assumes (the largest scaled mean square against their sum, Bonferroni over the terms, F-based); below
     ``HOMOGENEITY_ALPHA`` the estimates come back unchanged (per-term variances). Images stay random per term.
     """
-    usable = [e for e in estimates if e.estimable]
-    if len(usable) != len(estimates) or len(estimates) < 2:
+    if len(estimates) < 2 or not all(e.estimable for e in estimates):
         return estimates, float("nan")
-    scaled = np.array([e.seed_mean_variance / w for e, w in zip(estimates, squared_weights)])
-    terms, df = len(estimates), estimates[0].n_seeds - 1
+    # A term that is exactly zero on every seed and image compares cells that are the same training run
+    # (identical by construction, e.g. a schedule step after the last epoch): it carries no seed variation to
+    # pool, and is left as it is (zero width, no test).
+    varies = [not (e.seed_mean_variance == 0 and e.residual_variance == 0 and e.image_variance == 0 and e.estimate == 0)
+              for e in estimates]
+    scaled = np.array([e.seed_mean_variance / w for e, w, v in zip(estimates, squared_weights, varies) if v])
+    terms, df = len(scaled), estimates[0].n_seeds - 1
     total = float(scaled.sum())
-    if not total > 0:
+    if terms < 2 or not total > 0:
         return estimates, float("nan")
     largest = float(scaled.max()) / total
     statistic = (terms - 1) * largest / (1 - largest) if largest < 1 else math.inf
@@ -1358,8 +1364,8 @@ def pool_seed_error(estimates: list[ContrastEstimate], squared_weights) -> tuple
     if homogeneity_p < HOMOGENEITY_ALPHA:
         return estimates, homogeneity_p
     pooled = total / terms
-    return [dataclasses.replace(e, seed_mean_variance=pooled * w, seed_df=float(terms * df))
-            for e, w in zip(estimates, squared_weights)], homogeneity_p
+    return [dataclasses.replace(e, seed_mean_variance=pooled * w, seed_df=float(terms * df)) if v else e
+            for e, w, v in zip(estimates, squared_weights, varies)], homogeneity_p
 
 
 @dataclass(frozen=True)

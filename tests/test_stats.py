@@ -704,3 +704,21 @@ def test_per_seed_differences_show_every_paired_seed():
     assert list(per_seed.columns) == ["arm", "seed", "delta"]
     assert per_seed["delta"].tolist() == pytest.approx([2 / 50, -16 / 50, 0.0])
     assert per_seed.loc[per_seed["delta"].idxmin(), "seed"] == 1
+
+
+def test_pooling_leaves_out_terms_between_identical_cells():
+    # The step LR schedule does nothing (its cells are the same run): its terms are exactly zero and carry no
+    # seed variation, so they neither join the pool nor make the homogeneity check fail.
+    design, correct, _ = _factorial_correct(n_seeds=2, n_images=400, seed=9)
+    cells = design.set_index("arm")
+    twin = {arm: cells.index[(cells[list(COMPONENTS[:3])] == cells.loc[arm, list(COMPONENTS[:3])]).all(axis=1)
+                             & ~cells["step_lr"]][0] for arm in cells.index}
+    copied = pd.concat([correct[correct["arm"] == twin[arm]].assign(arm=arm) for arm in cells.index],
+                       ignore_index=True)
+    result = stats.factorial_contrasts(copied, design)
+    effects = result.effects.set_index("term")
+    with_step = [term for term in effects.index if "step_lr" in term]
+    assert result.pooled and result.pooled_terms == 7 and len(with_step) == 8
+    assert (effects.loc[with_step, "effect"] == 0).all() and (effects.loc[with_step, "ci_low"] == 0).all()
+    others = effects.drop(index=with_step)
+    assert (others["df"] > 6).all()  # 7 x (2 - 1) pooled df and more from the images

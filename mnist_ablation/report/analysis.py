@@ -454,10 +454,13 @@ def factorial_section(data: StudyData, confidence: float) -> dict | None:
                     f"the {len(leading)} main effects and two-way interactions.")
         section["findings"].append({"term": name[0].upper() + name[1:], "kind": kind.replace(" ", "-"),
                                     "text": text})
-    pooled = (f" The seed-to-seed variation is pooled over the {len(effects)} orthogonal terms (the standard "
-              f"factorial analysis: {len(effects)} x {contrasts.n_seeds - 1} degrees of freedom instead of "
-              f"{contrasts.n_seeds - 1} per term; Cochran's test p = {contrasts.homogeneity_p_value:.2f} finds no "
-              "term that varies more than the others)." if contrasts.pooled else "")
+    k = contrasts.pooled_terms
+    zero = (f"; the other {len(effects) - k}, between cells that are the same training run, are exactly zero"
+            if k < len(effects) else "")
+    pooled = (f" The seed-to-seed variation is pooled over the {k} orthogonal terms (the standard factorial "
+              f"analysis: {k} x {contrasts.n_seeds - 1} degrees of freedom instead of {contrasts.n_seeds - 1} per "
+              f"term; Cochran's test p = {contrasts.homogeneity_p_value:.2f} finds no term that varies more than the "
+              f"others{zero})." if contrasts.pooled else "")
     section["lead"] = (f"{contrasts.n_seeds} seed(s) with all {len(design)} cells. Each effect is a contrast "
                        "over the cells, paired by seed, with training seeds and test images random; three- and "
                        f"four-way interactions are in the table below (their own Holm family).{pooled}")
