@@ -171,8 +171,8 @@ class StudyRunner:
         progress = self.queue.progress(round_study)
         self.observer.round_started(self.round_label(round_study), len(progress.cells), progress.settled)
         try:
-            for claim in self.queue.iterate(round_study):
-                self.run_claims([claim], outcome)
+            for claims in self.queue.iterate(round_study):
+                self.run_claims(claims, outcome)
         finally:
             self.observer.round_ended()
 

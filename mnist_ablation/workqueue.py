@@ -268,12 +268,15 @@ class CellQueue:
             stop.set()
             thread.join(timeout=5)
 
-    def iterate(self, study: optuna.Study) -> Iterator[Claim]:
-        """Yield cells to run until none is WAITING or RUNNING (waiting for dead workers' retries)."""
+    def iterate(self, study: optuna.Study, size: int = 1) -> Iterator[list[Claim]]:
+        """Yield up to ``size`` claimed cells at a time (to train together) until none is WAITING or RUNNING,
+        waiting for dead workers' retries."""
         while True:
-            claim = self.claim(study)
-            if claim is not None:
-                yield claim
+            claims = []
+            while len(claims) < size and (claim := self.claim(study)) is not None:
+                claims.append(claim)
+            if claims:
+                yield claims
                 continue
             if not self.has_work(study):
                 return
