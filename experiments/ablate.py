@@ -26,10 +26,12 @@ from experiments.cli import (
     add_config_arguments,
     add_data_arguments,
     add_equivalence_margin_argument,
+    add_smallest_effect_argument,
     add_tracking_arguments,
     apply_tracking_arguments,
     check_equivalence_margin,
     check_output_directory,
+    check_smallest_effect,
     run_command,
 )
 from mnist_ablation import defaults
@@ -62,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-seeds", type=int, default=None, metavar="M",
                         help=f"with --target-ci-width: at most M seeds per arm (default: {defaults.MAX_SEEDS})")
     add_equivalence_margin_argument(parser)
+    add_smallest_effect_argument(parser)
     add_config_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help=f"a first look in minutes: {QUICK_PRESET} (explicit flags win)")
@@ -102,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.seeds is None:
         args.seeds = 3
     check_equivalence_margin(parser, args)
+    check_smallest_effect(parser, args)
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: expected an integer >= 1")
     return args
@@ -321,8 +325,10 @@ def finish(runner, args: argparse.Namespace, failed: int) -> int:
     if not args.no_report:
         report_command = ["python", "-m", "experiments.report", "--study", args.study,
                           "--tracking-uri", runner.tracking_uri, "--equivalence-margin", str(args.equivalence_margin)]
+        if args.smallest_effect is not None:
+            report_command += ["--smallest-effect", str(args.smallest_effect)]
         report = runner.write_report(args.output, equivalence_margin=args.equivalence_margin,
-                                     report_command=redact_argv(report_command))
+                                     report_command=redact_argv(report_command), smallest_effect=args.smallest_effect)
         print(f"report: {report.html_path} (also under report/ on the parent run)")
     print()
     print(f"MLflow: experiment {runner.experiment_name!r}, parent run {runner.parent_run_id}")

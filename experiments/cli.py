@@ -51,6 +51,18 @@ def add_equivalence_margin_argument(parser: argparse.ArgumentParser) -> None:
                              "i.e. +-0.1 points)")
 
 
+def add_smallest_effect_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smallest-effect", type=float, default=None, metavar="E",
+                        help="the smallest difference worth detecting, a fraction (default: the equivalence margin); "
+                             "the report's \"about N seeds\" is the number that detects it with "
+                             f"{round(100 * defaults.POWER)}%% power")
+
+
+def check_smallest_effect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.smallest_effect is not None:
+        check_value(parser, defaults.check_smallest_effect, args.smallest_effect, "--smallest-effect")
+
+
 def check_equivalence_margin(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     check_value(parser, defaults.check_equivalence_margin, args.equivalence_margin, "--equivalence-margin")
 

@@ -29,6 +29,14 @@ def check_equivalence_margin(margin: float, name: str = "equivalence_margin") ->
     return margin
 
 
+def check_smallest_effect(effect: float, name: str = "smallest effect") -> float:
+    """The smallest difference worth detecting, which the report's seed plans are for (default: the margin)."""
+    if not (isinstance(effect, (int, float)) and 0 < effect < 1):
+        raise StudyError(f"{name} {effect!r}: expected a fraction of accuracy in (0, 1), e.g. {EQUIVALENCE_MARGIN} "
+                         f"for {100 * EQUIVALENCE_MARGIN:.1f} points (--smallest-effect {EQUIVALENCE_MARGIN}).")
+    return float(effect)
+
+
 def check_threshold(threshold: float, name: str = "threshold") -> float:
     if not 0 < threshold <= 1:
         raise StudyError(f"{name} {threshold!r}: expected a validation accuracy in (0, 1], e.g. "

@@ -19,12 +19,16 @@ from .registry import Registry
 from .seed_pipeline import SEED_SCRIPT
 
 # Each component of the seed's recipe that the ablations switch: the overrides that remove it, the name of
-# an arm without it (leave-one-out and factorial) and of an arm with only it (add-one-in).
+# an arm without it (leave-one-out and factorial), of an arm with only it (add-one-in), and how the report says it.
+# The factorial analysis takes its components from a study's ``factors``, so a component added here reaches it.
 COMPONENTS: dict[str, dict] = {
-    "augmentation": {"off": {"augmentation": False}, "removed": "no_augmentation", "alone": "augmentation_only"},
-    "batch_norm": {"off": {"batch_norm": False}, "removed": "no_batch_norm", "alone": "batch_norm_only"},
-    "dropout": {"off": {"dropout": False}, "removed": "no_dropout", "alone": "dropout_only"},
-    "step_lr": {"off": {"lr_schedule": "constant"}, "removed": "constant_lr", "alone": "step_lr_only"},
+    "augmentation": {"off": {"augmentation": False}, "removed": "no_augmentation", "alone": "augmentation_only",
+                     "label": "augmentation"},
+    "batch_norm": {"off": {"batch_norm": False}, "removed": "no_batch_norm", "alone": "batch_norm_only",
+                   "label": "batch norm"},
+    "dropout": {"off": {"dropout": False}, "removed": "no_dropout", "alone": "dropout_only", "label": "dropout"},
+    "step_lr": {"off": {"lr_schedule": "constant"}, "removed": "constant_lr", "alone": "step_lr_only",
+                "label": "the step LR schedule"},
 }
 ALL_OFF = BASELINE.replace(**{k: v for c in COMPONENTS.values() for k, v in c["off"].items()})
 

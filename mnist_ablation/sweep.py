@@ -12,6 +12,7 @@ them. ``predictions_frame`` is the one schema of a run's per-image predictions f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -59,14 +60,18 @@ def cell_key(arm: str, seed: int) -> str:
 
 @dataclass(frozen=True)
 class PrecisionRule:
-    """Add seeds until each arm's difference interval is at most ``target_ci_width`` wide (a fraction).
+    """Give each arm the seeds that make its difference interval at most ``target_ci_width`` wide (a fraction).
 
+    Stein's two-stage rule (``stats.precision_seeds``): each arm's first ``first_stage_seeds`` paired seeds (the
+    sweep's first seeds) decide, once, how many seeds it gets; the final interval keeps the first stage's seed
+    variance (``stats.two_stage_estimate``), so stopping cannot select a variance that is small by chance.
     The values are checked here, where the library receives them (``--target-ci-width``, ``--max-seeds``).
     """
 
     target_ci_width: float
     max_seeds: int = DEFAULT_MAX_SEEDS
     confidence: float = stats.DEFAULT_CONFIDENCE
+    first_stage_seeds: int = 2
 
     def __post_init__(self) -> None:
         defaults.check_target_ci_width(self.target_ci_width, "--target-ci-width")
@@ -86,7 +91,8 @@ class PrecisionRule:
         return cls(target_ci_width, DEFAULT_MAX_SEEDS if max_seeds is None else max_seeds)
 
     def to_dict(self) -> dict:
-        return {"target_ci_width": self.target_ci_width, "max_seeds": self.max_seeds, "confidence": self.confidence}
+        return {"target_ci_width": self.target_ci_width, "max_seeds": self.max_seeds, "confidence": self.confidence,
+                "first_stage_seeds": self.first_stage_seeds}
 
     @classmethod
     def from_dict(cls, record: Mapping | None) -> PrecisionRule | None:
@@ -94,7 +100,7 @@ class PrecisionRule:
         if not record:
             return None
         return cls(float(record["target_ci_width"]), int(record["max_seeds"]),
-                   float(record.get("confidence", stats.DEFAULT_CONFIDENCE)))
+                   float(record.get("confidence", stats.DEFAULT_CONFIDENCE)), int(record.get("first_stage_seeds", 2)))
 
     def decide(self, correct, baseline: str, attempted: Mapping[str, int]) -> dict[str, ArmDecision]:
         """Per compared arm, whether it needs another seed: the statistics' call, with this rule's values.
@@ -102,21 +108,18 @@ class PrecisionRule:
         ``correct`` is the per-image correctness of the usable runs (``stats.compare_to_baseline``'s input);
         ``attempted`` counts each arm's planned seeds, finished or failed, so a failing arm cannot loop.
         """
-        table = stats.compare_to_baseline(correct, baseline=baseline, confidence=self.confidence)
-        decisions = {}
-        for row in table.itertuples():
-            width = row.delta_ci_high - row.delta_ci_low
-            reason = stats.precision_stop_reason(width, row.ci_width_floor, attempted.get(row.arm, 0),
-                                                 self.target_ci_width, self.max_seeds)
-            decisions[row.arm] = ArmDecision(row.arm, reason, width)
-        return decisions
+        table = stats.precision_decisions(correct, self.first_stage_seeds, self.target_ci_width, self.max_seeds,
+                                          baseline=baseline, confidence=self.confidence, n_seeds=dict(attempted))
+        return {row.arm: ArmDecision(row.arm, row.stop_reason, row.first_stage_width, row.seeds_target)
+                for row in table.itertuples()}
 
 
 @dataclass(frozen=True)
 class ArmDecision:
     arm: str
     stop_reason: str | None  # None: the arm gets the next seed
-    ci_width: float
+    ci_width: float  # the first stage's interval width
+    seeds_target: float = float("nan")  # the seeds the first stage decided (NaN before it is complete)
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,9 @@ class Plan:
         if not self.configs:
             raise StudyError(f"study {study.name!r}: no arms selected; pick some of {', '.join(study.arms)}.")
         self.checksums = dict(checksums)
-        self.precision = precision
+        # The first seeds are the precision rule's first stage (at least 2: a seed variance needs two).
+        self.precision = None if precision is None else dataclasses.replace(
+            precision, first_stage_seeds=max(len(self.seeds), 2))
         self.identical = identical_arms(self.configs)
         # An arm that trains exactly what an earlier arm of its group trains reuses that arm's runs.
         self.source_arm = {arm: group[0] for group in self.identical for arm in group[1:]}
@@ -288,8 +293,8 @@ class Plan:
             if seed not in attempted[self.baseline]:
                 additions.append(self.cell(self.baseline, seed))
         additions = list({c.key: c for c in additions}.values())
-        description = (f"arms still open: {', '.join(round_.open_arms)} (interval wider than "
-                       f"{100 * self.precision.target_ci_width:.2f} points); adding "
+        description = (f"arms still open: {', '.join(round_.open_arms)} (seeds their first stage needs for an "
+                       f"interval at most {100 * self.precision.target_ci_width:.2f} points wide); adding "
                        f"{', '.join(c.key for c in additions)}")
         return PrecisionRound(decisions, additions, description)
 

@@ -157,6 +157,9 @@ def test_precision_flags_are_checked_before_anything_runs(tmp_path, tracking_uri
     assert result.returncode == 2 and "--max-seeds needs --target-ci-width" in result.stderr
     result = run_module("experiments.ablate", "--target-ci-width", "2", env=env, cwd=tmp_path, check=False)
     assert result.returncode == 2 and "expected a fraction in (0, 1)" in result.stderr
+    for command in ("experiments.ablate", "experiments.report"):
+        result = run_module(command, "--smallest-effect", "0", env=env, cwd=tmp_path, check=False)
+        assert result.returncode == 2 and "--smallest-effect 0.0: expected a fraction of accuracy" in result.stderr
 
 
 @pytest.mark.slow

@@ -80,11 +80,12 @@ def test_the_precision_rule_is_a_pure_function_of_the_results_and_one_stats_call
     planned = plan.initial_cells
     correct = _correct({"baseline": 0.98, "no_dropout": 0.97, "no_batch_norm": 0.95}, (0, 1))
     decided = plan.next_round(planned, correct)
-    # The decision is stats.precision_stop_reason's, at the rule's values, with the attempted seeds.
-    table = stats.compare_to_baseline(correct, "baseline", rule.confidence)
-    expected = {row.arm: stats.precision_stop_reason(row.delta_ci_high - row.delta_ci_low, row.ci_width_floor, 2,
-                                                     rule.target_ci_width, rule.max_seeds)
-                for row in table.itertuples()}
+    # The decision is stats.precision_stop_reason's (Stein's rule on the first stage: the plan's 2 first seeds), at
+    # the rule's values, with the attempted seeds.
+    assert plan.precision.first_stage_seeds == 2
+    stages = stats.first_stage_contrasts(correct, 2, "baseline")
+    expected = {arm: stats.precision_stop_reason(stage, 2, rule.target_ci_width, rule.max_seeds, rule.confidence)
+                for arm, stage in stages.items()}
     assert {arm: d.stop_reason for arm, d in decided.decisions.items()} == expected
     assert decided.open_arms == [arm for arm, reason in expected.items() if reason is None] != []
     assert [c.key for c in decided.additions] == [key for arm in decided.open_arms

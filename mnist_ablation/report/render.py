@@ -17,7 +17,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from .analysis import format_p, points
+from .analysis import format_p, points, shown_difference_interval, visible_beyond_range
 
 TEMPLATES = "mnist_ablation.report"
 
@@ -107,7 +107,7 @@ def summary_display(summary: pd.DataFrame, baseline: str, confidence: float) -> 
     """The summary table as the page shows it: percentages and points, intervals in brackets, verdicts."""
     level = f"{round(100 * confidence)}%"
     rows = []
-    for row in summary.itertuples():
+    for (_, line), row in zip(summary.iterrows(), summary.itertuples()):
         is_baseline = row.arm == baseline
         seeds = f"{row.n_seeds}" + (f" ({row.n_failed} failed)" if row.n_failed else "")
         if not is_baseline and row.n_pairs != row.n_seeds and row.n_seeds:
@@ -118,13 +118,15 @@ def summary_display(summary: pd.DataFrame, baseline: str, confidence: float) -> 
             f"test accuracy % [{level} CI]": _interval(row.test_accuracy_mean, row.test_accuracy_ci_low,
                                                        row.test_accuracy_ci_high),
             f"Δ vs baseline, points [{level} CI]": "reference" if is_baseline else _interval(
-                row.delta_vs_baseline, row.delta_ci_low, row.delta_ci_high, signed=True),
+                row.delta_vs_baseline, *shown_difference_interval(line)[:2], signed=True),
             "Holm p": "" if is_baseline else format_p(row.p_value_holm),
-            "smallest visible effect (points)": "" if is_baseline or pd.isna(row.mde) else points(row.mde),
+            "smallest visible effect (points)": "" if is_baseline or pd.isna(row.mde) else (
+                "beyond the range" if visible_beyond_range(line) else points(row.mde)),
             f"TOST p (±{points(row.equivalence_margin)})": "" if is_baseline else format_p(
                 row.equivalence_p_value_holm),
             f"Δ [{level} CI], this test set only": "" if is_baseline else _interval(
-                row.delta_vs_baseline, row.delta_ci_low_this_test_set, row.delta_ci_high_this_test_set, signed=True),
+                row.delta_vs_baseline, *shown_difference_interval(
+                    line, "delta_ci_low_this_test_set", "delta_ci_high_this_test_set")[:2], signed=True),
             "verdict": row.verdict,
         })
     classes = [row.verdict.replace(" ", "-") for row in summary.itertuples()]
