@@ -632,8 +632,8 @@ class CorrectnessArray:
 def correct_frame(runs: pd.DataFrame, correct_by_run: dict) -> pd.DataFrame:
     """The tidy per-image frame (arm, seed, image, correct) from runs and their per-image correctness vectors.
 
-    ``runs`` has one row per run to analyse, with columns arm, seed and run_id (e.g. ``latest_finished`` of the
-    study's runs, less those without predictions); ``correct_by_run`` maps a run_id to a boolean vector
+    ``runs`` has one row per run to analyse, with columns arm, seed and run_id (e.g. the study's usable runs,
+    ``sweep.usable_runs``, less those without predictions); ``correct_by_run`` maps a run_id to a boolean vector
     "test image i was classified correctly" (predicted == label), in the same image order for every run.
     """
     missing = [column for column in ("arm", "seed", "run_id") if column not in runs]
