@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from .config import FIELD_NAMES, ConfigError, parse_value
 from .data import NUM_CLASSES
 from .errors import StoreDataError, StudyError
+from .model import INPUT_SHAPE
 from .naming import (
     ABLATION_EXPERIMENT_PREFIX,
     ARM_TAG,
@@ -358,7 +359,7 @@ def last_activity_ms(run) -> int:
     return latest
 
 
-MODEL_INPUT_SHAPE = (None, 28, 28, 1)
+MODEL_INPUT_SHAPE = (None, *INPUT_SHAPE)  # a batch of the images every architecture takes
 MODEL_OUTPUT_SHAPE = (None, NUM_CLASSES)
 KERAS_MODEL_FILE = "model.keras"  # in the Keras flavor's data directory (MLflow's layout)
 
