@@ -178,6 +178,12 @@ def _t_test_p(estimate: float, se: float, df: float) -> float:
     return float(2 * special.stdtr(df, -abs(estimate / se)))
 
 
+def _measured(se: float, estimate: float) -> float:
+    """``se``, or NaN where it is 0 although ``estimate`` is not: a spread the design cannot measure is not an
+    absence of spread, so it gives no interval rather than one of zero width."""
+    return float("nan") if se == 0 and estimate != 0 else se
+
+
 def _tost_p(estimate: float, se: float, df: float, margin: float, unskewed=None) -> float:
     """Two one-sided tests of "|mean| >= margin", the larger p-value; each statistic through ``unskewed``
     (a monotone transformation) when given. NaN where ``se`` is NaN or 0."""
@@ -302,7 +308,7 @@ class ContrastEstimate:
         if not self.estimable:
             return float("nan")
         se = self.standard_error_at(self.n_seeds)
-        return float("nan") if se == 0 and self.estimate != 0 else se
+        return _measured(se, self.estimate)
 
     @property
     def df(self) -> float:
@@ -800,7 +806,7 @@ class UnpairedContrast:
             return float("nan")
         se = math.sqrt(self.arm_seed_term / self.n_arm + self.baseline_seed_term / self.n_baseline
                        + self.image_variance / self.n_images)
-        return float("nan") if se == 0 and self.estimate != 0 else se
+        return _measured(se, self.estimate)
 
     @property
     def df(self) -> float:
