@@ -178,6 +178,13 @@ def _t_test_p(estimate: float, se: float, df: float) -> float:
     return float(2 * special.stdtr(df, -abs(estimate / se)))
 
 
+def _satterthwaite(parts) -> float:
+    """Satterthwaite's degrees of freedom of a sum of independent variance terms, ``parts`` = [(term, its df)]:
+    (sum of terms)^2 / sum(term^2 / df) over the terms above 0; NaN when every term is 0."""
+    denominator = sum(part ** 2 / df for part, df in parts if part > 0)
+    return sum(part for part, _ in parts) ** 2 / denominator if denominator > 0 else float("nan")
+
+
 def _measured(se: float, estimate: float) -> float:
     """``se``, or NaN where it is 0 although ``estimate`` is not: a spread the design cannot measure is not an
     absence of spread, so it gives no interval rather than one of zero width."""
@@ -294,12 +301,10 @@ class ContrastEstimate:
         if not self.estimable:
             return float("nan")
         image_part = self.image_variance / self.n_images
-        image_term = image_part ** 2 / self.image_df if image_part > 0 else 0.0
         if math.isinf(n_seeds):
             return self.image_df if image_part > 0 else float("nan")
-        seed_part = self.seed_term_variance / n_seeds
-        denominator = seed_part ** 2 / self.seed_df_at(n_seeds) + image_term
-        return (seed_part + image_part) ** 2 / denominator if denominator > 0 else float("nan")
+        return _satterthwaite([(self.seed_term_variance / n_seeds, self.seed_df_at(n_seeds)),
+                               (image_part, self.image_df)])
 
     @property
     def standard_error(self) -> float:
@@ -812,11 +817,9 @@ class UnpairedContrast:
     def df(self) -> float:
         if not self.estimable:
             return float("nan")
-        parts = [(self.arm_seed_term / self.n_arm, self.n_arm - 1),
-                 (self.baseline_seed_term / self.n_baseline, self.n_baseline - 1),
-                 (self.image_variance / self.n_images, self.image_df)]
-        denominator = sum(part ** 2 / df for part, df in parts if part > 0)
-        return sum(part for part, _ in parts) ** 2 / denominator if denominator > 0 else float("nan")
+        return _satterthwaite([(self.arm_seed_term / self.n_arm, self.n_arm - 1),
+                               (self.baseline_seed_term / self.n_baseline, self.n_baseline - 1),
+                               (self.image_variance / self.n_images, self.image_df)])
 
     def interval(self, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
         check_confidence(confidence)
