@@ -100,8 +100,6 @@ def check_output_directory(path: str | os.PathLike | None, flag: str = "--output
         return
     from pathlib import Path
 
-    from mnist_ablation.errors import UserError
-
     directory = Path(path)
     probe = directory / ".mnist_ablation-write-test"
     try:
@@ -157,7 +155,6 @@ def run_command(main: Callable[[], int]) -> None:
     in the tracking environment variables are remembered first, so even a traceback quoting one shows ``***``."""
     import traceback
 
-    from mnist_ablation.errors import UserError
     from mnist_ablation.redaction import redact, remember_secret, remember_secrets
 
     remember_secrets(*sys.argv[1:], os.environ.get("MLFLOW_TRACKING_URI"))

@@ -59,11 +59,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mnist_ablation import serve
     from mnist_ablation.explorer import open_explorer
+    from mnist_ablation.redaction import printable
 
     explorer = open_explorer(study=args.study, run_ids=args.run_id, all_runs=args.all_runs,
                              tracking_uri=args.tracking_uri, data_dir=args.data_dir, mlflow_ui_url=args.mlflow_ui_url)
-    from mnist_ablation.redaction import printable
-
     print(f"serving {describe_offered(explorer.runs.values())} at http://{args.host}:{args.port}/", flush=True)
     for reason in explorer.refused.values():
         print(f"note: {printable(reason)}; that run answers 503.", flush=True)

@@ -16,9 +16,11 @@ from urllib.parse import quote
 import numpy as np
 
 from . import naming, store
+from .data import NUM_CLASSES
 from .errors import StoreDataError, UserError
 from .preprocess import FIELD_SIZE
 from .redaction import redact
+from .sweep import INDEX_COLUMN, LABEL_COLUMN, PREDICTED_COLUMN, PROBABILITY_COLUMNS
 
 ENSEMBLE = "ensemble"  # run_id meaning: average the probabilities of every offered run
 KEY_METRICS = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "train_seconds", "train_images_per_second")
@@ -251,7 +253,7 @@ class ModelExplorer:
         return self._test_images, self._test_labels
 
     def predictions(self, run_id: str):
-        """The run's logged test predictions (DataFrame: index, label, predicted, prob_0..prob_9)."""
+        """The run's logged test predictions (DataFrame of ``sweep.PREDICTION_COLUMNS``), sorted by test index."""
         if run_id not in self._predictions:
             try:
                 frame = store.read_predictions(run_id)
@@ -260,7 +262,7 @@ class ModelExplorer:
             except Exception as error:  # missing artifact, unreachable store
                 raise UnavailableError(redact(f"run {run_id} has no readable {naming.PREDICTIONS_ARTIFACT}: "
                                               f"{type(error).__name__}: {error}")) from None
-            self._predictions[run_id] = frame.sort_values("index").reset_index(drop=True)
+            self._predictions[run_id] = frame.sort_values(INDEX_COLUMN).reset_index(drop=True)
         return self._predictions[run_id]
 
     def mlflow_url(self, run: OfferedRun) -> str:
@@ -342,11 +344,11 @@ class ModelExplorer:
         return self._details[run.run_id]
 
     def confusion(self, run_id: str | None) -> dict:
-        """The run's 10x10 confusion matrix on the test set (rows: true label), from its logged predictions."""
+        """The run's confusion matrix on the test set (rows: true label), from its logged predictions."""
         run = self.run(run_id)
         frame = self.predictions(run.run_id)
-        matrix = np.zeros((10, 10), dtype=np.int64)
-        np.add.at(matrix, (frame["label"].to_numpy(), frame["predicted"].to_numpy()), 1)
+        matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+        np.add.at(matrix, (frame[LABEL_COLUMN].to_numpy(), frame[PREDICTED_COLUMN].to_numpy()), 1)
         return {"run_id": run.run_id, "matrix": matrix.tolist(), "total": int(matrix.sum()),
                 "accuracy": float(np.trace(matrix) / max(1, matrix.sum()))}
 
@@ -356,14 +358,15 @@ class ModelExplorer:
         run = self.run(run_id)
         frame = self.predictions(run.run_id)
         images, labels = self.test_set()
-        if (len(frame) != len(labels) or frame["index"].max() >= len(labels)
-                or not np.array_equal(frame["label"].to_numpy(), labels[frame["index"]])):
+        if (len(frame) != len(labels) or frame[INDEX_COLUMN].max() >= len(labels)
+                or not np.array_equal(frame[LABEL_COLUMN].to_numpy(), labels[frame[INDEX_COLUMN]])):
             raise UnavailableError(
                 f"run {run.run_id}'s logged test predictions do not match the MNIST test labels of "
                 f"{self.data_dir or 'the default MNIST'}; point --data-dir at the MNIST the run was trained on."
             )
-        probabilities = frame[[f"prob_{k}" for k in range(10)]].to_numpy()
-        true_labels, predicted_classes = frame["label"].to_numpy(), frame["predicted"].to_numpy()
+        probabilities = frame[PROBABILITY_COLUMNS].to_numpy()
+        test_indices = frame[INDEX_COLUMN].to_numpy()
+        true_labels, predicted_classes = frame[LABEL_COLUMN].to_numpy(), frame[PREDICTED_COLUMN].to_numpy()
         rows = np.ones(len(frame), dtype=bool)
         if label is not None:
             rows &= true_labels == label
@@ -381,14 +384,14 @@ class ModelExplorer:
             "offset": offset,
             "examples": [
                 {
-                    "index": int(frame["index"].iat[row]),
+                    "index": int(test_indices[row]),
                     "label": int(true_labels[row]),
                     "predicted": int(predicted_classes[row]),
                     "confidence": float(confidence[row]),
                     "true_probability": float(true_probability[row]),
                     "probabilities": [round(float(p), 6) for p in probabilities[row]],
                     # 0-255 integers: a third the size of floats in JSON, and exactly MNIST's pixels.
-                    "image": np.rint(images[int(frame["index"].iat[row])] * 255).astype(int).tolist(),
+                    "image": np.rint(images[test_indices[row]] * 255).astype(int).tolist(),
                 }
                 for row in chosen[offset:offset + limit]
             ],

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, WithJsonSchema, model_validator
 
+from .data import NUM_CLASSES
 from .explorer import ENSEMBLE
 from .preprocess import FIELD_SIZE, mnist_preprocess
 
@@ -36,7 +37,7 @@ DrawingRows = Annotated[list[DrawingRow], Field(
                 "(bounding box scaled to 20x20, centre of mass at the centre of 28x28)")]
 RunId = Annotated[str, Strict(), Field(min_length=1, max_length=MAX_RUN_ID_LENGTH,
                                        description=f"an offered run's id, or {ENSEMBLE!r}; default: the first run")]
-ClassIndex = Annotated[int, Strict(), Field(ge=0, le=9)]
+ClassIndex = Annotated[int, Strict(), Field(ge=0, le=NUM_CLASSES - 1)]
 
 
 def _pixel_array(rows: list[list[float]], name: str) -> np.ndarray:

@@ -28,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.responses import PlainTextResponse
 
+from .data import NUM_CLASSES
 from .explorer import (
     ENSEMBLE,
     InvalidRequestError,
@@ -321,8 +322,10 @@ def api_routes(explorer: ModelExplorer) -> APIRouter:
 
     @router.get("/api/runs/{run_id}/examples", response_model=ExamplesResponse, responses=RUN_ERRORS)
     def examples(run_id: str,
-                 label: Annotated[int | None, Query(ge=0, le=9, description="true label (row of the matrix)")] = None,
-                 predicted: Annotated[int | None, Query(ge=0, le=9, description="predicted class (column)")] = None,
+                 label: Annotated[int | None, Query(ge=0, le=NUM_CLASSES - 1,
+                                                    description="true label (row of the matrix)")] = None,
+                 predicted: Annotated[int | None, Query(ge=0, le=NUM_CLASSES - 1,
+                                                        description="predicted class (column)")] = None,
                  sort: Annotated[Sort, Query(description="confidence: most confident first; true_probability: "
                                                          "least probability on the true label first")] = "confidence",
                  limit: Annotated[int, Query(ge=1, le=MAX_EXAMPLES)] = 24,

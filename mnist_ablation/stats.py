@@ -83,10 +83,6 @@ def _check_probability(value: float, name: str) -> None:
         raise ValueError(f"{name} {value!r}: expected a probability strictly between 0 and 1, e.g. 0.8.")
 
 
-def _check_confidence(confidence: float) -> None:
-    check_confidence(confidence)
-
-
 @dataclass(frozen=True)
 class MeanInterval:
     """Mean of repeated measurements and its Student-t confidence interval (NaN with n < 2)."""
@@ -100,7 +96,7 @@ class MeanInterval:
 
 def mean_confidence_interval(values, confidence: float = DEFAULT_CONFIDENCE) -> MeanInterval:
     """Mean with the t interval ``mean +- t(1 - alpha/2, n - 1) * s / sqrt(n)``; NaN bounds below two values."""
-    _check_confidence(confidence)
+    check_confidence(confidence)
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
     n = len(values)
@@ -180,6 +176,30 @@ def _t_test_p(estimate: float, se: float, df: float) -> float:
     if math.isnan(se) or se == 0:
         return float("nan")
     return float(2 * special.stdtr(df, -abs(estimate / se)))
+
+
+def _satterthwaite(parts) -> float:
+    """Satterthwaite's degrees of freedom of a sum of independent variance terms, ``parts`` = [(term, its df)]:
+    (sum of terms)^2 / sum(term^2 / df) over the terms above 0; NaN when every term is 0."""
+    denominator = sum(part ** 2 / df for part, df in parts if part > 0)
+    return sum(part for part, _ in parts) ** 2 / denominator if denominator > 0 else float("nan")
+
+
+def _measured(se: float, estimate: float) -> float:
+    """``se``, or NaN where it is 0 although ``estimate`` is not: a spread the design cannot measure is not an
+    absence of spread, so it gives no interval rather than one of zero width."""
+    return float("nan") if se == 0 and estimate != 0 else se
+
+
+def _tost_p(estimate: float, se: float, df: float, margin: float, unskewed=None) -> float:
+    """Two one-sided tests of "|mean| >= margin", the larger p-value; each statistic through ``unskewed``
+    (a monotone transformation) when given. NaN where ``se`` is NaN or 0."""
+    if math.isnan(se) or se == 0:
+        return float("nan")
+    unskewed = unskewed or (lambda statistic: statistic)
+    above_lower = float(special.stdtr(df, -unskewed((estimate + margin) / se)))  # H0: <= -margin
+    below_upper = float(special.stdtr(df, unskewed((estimate - margin) / se)))  # H0: >= +margin
+    return max(above_lower, below_upper)
 
 
 def _nonnegative(value: float) -> float:
@@ -281,12 +301,10 @@ class ContrastEstimate:
         if not self.estimable:
             return float("nan")
         image_part = self.image_variance / self.n_images
-        image_term = image_part ** 2 / self.image_df if image_part > 0 else 0.0
         if math.isinf(n_seeds):
             return self.image_df if image_part > 0 else float("nan")
-        seed_part = self.seed_term_variance / n_seeds
-        denominator = seed_part ** 2 / self.seed_df_at(n_seeds) + image_term
-        return (seed_part + image_part) ** 2 / denominator if denominator > 0 else float("nan")
+        return _satterthwaite([(self.seed_term_variance / n_seeds, self.seed_df_at(n_seeds)),
+                               (image_part, self.image_df)])
 
     @property
     def standard_error(self) -> float:
@@ -295,7 +313,7 @@ class ContrastEstimate:
         if not self.estimable:
             return float("nan")
         se = self.standard_error_at(self.n_seeds)
-        return float("nan") if se == 0 and self.estimate != 0 else se
+        return _measured(se, self.estimate)
 
     @property
     def df(self) -> float:
@@ -306,7 +324,7 @@ class ContrastEstimate:
 
     def interval(self, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
         """Student-t interval ``estimate +- t(df) * standard_error`` (NaN with one seed; zero width with no spread)."""
-        _check_confidence(confidence)
+        check_confidence(confidence)
         return _t_interval(self.estimate, self.standard_error, self.df, confidence)
 
     @property
@@ -324,13 +342,8 @@ class ContrastEstimate:
         distribution is applied. NaN where the difference test is.
         """
         check_equivalence_margin(margin, "equivalence margin")
-        se = self.standard_error
-        if math.isnan(se) or se == 0:
-            return float("nan")
-        unskewed = self._unskewed if self.skew_correction_holds else (lambda statistic: statistic)
-        above_lower = float(special.stdtr(self.df, -unskewed((self.estimate + margin) / se)))  # H0: <= -margin
-        below_upper = float(special.stdtr(self.df, unskewed((self.estimate - margin) / se)))  # H0: >= +margin
-        return max(above_lower, below_upper)
+        return _tost_p(self.estimate, self.standard_error, self.df, margin,
+                       self._unskewed if self.skew_correction_holds else None)
 
     @property
     def skew_correction_holds(self) -> bool:
@@ -361,7 +374,7 @@ class ContrastEstimate:
 
     def interval_this_test_set(self, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
         """Paired t interval over seeds (df = n_seeds - 1): about these test images only, not the recipe."""
-        _check_confidence(confidence)
+        check_confidence(confidence)
         return _t_interval(self.estimate, self.standard_error_this_test_set, self.n_seeds - 1, confidence)
 
     @property
@@ -379,7 +392,7 @@ class ContrastEstimate:
         ``probability`` (e.g. 0.8): the width that the interval stays within with that probability, the variance
         estimate being scaled chi-square with the Satterthwaite df (Kupper & Hafner 1989).
         """
-        _check_confidence(confidence)
+        check_confidence(confidence)
         if n_seeds < 2 or not self.estimable:
             return float("nan")
         df = self.df_at(n_seeds)
@@ -630,8 +643,8 @@ class CorrectnessArray:
 def correct_frame(runs: pd.DataFrame, correct_by_run: dict) -> pd.DataFrame:
     """The tidy per-image frame (arm, seed, image, correct) from runs and their per-image correctness vectors.
 
-    ``runs`` has one row per run to analyse, with columns arm, seed and run_id (e.g. ``latest_finished`` of the
-    study's runs, less those without predictions); ``correct_by_run`` maps a run_id to a boolean vector
+    ``runs`` has one row per run to analyse, with columns arm, seed and run_id (e.g. the study's usable runs,
+    ``sweep.usable_runs``, less those without predictions); ``correct_by_run`` maps a run_id to a boolean vector
     "test image i was classified correctly" (predicted == label), in the same image order for every run.
     """
     missing = [column for column in ("arm", "seed", "run_id") if column not in runs]
@@ -798,20 +811,18 @@ class UnpairedContrast:
             return float("nan")
         se = math.sqrt(self.arm_seed_term / self.n_arm + self.baseline_seed_term / self.n_baseline
                        + self.image_variance / self.n_images)
-        return float("nan") if se == 0 and self.estimate != 0 else se
+        return _measured(se, self.estimate)
 
     @property
     def df(self) -> float:
         if not self.estimable:
             return float("nan")
-        parts = [(self.arm_seed_term / self.n_arm, self.n_arm - 1),
-                 (self.baseline_seed_term / self.n_baseline, self.n_baseline - 1),
-                 (self.image_variance / self.n_images, self.image_df)]
-        denominator = sum(part ** 2 / df for part, df in parts if part > 0)
-        return sum(part for part, _ in parts) ** 2 / denominator if denominator > 0 else float("nan")
+        return _satterthwaite([(self.arm_seed_term / self.n_arm, self.n_arm - 1),
+                               (self.baseline_seed_term / self.n_baseline, self.n_baseline - 1),
+                               (self.image_variance / self.n_images, self.image_df)])
 
     def interval(self, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
-        _check_confidence(confidence)
+        check_confidence(confidence)
         return _t_interval(self.estimate, self.standard_error, self.df, confidence)
 
     @property
@@ -820,14 +831,8 @@ class UnpairedContrast:
 
     def equivalence_p_value(self, margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> float:
         """Plain two one-sided tests against +-margin (no skewness correction: the df are small)."""
-        if not margin > 0:
-            raise ValueError(f"equivalence margin {margin!r}: expected a positive fraction of accuracy, "
-                             "e.g. 0.001 for +-0.1 points.")
-        se = self.standard_error
-        if math.isnan(se) or se == 0:
-            return float("nan")
-        return max(float(special.stdtr(self.df, -(self.estimate + margin) / se)),
-                   float(special.stdtr(self.df, (self.estimate - margin) / se)))
+        check_equivalence_margin(margin, "equivalence margin")
+        return _tost_p(self.estimate, self.standard_error, self.df, margin)
 
 
 def unpaired_contrast(arm_values, baseline_values) -> UnpairedContrast:
@@ -930,7 +935,7 @@ def compare_to_baseline(correct: pd.DataFrame | CorrectnessArray, baseline: str 
     as Stein's two-stage design (``two_stage_estimate``): its first stage decided how many seeds it got.
     With one paired seed the seed variance is not estimable: the interval, the tests and the plans are NaN.
     """
-    _check_confidence(confidence)
+    check_confidence(confidence)
     check_equivalence_margin(equivalence_margin)
     smallest_effect = check_smallest_effect(equivalence_margin if smallest_effect is None else smallest_effect)
     array = correct if isinstance(correct, CorrectnessArray) else correctness_array(correct)
@@ -1017,7 +1022,7 @@ def accuracy_interval(correct_matrix, confidence: float = DEFAULT_CONFIDENCE) ->
       mirror), i.e. only the test set's size limits what can be said;
     * no variance estimable although some images differ (possible only in tiny toy matrices): NaN bounds.
     """
-    _check_confidence(confidence)
+    check_confidence(confidence)
     values = np.asarray(correct_matrix)
     if values.dtype != bool and values.ndim == 2 and np.any((values != 0) & (values != 1)):
         raise ValueError("accuracy_interval expects a 0/1 (or boolean) matrix of correct classifications, one row "
@@ -1279,7 +1284,7 @@ def factorial_contrasts(correct: pd.DataFrame | CorrectnessArray, design: pd.Dat
     With ``pool`` (the default), the seed-by-contrast variation is pooled over all the terms
     (``pool_seed_error``), unless Cochran's test finds it heterogeneous (then per-term, said in ``note``).
     """
-    _check_confidence(confidence)
+    check_confidence(confidence)
     array = correct if isinstance(correct, CorrectnessArray) else correctness_array(correct)
     components, on = _factorial_cells(design, array.arms, components)
     complete = array.present.all(axis=0)
@@ -1397,7 +1402,7 @@ def factorial_block_ols(runs: pd.DataFrame, design: pd.DataFrame, confidence: fl
     import statsmodels.api as sm
     import statsmodels.formula.api as smf
 
-    _check_confidence(confidence)
+    check_confidence(confidence)
     if "seed" not in runs:
         raise ValueError(f"the block model needs a 'seed' column in the runs frame; got columns {list(runs.columns)}.")
     coded = factorial_design(runs, design, components)

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from .config import FIELD_NAMES, ConfigError, parse_value
 from .data import NUM_CLASSES
 from .errors import StoreDataError, StudyError
+from .model import INPUT_SHAPE
 from .naming import (
     ABLATION_EXPERIMENT_PREFIX,
     ARM_TAG,
@@ -95,9 +96,10 @@ def find_parent_run(study: str, experiment: str | None = None, sweep: str | None
 
 def read_json_artifact(run_id: str, path: str) -> dict | None:
     """A JSON artifact of a run, or None when the run has none at ``path``."""
-    if not has_artifact(run_id, path):
+    holder = _artifact_holder(run_id, path)
+    if holder is None:
         return None
-    local = mlflow.artifacts.download_artifacts(run_id=artifact_run(run_id, path), artifact_path=path)
+    local = mlflow.artifacts.download_artifacts(run_id=holder, artifact_path=path)
     with open(local) as handle:
         return json.load(handle)
 
@@ -120,10 +122,18 @@ def artifact_run(run_id: str, path: str) -> str:
     return reused_run(run_id) or run_id
 
 
+def _artifact_holder(run_id: str, path: str) -> str | None:
+    """The run that logged ``run_id``'s file at ``path`` (itself, or the run it reuses), or None if neither did."""
+    if _logged(run_id, path):
+        return run_id
+    reused = reused_run(run_id)
+    return reused if reused and _logged(reused, path) else None
+
+
 def has_artifact(run_id: str, path: str) -> bool:
     """Whether the run logged a file at ``path`` (e.g. ``predictions/test_predictions_tta.parquet``), itself or
     through the run it reuses."""
-    return _logged(artifact_run(run_id, path), path)
+    return _artifact_holder(run_id, path) is not None
 
 
 def study_definition(study: str) -> dict | None:
@@ -349,7 +359,7 @@ def last_activity_ms(run) -> int:
     return latest
 
 
-MODEL_INPUT_SHAPE = (None, 28, 28, 1)
+MODEL_INPUT_SHAPE = (None, *INPUT_SHAPE)  # a batch of the images every architecture takes
 MODEL_OUTPUT_SHAPE = (None, NUM_CLASSES)
 KERAS_MODEL_FILE = "model.keras"  # in the Keras flavor's data directory (MLflow's layout)
 

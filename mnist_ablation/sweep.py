@@ -28,6 +28,7 @@ from .errors import StudyError
 from .studies import Study, identical_arms
 
 DEFAULT_MAX_SEEDS = defaults.MAX_SEEDS
+MIN_FIRST_STAGE_SEEDS = 2  # the precision rule's first stage: a seed variance needs two seeds
 
 # -- the cell ---------------------------------------------------------------------------------------------
 
@@ -71,7 +72,7 @@ class PrecisionRule:
     target_ci_width: float
     max_seeds: int = DEFAULT_MAX_SEEDS
     confidence: float = stats.DEFAULT_CONFIDENCE
-    first_stage_seeds: int = 2
+    first_stage_seeds: int = MIN_FIRST_STAGE_SEEDS
 
     def __post_init__(self) -> None:
         defaults.check_target_ci_width(self.target_ci_width, "--target-ci-width")
@@ -100,7 +101,8 @@ class PrecisionRule:
         if not record:
             return None
         return cls(float(record["target_ci_width"]), int(record["max_seeds"]),
-                   float(record.get("confidence", stats.DEFAULT_CONFIDENCE)), int(record.get("first_stage_seeds", 2)))
+                   float(record.get("confidence", stats.DEFAULT_CONFIDENCE)),
+                   int(record.get("first_stage_seeds", MIN_FIRST_STAGE_SEEDS)))
 
     def decide(self, correct, baseline: str, attempted: Mapping[str, int]) -> dict[str, ArmDecision]:
         """Per compared arm, whether it needs another seed: the statistics' call, with this rule's values.
@@ -156,7 +158,7 @@ class Plan:
         self.checksums = dict(checksums)
         # The first seeds are the precision rule's first stage (at least 2: a seed variance needs two).
         self.precision = None if precision is None else dataclasses.replace(
-            precision, first_stage_seeds=max(len(self.seeds), 2))
+            precision, first_stage_seeds=max(len(self.seeds), MIN_FIRST_STAGE_SEEDS))
         self.identical = identical_arms(self.configs)
         # An arm that trains exactly what an earlier arm of its group trains reuses that arm's runs.
         self.source_arm = {arm: group[0] for group in self.identical for arm in group[1:]}

@@ -171,6 +171,21 @@ def test_relative_links_point_at_files_and_headings_that_exist(page):
     assert not broken, f"{page.name}: broken links: {broken}"
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_no_merge_conflict_markers(page):
+    markers = [number for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
+               if re.match(r"(<{7}|={7}|>{7})( |$)", line)]
+    assert not markers, f"{page.name}: merge conflict markers left on lines {markers}"
+
+
+def test_each_changelog_section_appears_once_per_release():
+    text = (REPO_ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    for release in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
+        sections = re.findall(r"^### (.+)$", release, flags=re.MULTILINE)
+        repeated = sorted({section for section in sections if sections.count(section) > 1})
+        assert not repeated, f"CHANGELOG.md {release.splitlines()[0]}: sections {repeated} appear more than once"
+
+
 def test_readme_has_no_machine_paths_and_stays_short():
     text = README.read_text(encoding="utf-8")
     assert not ABSOLUTE_PATH.findall(text), "write paths relative to the repository (path/to/mnist), not absolute"

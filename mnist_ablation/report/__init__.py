@@ -22,6 +22,7 @@ import pandas as pd
 
 from .. import stats, tracking
 from ..naming import REPORT_ARTIFACT_DIR
+from ..sweep import MIN_FIRST_STAGE_SEEDS
 from . import analysis, figures, render
 from .analysis import SUMMARY_COLUMNS, seeds_plan, summary_table, visible_beyond_range
 from .gather import StudyData, failure_reasons, gather_study, load_test_images
@@ -245,8 +246,9 @@ def _context(data: StudyData, summary: pd.DataFrame, notes: list[str], drawn: li
     if precision:
         rows = summary[summary["arm"] != data.baseline]
         precision_context = {
-            "rule": (f"Stein's two-stage rule: each arm's first {precision.get('first_stage_seeds', 2)} paired "
-                     "seeds decided, once, how many seeds it gets (the fewest whose "
+            "rule": ("Stein's two-stage rule: each arm's first "
+                     f"{precision.get('first_stage_seeds', MIN_FIRST_STAGE_SEEDS)} paired seeds decided, once, how "
+                     "many seeds it gets (the fewest whose "
                      f"{round(100 * confidence)}% difference interval is at most "
                      f"{100 * precision['target_ci_width']:.2f} points wide, up to {precision['max_seeds']}); its "
                      "final interval keeps that first stage's seed variance and degrees of freedom. No decision "

@@ -93,12 +93,12 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
         rows[arm].update(arm=arm, n_seeds=0, n_pairs=0, intervals_cover=INTERVALS_COVER,
                          equivalence_margin=equivalence_margin, smallest_effect=smallest_effect)
     array = data.correctness
+    rule = PrecisionRule.from_dict((data.definition or {}).get("precision"))  # the sweep's, from study.json
     if array is not None:
         for row in stats.accuracy_table(array, confidence).itertuples():
             rows[row.arm].update(n_seeds=row.n_seeds, test_accuracy_mean=row.test_accuracy_mean,
                                  test_accuracy_ci_low=row.test_accuracy_ci_low,
                                  test_accuracy_ci_high=row.test_accuracy_ci_high)
-        rule = PrecisionRule.from_dict((data.definition or {}).get("precision"))
         if data.baseline in array.arms:
             comparison = stats.compare_to_baseline(array, data.baseline, confidence, equivalence_margin,
                                                    smallest_effect=smallest_effect,
@@ -130,7 +130,7 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
         row["n_failed"] = int(mine["n_failed"]) if mine is not None else 0
         row["n_running"] = int(mine["n_running"]) if mine is not None else 0
         row["identical_to_baseline"] = arm != data.baseline and arm in identical
-    for arm, reason in precision_stop_reasons(data, rows).items():
+    for arm, reason in precision_stop_reasons(data, rows, rule).items():
         rows[arm]["stop_reason"] = reason or "still adding seeds"
     for row in rows.values():
         row["verdict"] = verdict(row, data.baseline, 1 - confidence)
@@ -141,10 +141,10 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
     return table
 
 
-def precision_stop_reasons(data: StudyData, rows: dict[str, dict]) -> dict[str, str | None]:
-    """Per compared arm with finished seeds, why the sweep's precision rule stopped adding seeds to it (None:
-    still adding): the rule recorded in study.json, decided by ``sweep.PrecisionRule.decide`` as the sweep did."""
-    rule = PrecisionRule.from_dict((data.definition or {}).get("precision"))
+def precision_stop_reasons(data: StudyData, rows: dict[str, dict],
+                           rule: PrecisionRule | None) -> dict[str, str | None]:
+    """Per compared arm with finished seeds, why the sweep's precision ``rule`` (recorded in study.json) stopped
+    adding seeds to it (None: still adding), decided by ``sweep.PrecisionRule.decide`` as the sweep did."""
     array = data.correctness
     if rule is None or array is None or data.baseline not in array.arms:
         return {}

@@ -111,14 +111,9 @@ def difference_figure(summary: pd.DataFrame, baseline: str, confidence: float) -
             ax.errorbar(delta, y - 0.22, xerr=[[delta - 100 * low_fixed], [100 * high_fixed - delta]],
                         fmt="none", color=FAILED_COLOR, capsize=2, lw=1.2,
                         label="this test set only (seeds)" if y == positions[0] else None)
-    ax.set_yticks(positions, rows["arm"])
-    ax.set_xlabel(f"difference from {baseline} (points of test accuracy), {round(100 * confidence)}% CI")
-    ax.set_title("Each arm against the baseline (paired by seed)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_ylim(-0.8, len(rows) - 0.4)
-    ax.legend(loc="best", fontsize=8, frameon=False)
-    fig.tight_layout()
-    return fig
+    return _finish_arm_rows(fig, ax, positions, rows["arm"],
+                            f"difference from {baseline} (points of test accuracy), {round(100 * confidence)}% CI",
+                            "Each arm against the baseline (paired by seed)")
 
 
 def per_seed_figure(per_seed: pd.DataFrame, summary: pd.DataFrame, baseline: str) -> Figure | None:
@@ -140,9 +135,16 @@ def per_seed_figure(per_seed: pd.DataFrame, summary: pd.DataFrame, baseline: str
         worst = int(np.argmin(deltas))
         ax.plot(deltas[worst], y + jitter[worst], "o", markersize=11, markerfacecolor="none",
                 markeredgecolor=BASELINE_COLOR, label="worst seed" if y == positions[0] else None)
+    return _finish_arm_rows(fig, ax, positions, arms,
+                            f"arm minus {baseline} on the same seed (points of test accuracy)",
+                            "Per-seed differences from the baseline")
+
+
+def _finish_arm_rows(fig: Figure, ax, positions: np.ndarray, arms, xlabel: str, title: str) -> Figure:
+    """One row per arm, top to bottom, on a shared points axis: labels, grid, legend and layout."""
     ax.set_yticks(positions, arms)
-    ax.set_xlabel(f"arm minus {baseline} on the same seed (points of test accuracy)")
-    ax.set_title("Per-seed differences from the baseline")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     ax.set_ylim(-0.8, len(arms) - 0.4)
     ax.legend(loc="best", fontsize=8, frameon=False)
