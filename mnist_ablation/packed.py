@@ -60,9 +60,14 @@ from .train import (
 logger = logging.getLogger(__name__)
 BACKEND = "jax"
 PACK_TAG = "pack"  # MLflow tag on each member's run: "<index>/<size>:<pack id>"
-# Training steps per compiled call: the step is scanned over a chunk of batches (fewer host round trips).
-# The divergence guard still reads each member's running loss at its own execution boundaries.
-DEFAULT_CHUNK_STEPS = 64
+# Training steps per compiled call. On an accelerator the step is scanned over a chunk of batches (fewer host
+# round trips); XLA on the CPU runs the convolutions inside a loop about 30 times slower than alone, so there
+# every batch is its own call (measured on a 2-core VM). The divergence guard reads each member's running loss
+# at its own execution boundaries either way.
+def default_chunk_steps() -> int:
+    import jax
+
+    return 1 if jax.default_backend() == "cpu" else 64
 
 
 class PackBackendError(UserError, RuntimeError):
@@ -93,6 +98,15 @@ class Member:
     execution_steps: int
     failure: BaseException | None = None
     stopped: bool = False
+
+    def call(self, hook: str, *args) -> None:
+        """Run a callback hook; an exception fails this member alone (as it would end its unpacked run)."""
+        if self.failure is not None:
+            return
+        try:
+            getattr(self.callbacks, hook)(*args)
+        except Exception as error:  # noqa: BLE001 - recorded as the member's outcome, the others go on
+            self.failure = error
 
     def state(self) -> tuple[list, list, list, list]:
         model = self.model
@@ -139,7 +153,7 @@ class _Recorder(keras.callbacks.Callback):
 class PackedSteps:
     """The compiled, vmapped steps of one pack: training chunks and validation, over stacked member state."""
 
-    def __init__(self, template: keras.Model, members: Sequence[Member], images: np.ndarray, rows: np.ndarray,
+    def __init__(self, template: keras.Model, configs: Sequence[TrainConfig], images: np.ndarray, rows: np.ndarray,
                  labels: np.ndarray, member_axis: str = "vmap"):
         import jax
         import jax.numpy as jnp
@@ -153,16 +167,27 @@ class PackedSteps:
             jnp.asarray(images, jnp.float32),  # every pixel once; batches are gathered here by row number
             jnp.asarray(rows, jnp.int32),
             jnp.asarray(np.eye(NUM_CLASSES, dtype=np.float32)[labels]),
-            jnp.asarray([[getattr(m.config, name) for name in fields] for m in members], jnp.float32),
-            jnp.asarray([m.config.augmentation for m in members]),
+            jnp.asarray([[getattr(config, name) for name in fields] for config in configs], jnp.float32),
+            jnp.asarray([config.augmentation for config in configs]),
         )
         height, width = images.shape[1], images.shape[2]
 
-        def member_step(state, index, draws, strengths, augment, images, rows, one_hot):
+        def member_batch(index, draws, strengths, augment, images, rows, one_hot):
             x = images[rows[index]]
             params = AugmentationParams(*(strengths[i] for i in range(len(fields))))
             moved = jax_apply_transforms(x, jax_transforms_from_uniform(draws, height, width, params))
-            return template.train_step(state, (jnp.where(augment, moved, x), one_hot[index]))
+            return jnp.where(augment, moved, x), one_hot[index]
+
+        def member_step(state, index, draws, strengths, augment, images, rows, one_hot):
+            return template.train_step(state, member_batch(index, draws, strengths, augment, images, rows, one_hot))
+
+        def inputs(indices, draws, resident):
+            # What one step trains on: (K, B) row positions and (K, B, 6) draws -> images and one-hot labels.
+            images, rows, one_hot, strengths, augment = resident
+            return jax.vmap(member_batch, in_axes=(0, 0, 0, 0, None, None, None))(
+                indices, draws, strengths, augment, images, rows, one_hot)
+
+        self.inputs = jax.jit(inputs)
 
         if member_axis == "vmap":
             step_all = jax.vmap(member_step, in_axes=(0, 0, 0, 0, 0, None, None, None))
@@ -178,14 +203,20 @@ class PackedSteps:
                 return jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
             return jax.tree_util.tree_map(pick, new, old)
 
+        def one_step(state, active, index, draws, resident):
+            images, rows, one_hot, strengths, augment = resident
+            logs, new = step_all(state, index, draws, strengths, augment, images, rows, one_hot)
+            return keep_active(active, new, state), (logs["loss"], logs["accuracy"])
+
         def chunk(state, active, indices, draws, valid, resident):
             # indices (S, K, B), draws (S, K, B, 6), valid (S,): S steps of every member, scanned.
-            images, rows, one_hot, strengths, augment = resident
+            if indices.shape[0] == 1:  # one step: no loop (XLA on the CPU runs convolutions in loops ~30x slower)
+                state, (loss, accuracy) = one_step(state, active & valid[0], indices[0], draws[0], resident)
+                return state, (loss[None], accuracy[None])
 
             def body(carry, step):
                 index, draw, ok = step
-                logs, new = step_all(carry, index, draw, strengths, augment, images, rows, one_hot)
-                return keep_active(active & ok, new, carry), (logs["loss"], logs["accuracy"])
+                return one_step(carry, active & ok, index, draw, resident)
 
             return jax.lax.scan(body, state, (indices, draws, valid))
 
@@ -212,7 +243,7 @@ def _stack(values_per_member):
 def train_pack(configs: Sequence[TrainConfig], data: Mnist,
                callbacks: Sequence[Sequence[keras.callbacks.Callback]] | None = None,
                checkpoint_dirs: Sequence[str | os.PathLike | None] | None = None,
-               chunk_steps: int = DEFAULT_CHUNK_STEPS, member_axis: str = "vmap",
+               chunk_steps: int | None = None, member_axis: str = "vmap",
                report=None) -> list[RunResult | BaseException]:
     """Train every config of ``configs`` as one pack; one RunResult per member, in order.
 
@@ -223,6 +254,7 @@ def train_pack(configs: Sequence[TrainConfig], data: Mnist,
     later pack (or an unpacked run) of the same config resumes from it.
     """
     require_jax_backend()
+    chunk_steps = chunk_steps or default_chunk_steps()
     configs = list(configs)
     check_packable(configs)
     callbacks = [list(c) for c in callbacks] if callbacks is not None else [[] for _ in configs]
@@ -286,7 +318,7 @@ def _train_epochs(members: list[Member], data: Mnist, train_rows: np.ndarray, tr
     calls = math.ceil(full_steps / steps_per_call) if full_steps else 0
     steps_per_call = math.ceil(full_steps / calls) if calls else 0  # the fewest padded steps
     template = members[0].model
-    packed = PackedSteps(template, members, data.x_train, train_rows, train_labels, member_axis)
+    packed = PackedSteps(template, [m.config for m in members], data.x_train, train_rows, train_labels, member_axis)
     trainable, non_trainable, optimizer, metrics = (
         _stack(column) for column in zip(*(m.state() for m in members), strict=True))
     metrics_reset = [jnp.zeros_like(v) for v in metrics]
@@ -294,7 +326,7 @@ def _train_epochs(members: list[Member], data: Mnist, train_rows: np.ndarray, tr
                               if v is template.optimizer._learning_rate)
     val_batches = _eval_batches(x_val, y_val)
     for member in members:
-        member.callbacks.on_train_begin()
+        member.call("on_train_begin")
 
     for epoch in range(first_epoch, shared.epochs):
         training = [m for m in members if m.failure is None and not m.stopped and m.initial_epoch <= epoch]
@@ -307,7 +339,7 @@ def _train_epochs(members: list[Member], data: Mnist, train_rows: np.ndarray, tr
         optimizer[learning_rate_slot] = jnp.where(jnp.asarray(active), jnp.asarray(rates, old_rates.dtype), old_rates)
         metrics = [jnp.zeros_like(v) for v in metrics_reset]  # the chunk donates (frees) what it is given
         for member in training:
-            member.callbacks.on_epoch_begin(epoch)
+            member.call("on_epoch_begin", epoch)
         orders = np.stack([epoch_rows(m.config, epoch, n_train) if active[m.index] else np.zeros(n_train, np.int64)
                            for m in members])
         running_loss = np.full((steps, len(members)), np.nan, np.float32)
@@ -346,7 +378,7 @@ def _train_epochs(members: list[Member], data: Mnist, train_rows: np.ndarray, tr
             logs = {"loss": float(running_loss[-1, k]), "accuracy": float(running_accuracy[-1, k]),
                     "val_loss": float(val_loss[k]), "val_accuracy": float(val_accuracy[k]),
                     "epoch_seconds": epoch_seconds, "learning_rate": float(rates[k])}
-            member.callbacks.on_epoch_end(epoch, logs)
+            member.call("on_epoch_end", epoch, logs)
             if member.model.stop_training:
                 member.stopped = True
         if report is not None:
@@ -354,7 +386,7 @@ def _train_epochs(members: list[Member], data: Mnist, train_rows: np.ndarray, tr
                    f"({epoch_seconds:.1f} s)")
     for member in members:
         if member.failure is None:
-            member.callbacks.on_train_end()
+            member.call("on_train_end")
 
 
 def _guard(training: list[Member], running_loss: np.ndarray, begin: int, end: int, epoch: int,

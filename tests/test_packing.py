@@ -1,0 +1,103 @@
+"""Packed training: which configs pack, and each member is the run it would be alone (on Keras' JAX backend)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from mnist_ablation.config import BASELINE, PACK_MEMBER_FIELDS, ConfigError, check_packable, pack_signature
+
+from helpers import REPO_ROOT, command_env
+
+# -- what can pack (pure) ------------------------------------------------------------------------------------
+
+
+def test_seeds_augmentation_and_schedules_pack_and_graph_fields_do_not():
+    members = [BASELINE.replace(seed=1), BASELINE.replace(rotation_range=20.0, augmentation=False),
+               BASELINE.replace(lr_schedule="cosine", learning_rate=3e-3), BASELINE.replace(tta_views=2)]
+    check_packable(members)
+    assert len({pack_signature(c) for c in members}) == 1
+    for change in ({"dropout": False}, {"conv_dropout_rate": 0.3}, {"batch_norm": False}, {"epochs": 3},
+                   {"optimizer": "sgd"}, {"train_subset": 500}, {"label_smoothing": 0.1}):
+        other = BASELINE.replace(**change)
+        assert pack_signature(other) != pack_signature(BASELINE)
+        with pytest.raises(ConfigError, match=f"{next(iter(change))}=.*differs.*within one pack"):
+            check_packable([BASELINE, other])
+    assert "seed" in PACK_MEMBER_FIELDS and "dropout" not in PACK_MEMBER_FIELDS
+
+
+def test_the_seed_script_pipeline_does_not_pack():
+    with pytest.raises(ConfigError, match="cannot be packed"):
+        check_packable([BASELINE.replace(pipeline="seed_script")])
+
+
+def test_packing_needs_the_jax_backend_and_says_so(mnist):
+    from mnist_ablation.packed import PackBackendError, train_pack
+
+    with pytest.raises(PackBackendError, match="KERAS_BACKEND=jax"):
+        train_pack([BASELINE], mnist)
+
+
+# -- equivalence, member by member (a subprocess on JAX) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory, data_dir):
+    pytest.importorskip("jax")
+    import subprocess
+
+    out = tmp_path_factory.mktemp("packing") / "probe.json"
+    env = command_env("sqlite:///unused.db", data_dir, KERAS_BACKEND="jax")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "packing_probe.py"), str(out)], env=env,
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_each_member_starts_from_its_unpacked_weights_and_trains_on_its_batches(probe):
+    assert probe["backend"] == "jax"
+    trained = [m for m in probe["members"] if m["alone_outcome"] == "RunResult"]
+    assert len(trained) == 2
+    initial = [m["initial"] for m in trained]
+    for member in trained:
+        assert member["initial_difference"] == 0.0  # bit for bit
+        for batch in member["batches"]:
+            assert batch["rows"] == batch["alone_rows"] and batch["labels"] == batch["alone_labels"]
+            assert batch["pixels_difference"] < 1e-5  # the resampling on the device: float rounding
+    assert initial[0] != initial[1]  # seeds give their own weights
+    # The members' own streams: the non-augmented member's pixels are its rows, bit for bit.
+    assert all(b["pixels_difference"] == 0.0 for b in trained[1]["batches"])
+
+
+@pytest.mark.slow
+def test_the_first_update_of_each_augmented_member_equals_its_unpacked_run(probe):
+    # The seed's recipe (Adam), augmented on the device with each member's strengths: one step. Adam's first
+    # step is about learning_rate * sign(gradient), so where a gradient is near zero, float rounding of the
+    # pixels (1e-6) moves that weight by up to a fraction of 1e-3: a few weights in ten thousand.
+    assert len(probe["first_update"]) == 2
+    for member in probe["first_update"]:
+        assert member["largest"] < 5e-4 and member["share_above_1e-6"] < 1e-3, member
+
+
+@pytest.mark.slow
+def test_each_member_trains_as_its_unpacked_run_and_fails_or_stops_alone(probe):
+    augmented, early, diverged = probe["members"]
+    for member in (augmented, early):
+        assert member["outcome"] == member["alone_outcome"] == "RunResult"
+        assert member["weights_change"] > 1e-3  # it trained
+    # Without augmentation the inputs are the same bits, and so is the run, to float rounding.
+    assert early["weights_difference"] < 1e-5 and early["probabilities_difference"] < 1e-5
+    for key, values in early["alone_history"].items():
+        if key != "epoch_seconds":
+            assert early["history"][key] == pytest.approx(values, rel=1e-5, abs=1e-6), key
+    # Augmented pixels differ by float rounding (1e-6), which max-pooling and ReLU ties amplify step by step:
+    # the first epoch's metrics still agree closely.
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        assert augmented["history"][key][0] == pytest.approx(augmented["alone_history"][key][0], rel=1e-3), key
+    assert len(augmented["history"]["loss"]) == 2 and len(early["history"]["loss"]) == 1  # stopped alone
+    assert early["history"]["learning_rate"] == pytest.approx([0.02])  # its own schedule
+    assert diverged["outcome"] == diverged["alone_outcome"] == "TrainingDiverged"  # failed alone
+    assert diverged["message"] == diverged["alone_message"]
