@@ -21,6 +21,9 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.common import DASH, Benchmark, Rendered, finish_machine_record, is_missing, machine_record, number
+from benchmarks.common import table as section_table
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "layer_profile.json"
@@ -123,15 +126,57 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=50, help="timed repeats per layer (median)")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH)
     args = parser.parse_args(argv)
+    machine = machine_record()
     peak = matmul_peak_gflops()
     result = profile(args.batch, args.repeats)
-    result.update({"matmul_peak_gflops": peak, "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())})
+    result.update({"matmul_peak_gflops": peak, "machine": finish_machine_record(machine)})
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     print(table(result, peak))
     print(f"\nbatch {args.batch}; fp32 matmul peak {peak:.0f} GFLOP/s (4096x4096); {os.cpu_count()} cores; "
           f"wrote {args.output}")
     return 0
+
+
+# -- its section of docs/benchmarks.md (benchmarks/common.py) ----------------------------------------------------
+
+
+def render_report(data: dict, out: Rendered) -> None:
+    step = data.get("train_step_milliseconds")
+    peak = data.get("matmul_peak_gflops")
+
+    def share(milliseconds):
+        return f"{100 * milliseconds / step:.0f}%" if step and not is_missing(milliseconds) else DASH
+
+    def of_peak(rate):
+        return f"{100 * rate / peak:.0f}%" if peak and not is_missing(rate) else DASH
+
+    rows = [[row["layer"], row.get("kind", ""), "x".join(str(d) for d in row.get("output_shape", [])),
+             number(row.get("milliseconds"), 1), share(row.get("milliseconds")),
+             number(row.get("gflops_per_second"), 0), of_peak(row.get("gflops_per_second"))]
+            for row in data.get("layers", [])]
+    layers_sum = data.get("sum_of_layers_milliseconds")
+    if layers_sum is not None and step:
+        rows.append(["sum of the layers", "", "", number(layers_sum, 1), share(layers_sum), DASH, DASH])
+        rows.append(["rest (Adam, loss, glue)", "", "", number(step - layers_sum, 1), share(step - layers_sum),
+                     DASH, DASH])
+    rows.append(["whole train step", "`train_on_batch`, Adam included", "", number(step, 1), share(step),
+                 number(data.get("train_step_gflops_per_second"), 0),
+                 of_peak(data.get("train_step_gflops_per_second"))])
+    out.tables.append(section_table(["layer", "kind", "output", "ms", "share of step", "GFLOP/s", "% of peak"], rows))
+    out.lines.append(f"Batch {data.get('batch')}"
+                     + (f", median of {data['repeats']} repeats" if data.get("repeats") else "")
+                     + (f"; fp32 matmul peak {peak:.0f} GFLOP/s." if peak else "."))
+
+
+REPORT = Benchmark(
+    key="layer_profile", title="Layer profile", command="python -m benchmarks.layer_profile", order=30,
+    about=("Where a training step of the seed's model spends its time: each layer timed alone, forward and "
+           "backward, in one compiled `tf.function` on inputs of the shape it sees in the model, and the whole "
+           "`train_on_batch` step (Adam included), median over repeats, against the fp32 matmul peak."),
+    render=render_report,
+    reconstruct=lambda d: (f"python -m benchmarks.layer_profile --batch {d.get('batch')}"
+                           + (f" --repeats {d['repeats']}" if d.get("repeats") else "")))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,9 @@ On a machine with a GPU and Keras on JAX but no MLflow, train the cells there an
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -32,12 +29,25 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.common import (
+    DASH,
+    Benchmark,
+    Rendered,
+    finish_machine_record,
+    machine_record,
+    mean_std_percent,
+    number,
+    p_value,
+    percent,
+    points,
+)
+from benchmarks.common import table as section_table
+from mnist_ablation.defaults import CONFIDENCE, EQUIVALENCE_MARGIN
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 STUDY = "parity"
 BASELINE_ARM, SEED_SCRIPT_ARM = "baseline", "seed_script"
-EQUIVALENCE_MARGIN = 0.001  # +-0.1 points of accuracy
-CONFIDENCE = 0.95
 # mode: (train_subset (None = all 55,000 training images), epochs, seeds per arm, what it shows)
 MODES = {
     "smoke": (300, 1, 2, "checks the script end to end; its accuracies mean nothing"),
@@ -222,24 +232,6 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def machine() -> dict:
-    gpus = []
-    if shutil.which("nvidia-smi"):
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
-        gpus = [line for line in listed.stdout.splitlines() if line.strip()]
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "gpus": gpus, "load_average_1_5_15": list(os.getloadavg()),
-            "python": platform.python_version(), "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
-            "packages": {name: _version(name) for name in ("tensorflow", "keras", "jax", "numpy", "scipy", "mlflow")}}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=list(MODES), default="smoke",
@@ -278,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = ablate_command(train_subset, epochs, seeds, args.workers, tracking_uri, args.data_dir, args.overrides,
                              store_dir / "report", args.offline_cells)
+    machine = machine_record()
     started = time.perf_counter()
     ablate_exit = None
     if not args.skip_training:
@@ -324,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "ablate_exit_code": ablate_exit,
         "tracking_uri": _relative_uri(tracking_uri),
         "wall_seconds": time.perf_counter() - started,
-        "machine": machine(),
+        "machine": finish_machine_record(machine),
         **summary,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -343,6 +336,79 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.mode} mode {shows}.")
     print(f"wall time {result['wall_seconds']:.0f} s; results in {output}")
     return 0
+
+
+# -- its section of docs/benchmarks.md (benchmarks/common.py) ----------------------------------------------------
+
+
+def render_report(data: dict, out: Rendered) -> None:
+    rows = [[f"`{arm}`", f.get("n_seeds"), mean_std_percent({"mean": f.get("test_accuracy_mean"),
+                                                             "std": f.get("test_accuracy_std")}, 3),
+             percent(f.get("val_accuracy_mean"), 3), number(f.get("train_seconds_mean"), 1),
+             number(f.get("run_seconds_mean"), 1)]
+            for arm, f in data.get("arms", {}).items()]
+    out.tables.append(section_table(["arm", "seeds", "test accuracy % (mean ± std)", "val accuracy %",
+                             "s / cell (training)", "s / cell (whole run)"], rows))
+    protocol = data.get("protocol", {})
+    overrides = ", ".join(f"`--set {o}`" for o in protocol.get("overrides", []))
+    out.lines.append(f"{protocol.get('seeds_per_arm')} seeds per arm, {protocol.get('epochs')} epoch(s), training "
+                     f"images: {protocol.get('train_images')}" + (f", {overrides}" if overrides else "")
+                     + f". This mode shows {protocol.get('what_it_shows', DASH)}.")
+    c = data.get("comparison")
+    if not c:
+        out.lines.append("No comparison: the file has no paired `seed_script` and `baseline` cells.")
+        return
+    level = f"{round(100 * c.get('confidence', 0.95))}%"
+    out.tables.append(section_table([f"`{c['arm']}` minus `{c['baseline']}`", "value"], [
+        ["paired seeds × test images", f"{c.get('n_pairs')} × {c.get('n_images', 0):,}"],
+        ["difference (points)", points(c.get("delta"), signed=True)],
+        [f"{level} interval, seeds and test images random (points)",
+         f"[{points(c.get('delta_ci_low'), True)}, {points(c.get('delta_ci_high'), True)}]"],
+        ["p (difference)", p_value(c.get("p_value"))],
+        [f"TOST p (±{100 * c.get('equivalence_margin', 0.001):g} points)", p_value(c.get("equivalence_p_value"))],
+        ["standard error = seed part ⊕ test-image part (points)",
+         (f"{points(c.get('standard_error'))} = {points(c.get('standard_error_seed_part'))} ⊕ "
+          f"{points(c.get('standard_error_image_part'))}")],
+        ["interval width floor from the test set (points)", points(c.get("ci_width_floor"))],
+        [f"{level} interval, this test set only (points)",
+         (f"[{points(c.get('delta_ci_low_this_test_set'), True)}, "
+          f"{points(c.get('delta_ci_high_this_test_set'), True)}]")],
+        ["verdict", verdict(c)],
+    ]))
+    protocols = data.get("protocols")
+    if protocols:
+        means = protocols.get("test_accuracy_mean", {})
+        stds = protocols.get("test_accuracy_std", {})
+        out.lines.append(f"The trainer under two protocols (`--compare-protocols`): {protocols['arm']} minus "
+                         f"{protocols['baseline']}.")
+        out.tables.append(section_table(["the seed's protocol minus the default split", "value"], [
+            ["test accuracy % (mean ± std), default split",
+             mean_std_percent({"mean": means.get("validation_split"), "std": stds.get("validation_split")}, 3)],
+            ["test accuracy % (mean ± std), the seed's protocol",
+             mean_std_percent({"mean": means.get("validation_test"), "std": stds.get("validation_test")}, 3)],
+            ["paired seeds", protocols.get("n_pairs")],
+            ["difference (points)", points(protocols.get("delta"), signed=True)],
+            [f"{level} interval, seeds and test images random (points)",
+             f"[{points(protocols.get('delta_ci_low'), True)}, {points(protocols.get('delta_ci_high'), True)}]"],
+            ["p (difference)", p_value(protocols.get("p_value"))],
+            [f"{level} interval, this test set only (points)",
+             (f"[{points(protocols.get('delta_ci_low_this_test_set'), True)}, "
+              f"{points(protocols.get('delta_ci_high_this_test_set'), True)}]")],
+            ["command", f"`{protocols.get('command', DASH)}`"],
+        ]))
+
+
+REPORT = Benchmark(
+    key="parity", title="Parity", command="python -m benchmarks.parity", order=70,
+    about=("The `parity` study: the trainer's `baseline` against `seed_script`, the seed's own code as written, "
+           "on the same split, epochs and seeds, compared with seeds and test images random and an equivalence "
+           "test (TOST) at ±0.1 points. See [parity.md](parity.md) for what it does and does not show in each "
+           "mode."),
+    render=render_report,
+    missing=("Not yet measured. `python -m benchmarks.parity --mode cpu` (all 55,000 training images × 3 epochs, "
+             "8 seeds per arm: about an hour and a half on 2 cores) writes `benchmarks/results/parity-cpu.json`, "
+             "and `--mode full` (15 epochs, 5 seeds per arm, a GPU machine) `parity-full.json`; then regenerate "
+             "this page with `python -m benchmarks.report`."))
 
 
 if __name__ == "__main__":

@@ -16,27 +16,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from benchmarks.common import Benchmark, Rendered, finish_machine_record, machine_record, number, percent
+from benchmarks.common import table as section_table
+from mnist_ablation.config import BASELINE, TrainConfig
+
+if TYPE_CHECKING:
+    from mnist_ablation.data import Mnist
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import optuna  # noqa: E402
-
-from mnist_ablation import search_space, tuning  # noqa: E402
-from mnist_ablation.config import BASELINE, TrainConfig  # noqa: E402
-from mnist_ablation.data import Mnist, load_mnist  # noqa: E402
-from mnist_ablation.train import TrainingDiverged, train  # noqa: E402
-
 RESULTS = Path(__file__).resolve().parent / "results" / "pruning.json"
 
 
-class UntrackedObjective(tuning.Objective):
-    """The tuning objective with the same pruning callback, training without an MLflow run."""
+def untracked_objective(base: TrainConfig, data: Mnist, name: str):
+    """The tuning objective with the same pruning callback, training without an MLflow run.
 
-    def run_trial(self, trial, config: TrainConfig, tags) -> dict[str, list[float]]:
-        return train(config, self.data, callbacks=[tuning.PruningCallback(trial)], verbose=0).history
+    Built here, not at import: the report reads this module's ``REPORT`` without loading Optuna or Keras.
+    """
+    from mnist_ablation import tuning
+    from mnist_ablation.train import train
+
+    class UntrackedObjective(tuning.Objective):
+        def run_trial(self, trial, config: TrainConfig, tags) -> dict[str, list[float]]:
+            return train(config, self.data, callbacks=[tuning.PruningCallback(trial)], verbose=0).history
+
+    return UntrackedObjective(base, data, name, parent_run_id="")
 
 
 def _print_trial(study, trial) -> None:
@@ -45,12 +52,17 @@ def _print_trial(study, trial) -> None:
 
 
 def run_study(pruner_name: str, base: TrainConfig, data: Mnist, n_trials: int, sampler_seed: int) -> dict:
+    import optuna
+
+    from mnist_ablation import search_space, tuning
+    from mnist_ablation.train import TrainingDiverged
+
     study = optuna.create_study(study_name=f"pruning-{pruner_name}", direction="maximize",
                                 sampler=search_space.build_sampler("tpe", sampler_seed),
                                 pruner=search_space.build_pruner(pruner_name, base.epochs))
     study.enqueue_trial(search_space.baseline_params(base), user_attrs={tuning.BASELINE_ATTR: True})
     start = time.perf_counter()
-    study.optimize(UntrackedObjective(base, data, f"pruning-{pruner_name}", parent_run_id=""),
+    study.optimize(untracked_objective(base, data, f"pruning-{pruner_name}"),
                    n_trials=n_trials, catch=(TrainingDiverged,), callbacks=[_print_trial])
     seconds = time.perf_counter() - start
     trials = study.trials
@@ -82,11 +94,13 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
+    from mnist_ablation.data import load_mnist
+
     base = BASELINE.replace(epochs=args.epochs, train_subset=args.train_subset)
     data = load_mnist(args.data_dir)
-    load_before = os.getloadavg()
+    machine = machine_record()
     results = [run_study(name, base, data, args.n_trials, args.sampler_seed) for name in (args.pruner, "none")]
-    load_after = os.getloadavg()
+    finish_machine_record(machine)
 
     pruned, full = results
     print(f"\n{args.n_trials} trials x {args.epochs} epochs on {args.train_subset} images, "
@@ -105,13 +119,44 @@ def main(argv=None) -> int:
                      "sampler": "tpe", "sampler_seed": args.sampler_seed, "pruner": args.pruner,
                      "pruner_definition": "MedianPruner(n_startup_trials=3, n_warmup_steps=1)"
                      if args.pruner == "median" else args.pruner},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "load_average_before": load_before, "load_average_after": load_after},
+        "machine": machine,
         "epochs_saved_fraction": saved,
         "results": results,
     }, indent=2))
     print(f"wrote {args.output}")
     return 0
+
+
+# -- its section of docs/benchmarks.md (benchmarks/common.py) ----------------------------------------------------
+
+
+def render_report(data: dict, out: Rendered) -> None:
+    settings = data.get("settings", {})
+    rows = [[row["pruner"], f"{row.get('pruned', 0)} of {row.get('trials')}",
+             f"{row.get('epochs_trained')} / {row.get('epochs_budget')}",
+             f"{number(row.get('best_val_accuracy'), 4)} ({row.get('best_trial')})", number(row.get("seconds"), 0)]
+            for row in data.get("results", [])]
+    out.tables.append(section_table(["pruner", "trials pruned", "epochs trained", "best validation accuracy (trial)",
+                             "wall seconds"], rows))
+    out.lines.append(f"{settings.get('n_trials')} trials × {settings.get('epochs')} epochs on "
+                     f"{settings.get('train_subset', 0):,} training images, {settings.get('sampler', 'tpe').upper()} "
+                     f"seed {settings.get('sampler_seed')}; pruner `{settings.get('pruner_definition')}`. "
+                     f"Pruning saved {percent(data.get('epochs_saved_fraction'), 0)}% of the epochs.")
+
+
+def report_command(data: dict) -> str:
+    """The command of a result that did not record it, from its settings."""
+    s = data.get("settings", {})
+    return (f"python -m benchmarks.pruning --n-trials {s.get('n_trials')} --epochs {s.get('epochs')} --train-subset "
+            f"{s.get('train_subset')} --sampler-seed {s.get('sampler_seed')} --pruner {s.get('pruner')}")
+
+
+REPORT = Benchmark(
+    key="pruning", title="Pruning", command="python -m benchmarks.pruning", order=40,
+    about=("The same tuning study twice, with the median pruner and without (trials train without MLflow). TPE's "
+           "seeded start-up trials make both studies try the same configs, so the difference is where pruning "
+           "stopped a trial; epochs trained are the measure, wall seconds depend on the machine's load."),
+    render=render_report, reconstruct=report_command)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m benchmarks.serve_latency                       # trains a tiny run into a temporary store
     python -m benchmarks.serve_latency --run-id ID [--tracking-uri URI] --requests 500
 
-Starts ``python -m mnist_ablation.serve`` on a free 127.0.0.1 port, warms it up, then sends a bounded
+Starts ``python -m experiments.serve`` on a free 127.0.0.1 port, warms it up, then sends a bounded
 number of sequential requests with one keep-alive httpx client in three scenarios: a 28x28 MNIST test
 image, the page's 112x112 drawing (MNIST preprocessing on the server), and the ensemble of all offered
 runs. Without ``--run-id``/``--study`` it trains one tiny run (300 images, 1 epoch): the network is the
@@ -14,10 +14,8 @@ writes ``benchmarks/results/serve_latency.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import Benchmark, Rendered, finish_machine_record, machine_record, machine_text, number
+from benchmarks.common import table as section_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "serve_latency.json"
@@ -74,7 +75,7 @@ def start_server(arguments: list[str], log_path: Path) -> tuple[subprocess.Popen
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mnist_ablation.serve", *arguments, "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "experiments.serve", *arguments, "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "warning"]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -134,15 +135,6 @@ def drawing_payloads(images: np.ndarray, count: int) -> list[dict]:
              .tolist()} for image in images[:count]]
 
 
-def machine() -> dict:
-    model = ""
-    with contextlib.suppress(OSError, StopIteration):
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    return {"platform": platform.platform(), "cpu": model, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "load_average_at_start": list(os.getloadavg())}
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import httpx
@@ -150,7 +142,7 @@ def main(argv=None) -> int:
     from mnist_ablation.data import load_mnist
 
     images = load_mnist(args.data_dir).x_test[:50, :, :, 0]
-    info = machine()
+    info = machine_record()
     with tempfile.TemporaryDirectory(prefix="serve_latency_") as scratch:
         scratch_path = Path(scratch)
         if args.study:
@@ -181,10 +173,9 @@ def main(argv=None) -> int:
         finally:
             process.terminate()
             process.wait(timeout=30)
-    info["load_average_at_end"] = list(os.getloadavg())
+    finish_machine_record(info)
     print(f"\nPOST /api/predict, {args.requests} sequential requests per scenario after {args.warmup} warm-up, "
-          f"one keep-alive client on 127.0.0.1\n{info['cpu']} ({info['cpu_count']} CPUs), "
-          f"load average at start {info['load_average_at_start'][0]:.1f}\n")
+          f"one keep-alive client on 127.0.0.1\n{machine_text(info)}\n")
     header = f"{'scenario':<34}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}{'server p50':>12}{'body KB':>9}"
     print(header)
     print("-" * len(header))
@@ -200,6 +191,34 @@ def main(argv=None) -> int:
     }, indent=2))
     print(f"\nwrote {args.output}")
     return 0
+
+
+# -- its section of docs/benchmarks.md (benchmarks/common.py) ----------------------------------------------------
+
+
+def render_report(data: dict, out: Rendered) -> None:
+    rows = [[name, row.get("requests"), number(row.get("p50_ms"), 1), number(row.get("p90_ms"), 1),
+             number(row.get("p99_ms"), 1), number(row.get("server_p50_ms"), 1)]
+            for name, row in data.get("results", {}).items()]
+    out.tables.append(section_table(["request", "requests", "p50 (ms)", "p90 (ms)", "p99 (ms)", "server-side p50 (ms)"],
+                                    rows))
+    models = data.get("models")
+    if isinstance(models, list):
+        models = ", ".join(str(m.get("label", m.get("run_id"))) for m in models)
+    out.lines.append(f"`{data.get('endpoint', 'POST /api/predict')}`, sequential requests after "
+                     f"{data.get('warmup')} warm-up requests, one keep-alive httpx client on 127.0.0.1"
+                     + (f"; served: {models}." if models else "."))
+
+
+REPORT = Benchmark(
+    key="serve_latency", title="Explorer latency", command="python -m benchmarks.serve_latency", order=50,
+    about=("Latency of the model explorer's `POST /api/predict` over HTTP: sequential requests after a warm-up, "
+           "one keep-alive client on 127.0.0.1, for a 28x28 image, the page's 112x112 drawing (MNIST "
+           "preprocessing on the server) and the ensemble of all offered runs; server-side times come from the "
+           "`Server-Timing` header. See [explorer.md](explorer.md)."),
+    render=render_report,
+    reconstruct=lambda d: (f"python -m benchmarks.serve_latency --requests {d.get('requests_per_scenario')} "
+                           f"--warmup {d.get('warmup')}"))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,8 @@ against the best 4096x4096 fp32 ``tf.matmul`` rate measured in a worker of its o
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -36,6 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import (
+    Benchmark,
+    Rendered,
+    finish_machine_record,
+    machine_record,
+    machine_text,
+    number,
+    percent,
+    spread,
+)
+from benchmarks.common import table as section_table
 from mnist_ablation.seed_pipeline import lr_scheduler as seed_lr_scheduler  # import-light: no Keras
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "speed.json"
@@ -324,10 +333,6 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _load_average() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
-
-
 def run_benchmark(mode: str, path_names: list[str], rounds: int, timed_steps: int | None,
                   warmup_steps: int, log=print) -> dict[str, Any]:
     """Measure ``path_names`` in ``rounds`` rotating rounds; return the JSON-able summary."""
@@ -336,7 +341,7 @@ def run_benchmark(mode: str, path_names: list[str], rounds: int, timed_steps: in
         raise ValueError(f"unknown speed path(s) {unknown}; known paths: {', '.join(PATHS)}.")
     if "seed" not in path_names:
         raise ValueError("the 'seed' path is the reference for the ratios; include it in --paths.")
-    load_before = _load_average()
+    machine = machine_record()
     workers = {name: Worker(name, timed_steps, warmup_steps) for name in ["matmul", *path_names]}
     try:
         info = {name: worker.read() for name, worker in workers.items()}
@@ -359,11 +364,11 @@ def run_benchmark(mode: str, path_names: list[str], rounds: int, timed_steps: in
                 worker.process.kill()
             worker.process.wait()
     return _summarise(mode, path_names, rounds, timed_steps, warmup_steps, info, measurements,
-                      load_before, _load_average())
+                      finish_machine_record(machine))
 
 
 def _summarise(mode, path_names, rounds, timed_steps, warmup_steps, info, measurements,
-               load_before, load_after) -> dict[str, Any]:
+               machine: dict[str, Any]) -> dict[str, Any]:
     peak_flops = max(m["flops_per_second"] for m in measurements["matmul"])
     per_round_rate = {
         name: [m["timed_steps"] * info[name]["batch_size"] / m["timed_seconds"] for m in measurements[name]]
@@ -406,28 +411,10 @@ def _summarise(mode, path_names, rounds, timed_steps, warmup_steps, info, measur
         "warmup_steps": warmup_steps,
         "matmul_peak_gflops": peak_flops / 1e9,
         "matmul_gflops_per_round": [m["flops_per_second"] / 1e9 for m in measurements["matmul"]],
-        "machine": {
-            "cpu": _cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "tensorflow": importlib.metadata.version("tensorflow"),
-            "load_average_before": load_before,
-            "load_average_after": load_after,
-        },
+        "machine": machine,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "paths": rows,
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -447,9 +434,7 @@ def format_table(summary: dict[str, Any]) -> str:
     lines.append(
         f"mode {summary['mode']}, {summary['rounds']} rounds; fp32 matmul peak "
         f"{summary['matmul_peak_gflops']:.0f} GFLOP/s ({MATMUL_SIZE}x{MATMUL_SIZE}); training "
-        f"{summary['paths'][0]['training_flops_per_image'] / 1e6:.1f} MFLOP/image; {machine['cpu']}, "
-        f"{machine['cpu_count']} cores, load average {machine['load_average_before']} -> "
-        f"{machine['load_average_after']}"
+        f"{summary['paths'][0]['training_flops_per_image'] / 1e6:.1f} MFLOP/image; {machine_text(machine)}"
     )
     return "\n".join(lines)
 
@@ -483,6 +468,57 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps(summary, indent=2))
     print(f"wrote {args.output}")
     return 0
+
+
+# -- its section of docs/benchmarks.md (benchmarks/common.py) ----------------------------------------------------
+
+
+def render_report(data: dict, out: Rendered) -> None:
+    rows = []
+    for path in data.get("paths", []):
+        rows.append([f"`{path['path']}`", spread(path.get("images_per_second"), 0),
+                     spread(path.get("milliseconds_per_step"), 1), spread(path.get("seconds_per_epoch"), 1),
+                     spread(path.get("ratio_to_seed"), 2), percent(path.get("fraction_of_matmul_peak"), 1),
+                     number(path.get("peak_rss_megabytes"), 0)])
+    out.tables.append(section_table(["path", "images/s", "ms/step", "s/epoch", "× seed (images/s, per round)",
+                             "% of matmul peak", "peak RSS (MB)"], rows))
+    setup = [f"{data['mode']} mode" if data.get("mode") else None,
+             f"{data['timed_steps']} timed steps" if data.get("timed_steps") else None,
+             f"after {data['warmup_steps']} warm-up steps" if data.get("warmup_steps") else None,
+             f"{data['rounds']} rounds" if data.get("rounds") else None]
+    text = ", ".join(part for part in setup if part)
+    out.lines.append((text + "; " if text else "") + "medians over rounds, [min-max] where the file has them.")
+    flops = next((p["training_flops_per_image"] for p in data.get("paths", []) if p.get("training_flops_per_image")),
+                 None)
+    if data.get("matmul_peak_gflops"):
+        out.lines.append(f"fp32 matmul peak (4096x4096 `tf.matmul`): {data['matmul_peak_gflops']:.0f} GFLOP/s"
+                         + (f"; training counts {flops / 1e6:.2f} MFLOP per image." if flops else "."))
+    out.lines += [f"`{p['path']}`: {p['description']}" for p in data.get("paths", []) if p.get("description")]
+
+
+def report_command(data: dict) -> str:
+    """The command of a result that did not record it, from its settings."""
+    flags = [f"--mode {data['mode']}"] if data.get("mode") else []
+    if data.get("mode") == "short" and data.get("timed_steps") not in (None, 200):
+        flags.append(f"--steps {data['timed_steps']}")
+    if data.get("rounds") not in (None, 3):
+        flags.append(f"--rounds {data['rounds']}")
+    return " ".join(["python -m benchmarks.speed", *flags])
+
+
+REPORT = Benchmark(
+    key="speed", title="Training speed", command="python -m benchmarks.speed", order=10,
+    about=("The seed's pipeline as its text writes it (`Sequential`, "
+           "`ImageDataGenerator(...).flow(batch_size=32)`, `model.fit` with `LearningRateScheduler`, validation "
+           "on the 10,000 test images) against the project's trainer (`mnist_ablation.train.train` at "
+           "`BASELINE`) and the trainer with `steps_per_execution=1`, on one machine. Each path runs in a "
+           "persistent worker process of its own (so its peak RSS is its own); the parent drives them one at a "
+           "time in rounds, rotating the order, and the ratio to the seed is taken within each round. Short mode "
+           "times 200 steps of batch 32 after 20 warm-up steps; `--mode full` times whole epochs. \"% of matmul "
+           "peak\" divides the training FLOPs by the best 4096x4096 fp32 `tf.matmul` rate of the same run; "
+           "s/epoch in short mode is the epoch's images at the measured rate plus the measured validation pass "
+           "(10,000 test images for the seed, the 5,000-image split for the trainer)."),
+    render=render_report, reconstruct=report_command)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchmarks.common import Benchmark, Rendered, finish_machine_record, machine_record, number
+from benchmarks.common import table as section_table
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "study_throughput.json"
 
@@ -46,6 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(RESULTS_PATH))
     args = parser.parse_args(argv)
 
+    machine = machine_record()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     size = ["--train-subset", str(args.train_subset), "--epochs", str(args.epochs)]
     rows = []
@@ -68,11 +72,11 @@ def main(argv=None) -> int:
         row.pop("code", None)
     result = {
         "cells": args.cells, "train_subset": args.train_subset, "epochs": args.epochs,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "load_average": os.getloadavg()},
+        "machine": finish_machine_record(machine),
         "rows": rows,
     }
-    print(f"{args.cells} runs of {args.train_subset} images x {args.epochs} epoch(s), load {os.getloadavg()[0]:.1f}")
+    print(f"{args.cells} runs of {args.train_subset} images x {args.epochs} epoch(s), "
+          f"load {machine['load_average']['start'][0]:.1f}")
     print(f"{'mode':36s} {'seconds':>8s} {'runs/hour':>10s} {'x seed loop':>12s} {'peak RSS MB':>12s}")
     for row in rows:
         print(f"{row['mode']:36s} {row['seconds']:8.1f} {row['runs_per_hour']:10.1f} "
@@ -80,6 +84,36 @@ def main(argv=None) -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
     return 0
+
+
+# -- its section of docs/benchmarks.md (benchmarks/common.py) ----------------------------------------------------
+
+
+def render_report(data: dict, out: Rendered) -> None:
+    cells = data.get("cells")
+    rows = [[row["mode"], number(row.get("seconds"), 1), number(row.get("runs_per_hour"), 0),
+             number(row.get("ratio_to_seed_loop"), 2), number(row.get("peak_rss_mb"), 0)]
+            for row in data.get("rows", [])]
+    out.tables.append(section_table(["mode", f"seconds for {cells} runs", "runs per hour", "× seed loop",
+                             "peak RSS of the largest process (MB)"], rows))
+    out.lines.append(f"{cells} runs (the baseline arm, seeds 0-{cells - 1}) of {data.get('train_subset', 0):,} "
+                     f"training images × {data.get('epochs')} epoch(s) each, the modes one after the other.")
+
+
+def report_command(data: dict) -> str:
+    """The command of a result that did not record it, from its settings."""
+    workers = max([int(m) for row in data.get("rows", []) for m in re.findall(r"--workers (\d+)", row["mode"])] or [2])
+    return (f"python -m benchmarks.study_throughput --cells {data.get('cells')} --train-subset "
+            f"{data.get('train_subset')} --epochs {data.get('epochs')} --workers {workers}")
+
+
+REPORT = Benchmark(
+    key="study_throughput", title="Study throughput", command="python -m benchmarks.study_throughput", order=20,
+    about=("Whole studies: the same cells (the baseline arm, several seeds) run as a sequential loop of the "
+           "seed's script (`benchmarks/seed_script.py`, one process per run), as `experiments.ablate --workers "
+           "1` and as `experiments.ablate --workers 2`, one after the other on the same machine, with everything "
+           "logged to MLflow in the ablate modes."),
+    render=render_report, reconstruct=report_command)
 
 
 if __name__ == "__main__":

@@ -20,17 +20,23 @@ import subprocess
 import sys
 import time
 
+from tqdm.auto import tqdm
+
 from experiments.cli import (
     add_config_arguments,
     add_data_arguments,
     add_equivalence_margin_argument,
+    add_smallest_effect_argument,
     add_tracking_arguments,
     apply_tracking_arguments,
     check_equivalence_margin,
+    check_output_directory,
+    check_smallest_effect,
     run_command,
 )
+from mnist_ablation import defaults
 from mnist_ablation.config import TrainConfig, parse_set_arguments, with_overrides
-from mnist_ablation.redaction import redact, redact_argv
+from mnist_ablation.redaction import printable, redact, redact_argv
 from mnist_ablation.studies import DEFAULT_STUDY, STUDIES, Study, describe_identical, identical_arms
 
 # Batch norm's moving statistics (momentum 0.99) lag the fast-changing early network: measured here, a
@@ -42,16 +48,23 @@ QUICK_PRESET = {"train_subset": 12000, "epochs": 2, "seeds": 2}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.ablate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s); see --list")
+    parser.add_argument("--study", default=None,
+                        help=f"study name (default: {DEFAULT_STUDY}); see --list. A study first run from a "
+                             "--study-file is found by its name in the tracking store")
+    parser.add_argument("--study-file", metavar="FILE", default=None,
+                        help="run the study a TOML file of your own defines (name, question, [baseline], "
+                             "[arms.NAME]; docs/studies.md); it is recorded with the study")
     parser.add_argument("--arms", default=None, help="comma-separated subset of the study's arms (default: all)")
     parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 per arm (default 3)")
     parser.add_argument("--target-ci-width", type=float, default=None, metavar="W",
                         help="precision-driven seeding: after the first --seeds, add seeds in rounds to every arm "
-                             "whose 95%% interval of the difference from the baseline is wider than W (0.001 = "
-                             "0.1 points), until it is narrower, has --max-seeds seeds, or the test set limits it")
+                             f"whose {100 * defaults.CONFIDENCE:.0f}%% interval of the difference from the baseline "
+                             "is wider than W (0.001 = 0.1 points), until it is narrower, has --max-seeds seeds, or "
+                             "the test set limits it")
     parser.add_argument("--max-seeds", type=int, default=None, metavar="M",
-                        help="with --target-ci-width: at most M seeds per arm (default: 10)")
+                        help=f"with --target-ci-width: at most M seeds per arm (default: {defaults.MAX_SEEDS})")
     add_equivalence_margin_argument(parser)
+    add_smallest_effect_argument(parser)
     add_config_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help=f"a first look in minutes: {QUICK_PRESET} (explicit flags win)")
@@ -79,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_data_arguments(parser)
     add_tracking_arguments(parser, runs=True)
     args = parser.parse_args(argv)
+    if args.study and args.study_file:
+        parser.error("--study and --study-file: choose one (the file names its study)")
+    if not args.study_file:
+        args.study = args.study or DEFAULT_STUDY
     if args.offline and args.import_offline:
         parser.error("--offline and --import-offline: choose one (train offline, then import on the tracking machine)")
     if args.quick:
@@ -87,26 +104,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                 setattr(args, key, value)
     if args.seeds is None:
         args.seeds = 3
-    if args.seeds < 1:
-        parser.error(f"--seeds {args.seeds}: expected an integer >= 1")
-    if args.max_seeds is not None and args.target_ci_width is None:
-        parser.error("--max-seeds needs --target-ci-width W (the interval width that stops adding seeds)")
-    if args.target_ci_width is not None:
-        if not 0 < args.target_ci_width < 1:
-            parser.error(f"--target-ci-width {args.target_ci_width}: expected a fraction in (0, 1), e.g. 0.002 "
-                         "for an interval 0.2 points wide")
-        args.max_seeds = 10 if args.max_seeds is None else args.max_seeds
-        if args.max_seeds < max(2, args.seeds):
-            parser.error(f"--max-seeds {args.max_seeds}: expected an integer >= --seeds ({args.seeds}) and >= 2")
     check_equivalence_margin(parser, args)
+    check_smallest_effect(parser, args)
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: expected an integer >= 1")
     return args
 
 
-def list_studies() -> str:
+def list_studies(studies) -> str:
     lines = []
-    for study in STUDIES.values():
+    for study in studies:
         lines.append(f"{study.name}: {study.description}")
         for arm in study.arms:
             diff = study.overrides(arm)
@@ -114,40 +121,60 @@ def list_studies() -> str:
     return "\n".join(lines)
 
 
-def study_configs(study: Study, args: argparse.Namespace) -> dict[str, TrainConfig]:
-    """Each selected arm's config with the command line's overrides applied (validated here, before any run)."""
+def recorded_study(name: str, tracking_uri: str | None) -> Study:
+    """The study a ``--study-file`` recorded in the tracking store under ``name`` (reads the store: MLflow)."""
+    from mnist_ablation import store, tracking
+
+    tracking.ensure_tracking_uri(tracking_uri)
+    return store.get_study(name)
+
+
+def study_configs(study: Study, args: argparse.Namespace, paired: bool = False) -> dict[str, TrainConfig]:
+    """Each selected arm's config with the command line's overrides applied (validated here, before any run).
+
+    ``paired`` (a precision rule): the baseline arm is always run, since every added seed is paired with it.
+    """
     overrides = parse_set_arguments(args.overrides)
     for flag in ("epochs", "train_subset"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     arms = list(study.arms) if not args.arms else [a.strip() for a in args.arms.split(",") if a.strip()]
-    if args.target_ci_width is not None and study.baseline_arm not in arms:
-        arms.insert(0, study.baseline_arm)  # every added seed is paired with a baseline run
+    if paired and study.baseline_arm not in arms:
+        arms.insert(0, study.baseline_arm)
     return {arm: with_overrides(study.arm(arm), overrides) for arm in arms}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.study_file:
+        from mnist_ablation.study_file import load_study_file
+
+        study = load_study_file(args.study_file)  # checked before anything runs
+        args.study = study.name
     if args.list:
-        print(list_studies())
+        print(list_studies([study] if args.study_file else STUDIES.values()))
         return 0
-    study = STUDIES[args.study]
-    configs = study_configs(study, args)
+    from mnist_ablation import sweep
+
+    if not args.study_file:
+        study = STUDIES[args.study] if args.study in STUDIES else recorded_study(args.study, args.tracking_uri)
+    precision = sweep.PrecisionRule.from_options(args.target_ci_width, args.max_seeds)
+    configs = study_configs(study, args, paired=precision is not None)
     for group in identical_arms(configs):
         print(f"note: {describe_identical(configs, group)}.", flush=True)
     if args.offline:
-        return run_offline(configs, args)
+        return run_offline(study, configs, args)
+    if not args.no_report and not args.worker_only:
+        check_output_directory(args.output)  # a report that cannot be written fails now, not after every cell
     from mnist_ablation import ablation
 
-    precision = (ablation.PrecisionRule(args.target_ci_width, args.max_seeds)
-                 if args.target_ci_width is not None else None)
     apply_tracking_arguments(args)
     # Opening the runner checks the stores and the data, and creates the MLflow and queue databases, so
     # that workers started next never race to create the same tables.
     runner = ablation.StudyRunner.open(
         study, configs, seeds=range(args.seeds), data_dir=args.data_dir, tracking_uri=args.tracking_uri,
         storage_url=args.storage, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-        command=recorded_command(args, argv), precision=precision,
+        command=recorded_command(args, argv), precision=precision, observer=ProgressObserver(),
     )
     if args.import_offline:
         imported, skipped, problems = runner.import_offline(args.import_offline)
@@ -164,19 +191,24 @@ def main(argv=None) -> int:
     return finish(runner, args, failed=outcome.failed)
 
 
-def run_offline(configs: dict[str, TrainConfig], args: argparse.Namespace) -> int:
+def run_offline(study: Study, configs: dict[str, TrainConfig], args: argparse.Namespace) -> int:
     """``--offline DIR``: train the cells into folders, with no tracking store."""
     from mnist_ablation import offline
 
     started = time.perf_counter()
-    trained, skipped, failures = offline.run_offline(configs, range(args.seeds), args.data_dir, args.offline,
-                                                     workers=args.workers)
+    trained, skipped, failures = offline.run_offline(study, configs, range(args.seeds), args.data_dir, args.offline,
+                                                     workers=args.workers, report=_print_flushed)
     print(f"trained {trained} cell(s) in {time.perf_counter() - started:.0f} s ({skipped} already saved) into "
-          f"{args.offline}; log them with: python -m experiments.ablate --study {args.study} --seeds {args.seeds} "
+          f"{args.offline}; log them with: python -m experiments.ablate {study_flag(args)} --seeds {args.seeds} "
           f"--import-offline {args.offline} (plus the same --epochs/--train-subset/--set)")
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def study_flag(args: argparse.Namespace) -> str:
+    """How a follow-up command names this study: its file when it came from one (the store may not have it yet)."""
+    return f"--study-file {args.study_file}" if args.study_file else f"--study {args.study}"
 
 
 def launch_workers(runner, args: argparse.Namespace, argv: list[str]) -> list[int]:
@@ -193,7 +225,7 @@ def launch_workers(runner, args: argparse.Namespace, argv: list[str]) -> list[in
         with open(log_dir / f"worker-{index}.log", "w") as handle:  # the worker keeps its own copy
             processes.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT))
     try:
-        runner.watch(processes)
+        watch(runner, processes)
         return [process.wait() for process in processes]
     except KeyboardInterrupt:
         # Workers got the same SIGINT: they mark their runs KILLED and exit; wait for that.
@@ -202,11 +234,80 @@ def launch_workers(runner, args: argparse.Namespace, argv: list[str]) -> list[in
         raise
 
 
+def _print_flushed(text: str) -> None:
+    print(text, flush=True)
+
+
+class ProgressObserver:
+    """Draws a worker's sweep: a progress bar per queue round, the running cell's epoch, and the runner's lines."""
+
+    def __init__(self):
+        self.bar = None
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            tqdm.write(text)
+        else:
+            print(text, flush=True)
+
+    def round_started(self, label: str, total: int, settled: int) -> None:
+        self.bar = tqdm(total=total, desc=label, unit="cell", dynamic_ncols=True, file=sys.stdout, smoothing=0)
+        self.bar.update(settled)
+
+    def cell_started(self, label: str) -> None:
+        self.bar.set_postfix_str(f"{label} starting")
+
+    def epoch_ended(self, label: str, epoch: int, epochs: int, logs) -> None:
+        self.bar.set_postfix_str(f"{label} epoch {epoch + 1}/{epochs} loss {logs.get('loss', float('nan')):.3f} "
+                                 f"val_acc {logs.get('val_accuracy', float('nan')):.4f}")
+
+    def cell_settled(self) -> None:
+        self.bar.update(1)
+
+    def round_ended(self) -> None:
+        self.bar.close()
+        self.bar = None
+
+
+def watch(runner, processes: list[subprocess.Popen], poll_seconds: float = 2.0) -> None:
+    """One progress line for the whole sweep while ``processes`` run: per round, done / total, running, ETA."""
+    bar, current, shown = None, None, None
+    # On a terminal the line redraws in place; in a log file, a new line only every half minute.
+    interval = 0.5 if sys.stdout.isatty() else 30.0
+    try:
+        while any(process.poll() is None for process in processes):
+            latest = runner.latest_round()
+            if latest is not None:
+                label, progress = latest
+                if label != current:
+                    if bar is not None:
+                        bar.close()
+                        still_open = sorted({c.arm for c in progress.cells} - {runner.plan.baseline})
+                        print(f"precision round {label.rsplit(' ', 1)[-1]}: arms still open: {', '.join(still_open)}",
+                              flush=True)
+                    current = label
+                    bar = tqdm(total=len(progress.cells), unit="cell", dynamic_ncols=True, desc=label,
+                               file=sys.stdout, mininterval=interval, smoothing=0)  # ETA from the round's throughput
+                if bar.total != len(progress.cells):  # the round's creator may still be publishing its cells
+                    bar.total = len(progress.cells)
+                bar.update(progress.settled - bar.n)
+                running = progress.running
+                text = f"running {len(running)}: {', '.join(c.key for c in running)}" + (
+                    f"; {progress.failed} failed" if progress.failed else "")
+                if text != shown:
+                    bar.set_postfix_str(text, refresh=False)
+                    shown = text
+            time.sleep(poll_seconds)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def recorded_command(args: argparse.Namespace, argv=None) -> list[str]:
     """This command as it reproduces the study from anywhere: module form, with the study and the store named."""
     command = ["python", "-m", "experiments.ablate",
                *[a for a in (sys.argv[1:] if argv is None else argv) if a != "--worker-only"]]
-    if "--study" not in command:
+    if "--study" not in command and "--study-file" not in command:
         command += ["--study", args.study]
     if "--tracking-uri" not in command:
         from mnist_ablation.tracking import resolve_tracking_uri
@@ -220,12 +321,14 @@ def finish(runner, args: argparse.Namespace, failed: int) -> int:
     summary = runner.write_summary()
     print()
     print(f"Study {runner.study.name!r}: test accuracy per arm over seeds (finished runs)")
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(printable(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), lines=True))
     if not args.no_report:
         report_command = ["python", "-m", "experiments.report", "--study", args.study,
                           "--tracking-uri", runner.tracking_uri, "--equivalence-margin", str(args.equivalence_margin)]
+        if args.smallest_effect is not None:
+            report_command += ["--smallest-effect", str(args.smallest_effect)]
         report = runner.write_report(args.output, equivalence_margin=args.equivalence_margin,
-                                     report_command=redact_argv(report_command))
+                                     report_command=redact_argv(report_command), smallest_effect=args.smallest_effect)
         print(f"report: {report.html_path} (also under report/ on the parent run)")
     print()
     print(f"MLflow: experiment {runner.experiment_name!r}, parent run {runner.parent_run_id}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import signal
 import sys
@@ -13,8 +14,10 @@ from collections.abc import Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+from mnist_ablation import defaults  # noqa: E402
 from mnist_ablation.config import BASELINE, TrainConfig, parse_set_arguments, with_overrides  # noqa: E402
 from mnist_ablation.data import DATA_DIR_ENV  # noqa: E402
+from mnist_ablation.errors import UserError  # noqa: E402
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,14 +46,34 @@ def add_tracking_arguments(parser: argparse.ArgumentParser, runs: bool = False) 
 
 
 def add_equivalence_margin_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--equivalence-margin", type=float, default=0.001, metavar="M",
+    parser.add_argument("--equivalence-margin", type=float, default=defaults.EQUIVALENCE_MARGIN, metavar="M",
                         help="margin of the report's equivalence test (TOST), a fraction (default: %(default)s, "
                              "i.e. +-0.1 points)")
 
 
+def add_smallest_effect_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smallest-effect", type=float, default=None, metavar="E",
+                        help="the smallest difference worth detecting, a fraction (default: the equivalence margin); "
+                             "the report's \"about N seeds\" is the number that detects it with "
+                             f"{round(100 * defaults.POWER)}%% power")
+
+
+def check_smallest_effect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.smallest_effect is not None:
+        check_value(parser, defaults.check_smallest_effect, args.smallest_effect, "--smallest-effect")
+
+
 def check_equivalence_margin(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not 0 < args.equivalence_margin < 1:
-        parser.error(f"--equivalence-margin {args.equivalence_margin}: expected a fraction in (0, 1), e.g. 0.001")
+    check_value(parser, defaults.check_equivalence_margin, args.equivalence_margin, "--equivalence-margin")
+
+
+def check_value(parser: argparse.ArgumentParser, check: Callable, value, flag: str) -> None:
+    """Check a flag's value with the library's own check (the one the library applies when it receives it), now,
+    before anything runs; a bad value is a usage error naming the flag."""
+    try:
+        check(value, flag)
+    except UserError as error:
+        parser.error(str(error))
 
 
 def apply_tracking_arguments(args: argparse.Namespace) -> None:
@@ -71,6 +94,25 @@ def config_from_arguments(args: argparse.Namespace, base: TrainConfig = BASELINE
     return with_overrides(base, overrides)
 
 
+def check_output_directory(path: str | os.PathLike | None, flag: str = "--output") -> None:
+    """Create ``path`` and prove a file can be written there, before any training (not after every cell)."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    from mnist_ablation.errors import UserError
+
+    directory = Path(path)
+    probe = directory / ".mnist_ablation-write-test"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"{flag} {str(path)!r} cannot be written ({error.strerror or error}); pass a directory you "
+                        "can write to.") from None
+
+
 def _quiet_libraries() -> None:
     """The commands print one line per cell or trial themselves; Optuna's INFO lines would repeat them.
 
@@ -83,17 +125,46 @@ def _quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def show_library_lines() -> None:
+    """The library reports progress through ``logging`` (``mnist_ablation.*``): a command prints its INFO lines
+    as they come on stdout, its warnings on stderr, each as the bare message."""
+    library = logging.getLogger("mnist_ablation")
+    if any(getattr(handler, "_command_handler", False) for handler in library.handlers):
+        return
+    lines, warnings = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    lines.addFilter(_BelowWarning())
+    warnings.setLevel(logging.WARNING)
+    for handler in (lines, warnings):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._command_handler = True
+        library.addHandler(handler)
+    library.setLevel(logging.INFO)
+    library.propagate = False
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_command(main: Callable[[], int]) -> None:
-    """Run a command's main; user errors print one clear line and exit 2, anything else is a bug (traceback)."""
-    from mnist_ablation.errors import UserError
-    from mnist_ablation.redaction import redact
+    """Run a command's main; user errors print one clear line and exit 2, anything else is a bug (traceback,
+    exit 1). Whatever is printed has its credentials hidden: the secrets of every URL on the command line and
+    in the tracking environment variables are remembered first, so even a traceback quoting one shows ``***``."""
+    import traceback
 
+    from mnist_ablation.errors import UserError
+    from mnist_ablation.redaction import redact, remember_secret, remember_secrets
+
+    remember_secrets(*sys.argv[1:], os.environ.get("MLFLOW_TRACKING_URI"))
+    remember_secret(os.environ.get("MLFLOW_TRACKING_PASSWORD"))
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     _quiet_libraries()
+    show_library_lines()
     try:
         sys.exit(main())
     except UserError as error:
@@ -104,3 +175,6 @@ def run_command(main: Callable[[], int]) -> None:
         print("\ninterrupted: the current run was marked KILLED in MLflow; rerun the same command to resume.",
               file=sys.stderr)
         sys.exit(130)
+    except Exception:  # a bug, or a library failing in a way it does not explain: the traceback, redacted
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        sys.exit(1)

@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mnist_ablation import doctor, tracking
-    from mnist_ablation.redaction import redact
+    from mnist_ablation.redaction import printable, redact
     from mnist_ablation.storage import default_storage_url
 
     uri = tracking.use_tracking_uri(args.tracking_uri)
@@ -44,13 +44,16 @@ def main(argv=None) -> int:
     print(f"running and alive: {len(diagnosis.alive)}")
     print(f"stale runs (RUNNING, but their process is gone): {len(diagnosis.stale)}")
     for stale in diagnosis.stale:
-        print(f"  {stale.experiment} / {stale.run_name} ({stale.run_id}): {stale.reason}")
+        print(f"  {printable(stale.experiment)} / {printable(stale.run_name)} ({stale.run_id}): "
+              f"{printable(redact(stale.reason))}")
     print(f"stale queue trials: {diagnosis.stale_trials}")
     print(f"failed or killed runs: {len(diagnosis.failed)}")
     for experiment, name, status, reason in diagnosis.failed:
-        print(f"  {experiment} / {name}: {status}: {reason.splitlines()[0][:200]}")
+        print(f"  {printable(experiment)} / {printable(name)}: {status}: "
+              f"{printable(redact(reason.splitlines()[0][:200] if reason else ''))}")
     for study, missing in diagnosis.missing_cells.items():
-        print(f"study {study!r}: {len(missing)} cell(s) without a finished run: {', '.join(missing)}")
+        print(f"study {printable(study)!r}: {len(missing)} cell(s) without a finished run: "
+              f"{printable(', '.join(missing))}")
         print(f"  rerun the study's command to run them (e.g. python -m experiments.ablate --study {study} ...)")
     if diagnosis.stale or diagnosis.stale_trials:
         if args.mark_stale:

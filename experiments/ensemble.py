@@ -39,13 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mnist_ablation import ensemble
+    from mnist_ablation.redaction import printable
 
     logged = ensemble.log_study_ensemble(args.study, top_k=args.top_k, arm=args.arm, seed=args.seed,
                                          tracking_uri=args.tracking_uri, command=sys.argv)
     result = logged.result
     columns = [c for c in ("run_name", "arm", "seed", "val_accuracy", "test_accuracy") if c in result.members]
     print(f"Ensemble {result.run_name!r} of study {args.study!r}: {len(result.members)} members chosen by val_accuracy")
-    print(result.members[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(printable(result.members[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"), lines=True))
     print()
     for key in ("test_accuracy", "test_loss", "members_test_accuracy_mean", "test_accuracy_tta"):
         if key in result.metrics:

@@ -16,10 +16,14 @@ import sys
 from experiments.cli import (
     add_data_arguments,
     add_equivalence_margin_argument,
+    add_smallest_effect_argument,
     add_tracking_arguments,
     check_equivalence_margin,
+    check_smallest_effect,
+    check_value,
     run_command,
 )
+from mnist_ablation import defaults
 from mnist_ablation.studies import DEFAULT_STUDY
 
 COLUMNS = ["arm", "n_seeds", "n_pairs", "test_accuracy_mean", "delta_vs_baseline", "delta_ci_low", "delta_ci_high",
@@ -31,12 +35,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s)")
     parser.add_argument("--output", default=None, help="directory for the report (default reports/<study>)")
-    parser.add_argument("--threshold", type=float, default=0.99,
+    parser.add_argument("--threshold", type=float, default=defaults.LEARNING_CURVE_THRESHOLD,
                         help="validation accuracy for 'epochs to reach' in the learning-curve summary "
                              "(default: %(default)s)")
-    parser.add_argument("--confidence", type=float, default=0.95,
+    parser.add_argument("--confidence", type=float, default=defaults.CONFIDENCE,
                         help="confidence level of the intervals (default: %(default)s)")
     add_equivalence_margin_argument(parser)
+    add_smallest_effect_argument(parser)
     parser.add_argument("--target-ci-width", type=float, default=None, metavar="W",
                         help="also print, per arm, about how many seeds would make its difference interval at most "
                              "W wide (a fraction: 0.001 = 0.1 points), to plan before spending compute")
@@ -45,20 +50,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_data_arguments(parser)
     add_tracking_arguments(parser)
     args = parser.parse_args(argv)
-    if not 0 < args.threshold <= 1:
-        parser.error(f"--threshold {args.threshold}: expected a validation accuracy in (0, 1], e.g. 0.99")
-    if not 0 < args.confidence < 1:
-        parser.error(f"--confidence {args.confidence}: expected a level between 0 and 1, e.g. 0.95")
+    check_value(parser, defaults.check_threshold, args.threshold, "--threshold")
+    check_value(parser, defaults.check_confidence, args.confidence, "--confidence")
     check_equivalence_margin(parser, args)
-    if args.target_ci_width is not None and not 0 < args.target_ci_width < 1:
-        parser.error(f"--target-ci-width {args.target_ci_width}: expected a fraction in (0, 1), e.g. 0.002")
+    check_smallest_effect(parser, args)
+    if args.target_ci_width is not None:
+        check_value(parser, defaults.check_target_ci_width, args.target_ci_width, "--target-ci-width")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mnist_ablation import report, tracking
-    from mnist_ablation.redaction import redact, redact_argv
+    from mnist_ablation.redaction import printable, redact, redact_argv
 
     uri = tracking.use_tracking_uri(args.tracking_uri)
     command = ["python", "-m", "experiments.report", *(sys.argv[1:] if argv is None else argv)]
@@ -68,15 +72,20 @@ def main(argv=None) -> int:
         args.study, output_dir=args.output, data_dir=args.data_dir, threshold=args.threshold,
         confidence=args.confidence, log_to_mlflow=not args.no_mlflow_log,
         equivalence_margin=args.equivalence_margin, report_command=redact_argv(command),
+        smallest_effect=args.smallest_effect,
     )
     print(f"Study {args.study!r}: each arm against the baseline (fractions; intervals with seeds and test images "
           "random)")
-    print(result.summary[COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"))
+    shown = result.summary[COLUMNS].astype({"mde": object})
+    beyond = result.summary.apply(report.visible_beyond_range, axis=1)
+    shown.loc[beyond, "mde"] = "beyond range"  # no number past what accuracy allows
+    print(printable(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"),
+                    lines=True))  # arm names come from the store
     if args.target_ci_width is not None:
         plan = report.seeds_plan(result.data, args.target_ci_width, args.confidence)
         print(f"\nSeeds per arm for a {round(100 * args.confidence)}% difference interval at most "
-              f"{100 * args.target_ci_width:.2f} points wide (from the observed variance; inf: the test set's own "
-              "floor is wider):")
+              f"{100 * args.target_ci_width:.2f} points wide with 80% probability (from the variance components; "
+              "inf: the test set's own floor is wider):")
         print(plan.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a"))
     for note in result.notes:
         print(f"note: {note}")

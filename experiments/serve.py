@@ -1,5 +1,4 @@
-"""``python -m experiments.serve`` (also ``python -m mnist_ablation.serve``): the model explorer, a web page and
-JSON API over runs in MLflow.
+"""``python -m experiments.serve``: the model explorer, a web page and JSON API over runs in MLflow.
 
 Offers one or more runs (``--run-id``, repeatable; the first is the default) or the runs of an ablation study
 (``--study``: the best seed of each arm by final validation accuracy, or every finished run with
@@ -13,9 +12,8 @@ localhost, the ``--host`` given or an ``--allowed-host``. Reference: docs/explor
 from __future__ import annotations
 
 import argparse
-import sys
 
-from experiments.cli import add_data_arguments, add_tracking_arguments
+from experiments.cli import add_data_arguments, add_tracking_arguments, run_command
 from mnist_ablation.naming import DEFAULT_MLFLOW_UI_URL
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -50,21 +48,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def describe_offered(runs) -> str:
+    """``label [run id], ...`` of the offered runs; labels come from the store, so control characters are escaped."""
+    from mnist_ablation.redaction import printable
+
+    return ", ".join(f"{printable(run.label)} [{run.run_id}]" for run in runs)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mnist_ablation import serve
-    from mnist_ablation.errors import UserError
-    from mnist_ablation.redaction import redact
+    from mnist_ablation.explorer import open_explorer
 
-    try:
-        explorer = serve.open_explorer(study=args.study, run_ids=args.run_id, all_runs=args.all_runs,
-                                       tracking_uri=args.tracking_uri, data_dir=args.data_dir,
-                                       mlflow_ui_url=args.mlflow_ui_url)
-    except UserError as error:
-        print(f"error: {redact(str(error))}", file=sys.stderr)
-        return 2
-    offered = ", ".join(f"{run.label} [{run.run_id}]" for run in explorer.runs.values())
-    print(f"serving {offered} at http://{args.host}:{args.port}/", flush=True)
+    explorer = open_explorer(study=args.study, run_ids=args.run_id, all_runs=args.all_runs,
+                             tracking_uri=args.tracking_uri, data_dir=args.data_dir, mlflow_ui_url=args.mlflow_ui_url)
+    from mnist_ablation.redaction import printable
+
+    print(f"serving {describe_offered(explorer.runs.values())} at http://{args.host}:{args.port}/", flush=True)
+    for reason in explorer.refused.values():
+        print(f"note: {printable(reason)}; that run answers 503.", flush=True)
     if args.host in ("0.0.0.0", "::") and not args.allowed_host:
         print(f"note: listening on {args.host}, but only requests for Host 127.0.0.1 or localhost are answered; "
               "pass --allowed-host NAME for each name clients use to reach this machine.", flush=True)
@@ -74,4 +76,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -1,5 +1,6 @@
 """mnist_ablation: ablation studies of the seed's MNIST CNN, tracked in MLflow and tuned with Optuna."""
 
+from . import seed_pipeline  # noqa: F401  (registers the "seed_script" pipeline; import-light)
 from .config import BASELINE, ConfigError, TrainConfig
 
 __all__ = ["BASELINE", "ConfigError", "TrainConfig"]

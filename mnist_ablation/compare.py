@@ -2,16 +2,18 @@
 
     from mnist_ablation import compare
     runs = compare.study_runs("leave-one-out")      # one row per finished cell run
-    compare.arm_summary(runs)                       # n, mean, std, difference from the baseline
+    compare.arm_summary(runs)                       # n, mean, std, difference from the baseline (usable runs)
     runs.pivot_table(index="arm", columns="seed", values="test_accuracy")
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from . import store
+from .sweep import arm_summary
+
+__all__ = ["arm_summary", "study_runs"]
 
 
 def study_runs(study: str, tracking_uri: str | None = None, include_unfinished: bool = False,
@@ -25,18 +27,3 @@ def study_runs(study: str, tracking_uri: str | None = None, include_unfinished: 
 
     ensure_tracking_uri(tracking_uri)
     return store.cell_runs(study, include_unfinished=include_unfinished, all_sweeps=all_sweeps)
-
-
-def arm_summary(runs: pd.DataFrame, baseline: str = "baseline", metric: str = "test_accuracy") -> pd.DataFrame:
-    """Per arm: n, mean and standard deviation of ``metric``, and the difference from the baseline's mean."""
-    if runs.empty:
-        return pd.DataFrame(columns=["arm", "n", f"{metric}_mean", f"{metric}_std", "delta_vs_baseline"])
-    grouped = runs.groupby("arm", sort=False)[metric]
-    summary = pd.DataFrame({
-        "n": grouped.count(),
-        f"{metric}_mean": grouped.mean(),
-        f"{metric}_std": grouped.std(ddof=1),
-    }).reset_index()
-    base = summary.loc[summary["arm"] == baseline, f"{metric}_mean"]
-    summary["delta_vs_baseline"] = summary[f"{metric}_mean"] - (base.iloc[0] if len(base) else np.nan)
-    return summary

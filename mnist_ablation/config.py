@@ -18,8 +18,8 @@ from typing import Any
 from .errors import UserError
 from .model import ARCHITECTURES
 from .optimizers import OPTIMIZERS, USES_WEIGHT_DECAY
+from .pipelines import DEFAULT_PIPELINE, PIPELINES
 from .schedules import SCHEDULES
-from .seed_pipeline import DEFAULT_PIPELINE, PIPELINES
 
 
 class ConfigError(UserError, ValueError):
@@ -81,7 +81,7 @@ class TrainConfig:
     tta_views: int = 0  # test-time augmentation: extra augmented views averaged at test; 0 = off
 
     # Code path.
-    pipeline: str = DEFAULT_PIPELINE  # registry name in seed_pipeline.py: "trainer", or "seed_script" (seed's code)
+    pipeline: str = DEFAULT_PIPELINE  # registry name in pipelines.py: "trainer", or "seed_script" (seed's code)
 
     # Speed (do not change what is computed, only how fast).
     steps_per_execution: int = 16  # training steps per compiled call: same maths, less per-step overhead
@@ -242,6 +242,9 @@ def _check_type(config: TrainConfig, name: str, hint: Any) -> None:
     _check(ok, name, value, f"a value of type {hint.__name__}")
 
 
+SEED_LIMIT = 2**32  # seeds must fit in 32 bits (NumPy's and TensorFlow's seed arguments)
+
+
 def validate(config: TrainConfig) -> None:
     """Raise ConfigError naming the field, the value and what is allowed."""
     for name, hint in _field_types().items():
@@ -249,8 +252,9 @@ def validate(config: TrainConfig) -> None:
     c = config
     _check(c.epochs >= 1, "epochs", c.epochs, "an integer >= 1")
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
-    _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
-    _check(c.split_seed >= 0, "split_seed", c.split_seed, "an integer >= 0")
+    # NumPy and TensorFlow take 32-bit seeds: a larger one would pass here and fail once the MLflow run started.
+    _check(0 <= c.seed < SEED_LIMIT, "seed", c.seed, f"an integer in [0, 2**32 - 1 = {SEED_LIMIT - 1}]")
+    _check(0 <= c.split_seed < SEED_LIMIT, "split_seed", c.split_seed, f"an integer in [0, {SEED_LIMIT - 1}]")
     _check(c.validation in VALIDATION_PROTOCOLS, "validation", c.validation, f"one of {VALIDATION_PROTOCOLS}")
     _check(0 < c.validation_size < 60000, "validation_size", c.validation_size, "an integer in (0, 60000)")
     _check(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from . import naming, store, tracking
 from .storage import fail_stale_trials, open_storage
+from .sweep import cell_key, usable_runs
 from .workqueue import is_running, stale_trials
 
 
@@ -68,8 +69,8 @@ def diagnose(storage_url: str | None = None, stale_after: float = 1800.0, grace_
     for study in store.ablation_studies():
         definition = store.study_definition(study)
         if definition:
-            done = set(store.cell_runs(study)["config_hash"])
-            missing = [f"{c['arm']}-seed{c['seed']}" for c in definition["cells"] if c["config_hash"] not in done]
+            done = set(usable_runs(store.cell_runs(study)).usable.get("config_hash", []))
+            missing = [cell_key(c["arm"], c["seed"]) for c in definition["cells"] if c["config_hash"] not in done]
             if missing:
                 diagnosis.missing_cells[study] = missing
     if storage is not None:

@@ -33,13 +33,12 @@ from . import naming, store, tracking
 from .config import FIELD_NAMES
 from .errors import StudyError
 from .redaction import redact_argv
+from .sweep import INDEX_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMNS, cell_key
 from .train import categorical_loss
 
 SELECTION_METRIC = "val_accuracy"  # the only quantity members are chosen by
 TIE_BREAK_METRIC = "val_loss"  # lower is better; then run_id, so the choice is deterministic
 MEMBERS_PLOT = "plots/members_val_accuracy.png"
-NUM_CLASSES = 10
-PROBABILITY_COLUMNS = [f"prob_{k}" for k in range(NUM_CLASSES)]
 
 
 class EnsembleError(StudyError):
@@ -65,7 +64,7 @@ class EnsembleResult:
 
     @property
     def run_name(self) -> str:
-        return self.arm if self.seed is None else f"{self.arm}-seed{self.seed}"
+        return self.arm if self.seed is None else cell_key(self.arm, self.seed)
 
 
 def ensemble_arm_name(top_k: int | None = None, arm: str | None = None) -> str:
@@ -126,12 +125,12 @@ def average_predictions(frames: Sequence[pd.DataFrame]) -> tuple[np.ndarray, np.
     """(labels, mean probabilities) of several runs' prediction frames; they must cover the same images."""
     if not frames:
         raise EnsembleError("no prediction frames to average.")
-    reference = frames[0].sort_values("index")
-    labels = reference["label"].to_numpy(np.int64)
-    total = np.zeros((len(reference), NUM_CLASSES), dtype=np.float64)
+    reference = frames[0].sort_values(INDEX_COLUMN)
+    labels = reference[LABEL_COLUMN].to_numpy(np.int64)
+    total = np.zeros((len(reference), len(PROBABILITY_COLUMNS)), dtype=np.float64)
     for number, frame in enumerate(frames):
-        frame = frame.sort_values("index")
-        if len(frame) != len(reference) or not np.array_equal(frame["label"].to_numpy(np.int64), labels):
+        frame = frame.sort_values(INDEX_COLUMN)
+        if len(frame) != len(reference) or not np.array_equal(frame[LABEL_COLUMN].to_numpy(np.int64), labels):
             raise EnsembleError(
                 f"member {number} predicted {len(frame)} images with other labels than member 0 ({len(reference)}); "
                 "members must be evaluated on the same test set."

@@ -23,3 +23,8 @@ class QueueError(StorageError):
 
 class StudyError(UserError, ValueError):
     """A study, its arms or its runs cannot be used as asked (unknown study, no finished runs, ...)."""
+
+
+class StoreDataError(UserError, ValueError):
+    """Something read from the tracking store is not what this library writes: a model that could run code or
+    has the wrong shape, predictions with impossible labels, a cell run with a bad tag. Never trusted."""

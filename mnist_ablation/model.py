@@ -11,13 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .data import NUM_CLASSES
 from .registry import Registry
 
 if TYPE_CHECKING:
     import keras
 
 INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 OUTPUT_LAYER = "predictions"  # every architecture's softmax output (the explorer finds the logits through it)
 
 

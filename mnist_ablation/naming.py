@@ -4,7 +4,8 @@
   ``mnist_ablation`` for single runs of ``experiments.train``;
 * runs carry the role tag ``mnist_ablation.role``: ``study`` (a study's parent run), ``cell`` (one
   (arm, seed) of a study), ``ensemble``, ``trial`` and ``best_retrain`` (tuning); cells are tagged
-  ``study``, ``arm``, ``seed`` and ``config_hash``;
+  ``study``, ``arm``, ``seed`` and ``config_hash``, and a cell whose arm trains exactly what another arm
+  trains carries ``mnist_ablation.reuses_run`` (the run it reuses, trained once for both);
 * artifact paths every run or parent run writes (``study.json``, predictions, ``report/``...);
 * the cell queue's Optuna studies are named ``ablate/<study>/<digest>/round-<k>`` and their trials
   record their MLflow run in the user attribute ``mlflow_run_id`` (tuning trials do too).
@@ -24,6 +25,7 @@ STUDY_TAG, ARM_TAG, SEED_TAG, CONFIG_HASH_TAG = "study", "arm", "seed", "config_
 FAILURE_REASON_TAG = "failure_reason"
 WORKER_TAG = "worker"
 MEMBER_RUN_IDS_TAG = "member_run_ids"
+REUSES_RUN_TAG = "mnist_ablation.reuses_run"  # a cell run that is another cell's training run (identical arms)
 SWEEP_TAG = "mnist_ablation.sweep"  # a study's parent run: the digest of its sweep (arms, configs, seeds, rule)
 PARENT_RUN_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
@@ -35,6 +37,7 @@ DEFAULT_EXPERIMENT = "mnist_ablation"  # single runs of experiments.train
 DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` listens: the explorer's links to runs
 
 STUDY_DEFINITION_ARTIFACT = "study.json"  # on a study's parent run: arms, seeds, cells and their configs
+RECORDED_DEFINITION_KEY = "definition"  # study.json: a user's study as its file defined it (None if built-in)
 SUMMARY_ARTIFACT = "summary.csv"  # on a study's parent run
 REPORT_ARTIFACT_DIR = "report"  # on a study's parent run
 PREDICTIONS_ARTIFACT = "predictions/test_predictions.parquet"

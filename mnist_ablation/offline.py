@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -28,27 +28,18 @@ import numpy as np
 from .config import TrainConfig, from_dict
 from .data import Mnist, load_mnist
 from .environment import environment_record
-from .studies import cell_key
+from .studies import Study
+from .sweep import Cell, Plan
 
 RECORD_FILE = "result.json"
 MODEL_FILE = "model.keras"
 ARRAYS = ("test_labels", "test_probabilities", "tta_probabilities")
 FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class OfflineCell:
-    """One (arm, seed) cell to train: its folder name is ``key`` (``arm-seed{n}``, as run names are)."""
-
-    arm: str
-    seed: int
-    key: str
-    config: TrainConfig
-    config_hash: str
-
-
-def save_result(result, directory: Path, cell: OfflineCell, data: Mnist) -> Path:
-    """Write ``result`` (a ``train.RunResult``) to ``directory``, atomically."""
+def save_result(result, directory: Path, cell: Cell, data: Mnist) -> Path:
+    """Write ``result`` (a ``train.RunResult`` of ``cell``) to ``directory``, atomically."""
     directory = Path(directory)
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -67,7 +58,7 @@ def save_result(result, directory: Path, cell: OfflineCell, data: Mnist) -> Path
         "arm": cell.arm,
         "seed": cell.seed,
         "key": cell.key,
-        "config": cell.config.to_dict(),
+        "config": result.config.to_dict(),
         "config_hash": cell.config_hash,
         "history": result.history,
         "test_loss": result.test_loss,
@@ -101,7 +92,7 @@ def load_result(directory: Path):
               for name in ARRAYS}
     result = RunResult(
         config=from_dict(record["config"]),
-        model=keras.models.load_model(directory / MODEL_FILE, compile=False),
+        model=keras.models.load_model(directory / MODEL_FILE, compile=False, safe_mode=True),
         history=record["history"],
         test_loss=record["test_loss"],
         test_accuracy=record["test_accuracy"],
@@ -126,75 +117,73 @@ def saved_cells(root: Path) -> list[Path]:
                   if (path / RECORD_FILE).is_file() and not path.name.endswith(".partial"))
 
 
-def plan_cells(configs: Mapping[str, TrainConfig], seeds, data: Mnist) -> list[OfflineCell]:
-    cells = []
-    for arm, base in configs.items():
-        for seed in seeds:
-            config = base.replace(seed=seed)
-            cells.append(OfflineCell(arm, seed, cell_key(arm, seed), config, config.hash(data.checksums)))
-    return cells
-
-
 CHECKPOINTS = ".checkpoints"
 
 
-def train_cell(cell: OfflineCell, data_dir: str | None, out: str, data: Mnist | None = None) -> dict:
-    """Train one cell and save it under ``out/cell.key``; returns a one-line summary.
+def train_cell(cell: Cell, config: TrainConfig, data_dir: str | None, out: str, data: Mnist | None = None,
+               report: Callable[[str], None] | None = None) -> dict:
+    """Train one cell (at ``config``) and save it under ``out/cell.key``; returns a one-line summary.
 
     Every epoch is checkpointed under ``out/.checkpoints/key``, so a killed cell resumes from its last
-    completed epoch when the command is run again.
+    completed epoch when the command is run again. ``report`` gets a line per epoch (default: ``logging``).
     """
-    import keras
+    from .train import EpochEnd, train
 
-    from .train import train
+    report = report or logger.info
 
-    class EpochLine(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            print(f"{cell.key} epoch {epoch + 1}/{cell.config.epochs}: val_accuracy {logs.get('val_accuracy', 0):.4f} "
-                  f"({logs.get('epoch_seconds', 0):.1f} s)", flush=True)
+    def epoch_line(epoch: int, logs: dict) -> None:
+        report(f"{cell.key} epoch {epoch + 1}/{config.epochs}: val_accuracy {logs.get('val_accuracy', 0):.4f} "
+               f"({logs.get('epoch_seconds', 0):.1f} s)")
 
     data = data if data is not None else load_mnist(data_dir)
     started = time.perf_counter()
     checkpoint = Path(out) / CHECKPOINTS / cell.key
-    result = train(cell.config, data, callbacks=[EpochLine()], checkpoint_dir=checkpoint, verbose=0)
+    result = train(config, data, callbacks=[EpochEnd(epoch_line)], checkpoint_dir=checkpoint, verbose=0)
     save_result(result, Path(out) / cell.key, cell, data)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return {"key": cell.key, "test_accuracy": result.test_accuracy,
             "val_accuracy": result.history["val_accuracy"][-1], "seconds": time.perf_counter() - started}
 
 
-def run_offline(configs: Mapping[str, TrainConfig], seeds, data_dir: str | None, out: Path, workers: int = 1,
-                report: Callable[[str], None] = print) -> tuple[int, int, list[str]]:
-    """Train every cell not yet saved under ``out``; ``workers`` cells at a time in their own processes.
+def run_offline(study: Study, configs: Mapping[str, TrainConfig], seeds: Iterable[int], data_dir: str | None,
+                out: Path, workers: int = 1, report: Callable[[str], None] | None = None) -> tuple[int, int, list[str]]:
+    """Train every cell of the plan not yet saved under ``out``; ``workers`` cells at a time in their own processes.
 
-    Returns (trained, skipped, failures). With several workers on one GPU, each JAX process is told to
-    allocate GPU memory as it needs it rather than take most of the card up front.
+    A cell whose arm trains exactly what another arm trains is not trained: ``--import-offline`` logs it as
+    reusing that cell's run. Returns (trained, skipped, failures). With several workers on one GPU, each JAX
+    process is told to allocate GPU memory as it needs it rather than take most of the card up front.
+    ``report`` gets one line per event (default: ``logging``); with workers it must be picklable (``print``).
     """
+    report = report or logger.info
     data = load_mnist(data_dir)
+    plan = Plan(study, configs, seeds, data.checksums)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     done = {path.name for path in saved_cells(out)}
-    planned = plan_cells(configs, seeds, data)
+    planned = [cell for cell in plan.with_sources(plan.initial_cells) if plan.source_of(cell) is None]
     cells = [cell for cell in planned if cell.key not in done]
     skipped = len(planned) - len(cells)
-    report(f"{len(cells)} cell(s) to train, {skipped} already saved in {out}")
+    reusing = len(plan.initial_cells) - len(planned)
+    report(f"{len(cells)} cell(s) to train, {skipped} already saved in {out}"
+           + (f"; {reusing} reuse an identical arm's cell" if reusing else ""))
     failures: list[str] = []
     trained = 0
     if workers <= 1:
         for cell in cells:
             try:
-                report(_summary_line(train_cell(cell, data_dir, str(out), data)))
+                report(_summary_line(train_cell(cell, plan.config_of(cell.arm, cell.seed), data_dir, str(out), data,
+                                                report)))
                 trained += 1
             except Exception as error:  # noqa: BLE001 - one bad cell must not stop the others
                 failures.append(f"{cell.key}: {type(error).__name__}: {error}")
                 report(f"FAILED {failures[-1]}")
         return trained, skipped, failures
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, (os.cpu_count() or 1) // workers)  # a speed-only field (not in the config hash)
     context = multiprocessing.get_context("spawn")  # no fork after a backend started threads
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(train_cell, _with_threads(cell, threads), data_dir, str(out)): cell for cell in cells}
+        futures = {pool.submit(train_cell, cell, plan.config_of(cell.arm, cell.seed).replace(threads=threads),
+                               data_dir, str(out), None, report): cell for cell in cells}
         for future in concurrent.futures.as_completed(futures):
             cell = futures[future]
             try:
@@ -204,11 +193,6 @@ def run_offline(configs: Mapping[str, TrainConfig], seeds, data_dir: str | None,
                 failures.append(f"{cell.key}: {type(error).__name__}: {error}")
                 report(f"FAILED {failures[-1]}")
     return trained, skipped, failures
-
-
-def _with_threads(cell: OfflineCell, threads: int) -> OfflineCell:
-    # threads is a speed-only field (not in the config hash): split the cores between the workers.
-    return OfflineCell(cell.arm, cell.seed, cell.key, cell.config.replace(threads=threads), cell.config_hash)
 
 
 def _summary_line(summary: dict) -> str:

@@ -44,14 +44,15 @@ from .train import (
     EVAL_BATCH_SIZE,
     DivergenceGuard,
     EpochCheckpoint,
+    HistoryRecorder,
     RunResult,
     TrainingDiverged,
-    _evaluate,
     batch_seed,
     build_state,
     compile_model,
     configure_runtime,
     effective_steps_per_execution,
+    evaluate,
     load_checkpoint,
     row_numbers,
     steps_per_epoch,
@@ -135,19 +136,9 @@ def batch_draws(config: TrainConfig, epoch: int, step: int, batch: int) -> np.nd
 
 def _member_callbacks(config, model, history, checkpoint_dir, callbacks):
     recorder = (EpochCheckpoint(Path(checkpoint_dir), config, history) if checkpoint_dir is not None
-                else _Recorder(history))
+                else HistoryRecorder(history))
     callback_list = keras.callbacks.CallbackList([recorder, *callbacks], model=model)
     return recorder, callback_list
-
-
-class _Recorder(keras.callbacks.Callback):
-    def __init__(self, history):
-        super().__init__()
-        self.history = history
-
-    def on_epoch_end(self, epoch, logs=None):
-        for key in EPOCH_METRICS:
-            self.history.setdefault(key, []).append(float((logs or {}).get(key, float("nan"))))
 
 
 class PackedSteps:
@@ -296,7 +287,7 @@ def train_pack(configs: Sequence[TrainConfig], data: Mnist,
             results.append(member.failure)
             continue
         epochs_trained = len(member.history["loss"]) - member.initial_epoch
-        result = _evaluate(member.config, member.model, split, member.history, train_seconds, member.initial_epoch)
+        result = evaluate(member.config, member.model, split, member.history, train_seconds, member.initial_epoch)
         if epochs_trained <= 0:
             result.train_seconds, result.train_images_per_second = 0.0, 0.0
         else:

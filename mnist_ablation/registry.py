@@ -40,6 +40,12 @@ class Registry(Mapping[str, T]):
         except (KeyError, TypeError):
             raise UnknownNameError(self.unknown_message(name)) from None
 
+    def register(self, name: str, entry: T) -> None:
+        """Add ``entry`` under a new ``name`` (plug-ins registering themselves); a taken name is a bug."""
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is registered already.")
+        self._entries[name] = entry
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

@@ -16,19 +16,19 @@ and the report compares the two. It is the reference arm of the ``parity`` study
 augmentation, batch size, optimizer, schedule) is no knob here: config validation rejects any other value of those
 fields (``SEED_SCRIPT_FIXED_FIELDS``).
 
-The pipelines are a registry by name, ``PIPELINES``; ``train.train`` hands a run to the one its config names.
-Keras is imported inside the functions, so config validation reads the registry without loading a backend.
+This module registers the pipeline in ``pipelines.PIPELINES`` when the package loads (``mnist_ablation/__init__``);
+``train.train`` hands a run to the one its config names. Keras is imported inside the functions, so config validation
+reads the registry without loading a backend.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .registry import Registry
+from .pipelines import DEFAULT_PIPELINE, PIPELINES, Pipeline, register_pipeline
 
 if TYPE_CHECKING:
     import keras
@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from .data import Mnist
     from .train import RunResult
 
-DEFAULT_PIPELINE = "trainer"
+__all__ = ["DEFAULT_PIPELINE", "PIPELINES", "SEED_SCRIPT", "SEED_SCRIPT_FIXED_FIELDS", "SEED_SCRIPT_VARIABLE_FIELDS",
+           "lr_scheduler", "seed_image_data_generator", "train_seed_script"]
 SEED_SCRIPT = "seed_script"
 
 _MODEL = "its Sequential model"
@@ -124,7 +125,7 @@ def train_seed_script(config: TrainConfig, data: Mnist, callbacks: Sequence[kera
 
     from .data import NUM_CLASSES, build_split
     from .model import seed_sequential_model
-    from .train import EpochTimer, _evaluate, _HistoryRecorder, configure_runtime
+    from .train import EpochTimer, HistoryRecorder, configure_runtime, evaluate
 
     del checkpoint_dir  # nothing to resume from (see the docstring)
     configure_runtime(config)
@@ -140,26 +141,14 @@ def train_seed_script(config: TrainConfig, data: Mnist, callbacks: Sequence[kera
     own_callbacks: list[keras.callbacks.Callback] = [
         EpochTimer(),
         LearningRateScheduler(lr_scheduler),
-        _HistoryRecorder(history),
+        HistoryRecorder(history),
     ]
     start = time.perf_counter()
     model.fit(datagen.flow(train_images, train_labels, batch_size=32),
               epochs=config.epochs, validation_data=validation_data,
               callbacks=own_callbacks + list(callbacks), verbose=verbose)
     train_seconds = time.perf_counter() - start
-    return _evaluate(config, model, split, history, train_seconds, initial_epoch=0)
+    return evaluate(config, model, split, history, train_seconds, initial_epoch=0)
 
 
-@dataclass(frozen=True)
-class Pipeline:
-    """Code that trains a run: ``train`` (None for ``train.train``'s own loop) and the fields its code fixes."""
-
-    title: str
-    train: Callable[..., RunResult] | None = None
-    fixed_fields: Mapping[str, str] = field(default_factory=dict)  # field -> where the code fixes it
-
-
-PIPELINES: Registry[Pipeline] = Registry("pipeline", {
-    DEFAULT_PIPELINE: Pipeline("the trainer"),
-    SEED_SCRIPT: Pipeline("the seed's script", train_seed_script, SEED_SCRIPT_FIXED_FIELDS),
-})
+register_pipeline(SEED_SCRIPT, Pipeline("the seed's script", train_seed_script, SEED_SCRIPT_FIXED_FIELDS))

@@ -8,8 +8,10 @@ that imports MLflow.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import mlflow
 import numpy as np
@@ -18,6 +20,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .config import FIELD_NAMES, ConfigError, parse_value
+from .data import NUM_CLASSES
+from .errors import StoreDataError, StudyError
 from .naming import (
     ABLATION_EXPERIMENT_PREFIX,
     ARM_TAG,
@@ -28,6 +32,8 @@ from .naming import (
     MEMBER_RUN_IDS_TAG,
     MODEL_NAME,
     PREDICTIONS_ARTIFACT,
+    RECORDED_DEFINITION_KEY,
+    REUSES_RUN_TAG,
     ROLE_TAG,
     RUN_ID_ATTR,
     RUN_NAME_TAG,
@@ -41,6 +47,9 @@ from .naming import (
     is_queue_round,
     tuning_experiment,
 )
+from .registry import UnknownNameError
+from .studies import STUDIES, DefinitionError, Study, study_from_definition
+from .sweep import INDEX_COLUMN, LABEL_COLUMN, PREDICTED_COLUMN, PREDICTION_COLUMNS, PROBABILITY_COLUMNS
 
 # -- queries ----------------------------------------------------------------------------------------------
 
@@ -88,15 +97,33 @@ def read_json_artifact(run_id: str, path: str) -> dict | None:
     """A JSON artifact of a run, or None when the run has none at ``path``."""
     if not has_artifact(run_id, path):
         return None
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
+    local = mlflow.artifacts.download_artifacts(run_id=artifact_run(run_id, path), artifact_path=path)
     with open(local) as handle:
         return json.load(handle)
 
 
-def has_artifact(run_id: str, path: str) -> bool:
-    """Whether the run logged a file at ``path`` (e.g. ``predictions/test_predictions_tta.parquet``)."""
+def _logged(run_id: str, path: str) -> bool:
     directory = path.rsplit("/", 1)[0] if "/" in path else None
     return path in {f.path for f in MlflowClient().list_artifacts(run_id, directory)}
+
+
+def reused_run(run_id: str) -> str | None:
+    """The run whose training ``run_id`` reuses (tag ``mnist_ablation.reuses_run``), or None."""
+    return MlflowClient().get_run(run_id).data.tags.get(REUSES_RUN_TAG)
+
+
+def artifact_run(run_id: str, path: str) -> str:
+    """The run that holds ``run_id``'s file at ``path``: itself, or for a cell that reuses another cell's
+    training run (identical arms), that run (its predictions, model and figures)."""
+    if _logged(run_id, path):
+        return run_id
+    return reused_run(run_id) or run_id
+
+
+def has_artifact(run_id: str, path: str) -> bool:
+    """Whether the run logged a file at ``path`` (e.g. ``predictions/test_predictions_tta.parquet``), itself or
+    through the run it reuses."""
+    return _logged(artifact_run(run_id, path), path)
 
 
 def study_definition(study: str) -> dict | None:
@@ -105,9 +132,30 @@ def study_definition(study: str) -> dict | None:
     return None if parent is None else read_json_artifact(parent.info.run_id, STUDY_DEFINITION_ARTIFACT)
 
 
+def get_study(name: str) -> Study:
+    """The study called ``name``: a built-in one, else the definition a study of that name recorded in the
+    tracking store (a study run from a ``--study-file``), so later commands need no file.
+
+    An unknown name raises UnknownNameError listing the built-in ones.
+    """
+    if name in STUDIES:
+        return STUDIES[name]
+    recorded = (study_definition(name) or {}).get(RECORDED_DEFINITION_KEY)
+    if not recorded:
+        raise UnknownNameError(f"{STUDIES.unknown_message(name)} Nor has the tracking store "
+                               f"{redacted_tracking_uri()} a study {name!r} from a study file; to run a "
+                               "study of your own, pass --study-file FILE (docs/studies.md).")
+    try:
+        return study_from_definition(recorded)
+    except DefinitionError as error:
+        at = ".".join(error.key) or "its top level"
+        raise StudyError(f"the definition of study {name!r} recorded in the tracking store is not usable (at {at}): "
+                         f"{error} Rerun the study with --study-file FILE to record a good one.") from None
+
+
 # -- cell runs as pandas ---------------------------------------------------------------------------------
 
-CELL_COLUMNS = ["study", "arm", "seed", "run_id", "run_name", "status", "config_hash"]
+CELL_COLUMNS = ["study", "arm", "seed", "run_id", "run_name", "status", "config_hash", "reuses_run"]
 
 
 def _typed_param(name: str, text):
@@ -133,6 +181,23 @@ def search_role(experiment: str, role: str, status: str | None = None) -> pd.Dat
                               order_by=["attributes.start_time ASC"])
 
 
+def _checked_cell_tags(raw: pd.DataFrame, study: str) -> pd.DataFrame:
+    """``raw`` (cell runs) if every run has an arm tag and a whole-number seed tag; else StoreDataError naming
+    the first run that does not (a run written by hand or by another tool)."""
+    arms, seeds = _column(raw, f"tags.{ARM_TAG}"), _column(raw, f"tags.{SEED_TAG}")
+    for run_id, arm, seed in zip(raw["run_id"], arms, seeds, strict=True):
+        problem = None
+        if not isinstance(arm, str) or not arm:
+            problem = f"has no {ARM_TAG!r} tag"
+        elif not isinstance(seed, str) or not seed.isdigit():
+            problem = f"has the {SEED_TAG!r} tag {seed!r}, not a whole number"
+        if problem:
+            raise StoreDataError(
+                f"cell run {run_id} of study {study!r} {problem}; every cell run needs its arm and seed. Fix the tag "
+                f"(MlflowClient().set_tag) or delete the run (mlflow runs delete --run-id {run_id}).")
+    return raw
+
+
 def cell_runs(study: str, include_unfinished: bool = False, all_sweeps: bool = False) -> pd.DataFrame:
     """One row per cell run of ``study``: study, arm, seed, run_id, status, config fields, final metrics.
 
@@ -145,6 +210,7 @@ def cell_runs(study: str, include_unfinished: bool = False, all_sweeps: bool = F
     raw = search_role(ablation_experiment(study), CELL_ROLE)
     if raw.empty:
         return pd.DataFrame(columns=CELL_COLUMNS)
+    _checked_cell_tags(raw, study)
     frame = pd.DataFrame({
         "study": study,
         "arm": raw[f"tags.{ARM_TAG}"],
@@ -156,6 +222,7 @@ def cell_runs(study: str, include_unfinished: bool = False, all_sweeps: bool = F
         "start_time": raw["start_time"],
         "end_time": raw["end_time"],
         "failure_reason": _column(raw, f"tags.{FAILURE_REASON_TAG}"),
+        "reuses_run": _column(raw, f"tags.{REUSES_RUN_TAG}"),
     })
     for name in FIELD_NAMES:
         if f"params.{name}" in raw and name != "seed":
@@ -179,6 +246,7 @@ def finished_cells(study: str) -> set[tuple[str, int, str]]:
     raw = search_role(ablation_experiment(study), CELL_ROLE, status="FINISHED")
     if raw.empty:
         return set()
+    _checked_cell_tags(raw, study)
     return set(zip(raw[f"tags.{ARM_TAG}"], raw[f"tags.{SEED_TAG}"].astype(int), raw[f"tags.{CONFIG_HASH_TAG}"]))
 
 
@@ -281,15 +349,93 @@ def last_activity_ms(run) -> int:
     return latest
 
 
+MODEL_INPUT_SHAPE = (None, 28, 28, 1)
+MODEL_OUTPUT_SHAPE = (None, NUM_CLASSES)
+KERAS_MODEL_FILE = "model.keras"  # in the Keras flavor's data directory (MLflow's layout)
+
+
 def read_predictions(run_id: str, artifact: str = PREDICTIONS_ARTIFACT) -> pd.DataFrame:
-    """The per-example test predictions a run logged (index, label, predicted, prob_0..prob_9)."""
+    """The per-example test predictions a run logged (``sweep.PREDICTION_COLUMNS``), or those of the run it
+    reuses, checked.
+
+    A frame this library could not have written (a missing column, a label or class outside 0..9, a
+    negative or repeated index, a probability that is not a number in [0, 1]) raises StoreDataError.
+    """
+    return _read_parquet(artifact_run(run_id, artifact), artifact)
+
+
+def _read_parquet(run_id: str, artifact: str) -> pd.DataFrame:
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)
-    return pd.read_parquet(path)
+    return checked_predictions(pd.read_parquet(path), f"run {run_id}'s {artifact}")
+
+
+def checked_predictions(frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    """``frame`` if it is a predictions table of ``NUM_CLASSES`` classes; else StoreDataError naming ``what``."""
+    missing = [column for column in PREDICTION_COLUMNS if column not in frame]
+    if missing:
+        raise StoreDataError(f"{what} lacks the columns {', '.join(missing)} (a model of another number of classes, "
+                             f"or not written by mnist_ablation); expected {', '.join(PREDICTION_COLUMNS)}.")
+    for column in (INDEX_COLUMN, LABEL_COLUMN, PREDICTED_COLUMN):
+        values = frame[column]
+        if not pd.api.types.is_integer_dtype(values):
+            raise StoreDataError(f"{what}: column {column!r} holds {values.dtype} values; expected integers.")
+    for column in (LABEL_COLUMN, PREDICTED_COLUMN):
+        bad = frame[column][(frame[column] < 0) | (frame[column] >= NUM_CLASSES)]
+        if len(bad):
+            raise StoreDataError(f"{what}: {column} {int(bad.iloc[0])} is not a class of 0..{NUM_CLASSES - 1}.")
+    if (frame[INDEX_COLUMN] < 0).any() or frame[INDEX_COLUMN].duplicated().any():
+        raise StoreDataError(f"{what}: the test image indices must be distinct and not negative.")
+    probabilities = frame[list(PROBABILITY_COLUMNS)].to_numpy(np.float64)
+    if not np.all(np.isfinite(probabilities)) or probabilities.min(initial=0) < 0 or probabilities.max(initial=0) > 1:
+        raise StoreDataError(f"{what}: class probabilities must be numbers in [0, 1].")
+    return frame
 
 
 def load_model(run_id: str):
-    """The run's logged Keras model (``runs:/<run_id>/model``)."""
-    return mlflow.keras.load_model(f"runs:/{run_id}/{MODEL_NAME}")
+    """The run's logged Keras model (or that of the run it reuses), loaded without running anything the store
+    holds; checked before use.
+
+    Only the Keras file (``model/<data>/model.keras``) is read, with Keras' ``safe_mode`` (no Lambda code)
+    and ``compile=False``; a TensorFlow SavedModel is never loaded, whatever the ``MLmodel`` file says,
+    because loading one runs its initializers. Raises StoreDataError when the model is refused: no Keras
+    file, a data path that leaves the model directory, a layer safe mode refuses, an input other than
+    (None, 28, 28, 1), an output other than (None, 10), or weights that are not finite numbers.
+    """
+    import keras
+    import yaml
+
+    run_id = reused_run(run_id) or run_id
+    where = f"run {run_id}'s model"
+    mlmodel = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{MODEL_NAME}/MLmodel")
+    with open(mlmodel) as handle:
+        flavor = ((yaml.safe_load(handle) or {}).get("flavors") or {}).get("keras") or {}
+    data = str(flavor.get("data", "data"))
+    relative = PurePosixPath(data)
+    if relative.is_absolute() or ".." in relative.parts or "\\" in data or ":" in data:
+        raise StoreDataError(f"{where} is refused: its MLmodel names the data path {data!r}, outside the model "
+                             "directory; log the model again with mnist_ablation.")
+    try:
+        path = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{MODEL_NAME}/{relative}/{KERAS_MODEL_FILE}")
+    except (MlflowException, OSError):
+        raise StoreDataError(
+            f"{where} is refused: it has no Keras file {MODEL_NAME}/{relative}/{KERAS_MODEL_FILE} (a TensorFlow "
+            "SavedModel is never loaded: loading one runs code from the store); log the model with mnist_ablation."
+        ) from None
+    if not zipfile.is_zipfile(path):
+        raise StoreDataError(f"{where} is refused: {KERAS_MODEL_FILE} is not a Keras archive.")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as error:  # safe mode's refusal, an unknown layer, a corrupt archive
+        raise StoreDataError(f"{where} is refused by Keras' safe loading: "
+                             f"{type(error).__name__}: {str(error).splitlines()[0][:300]}") from None
+    shapes = (tuple(model.input_shape) if not isinstance(model.input_shape, list) else model.input_shape,
+              tuple(model.output_shape) if not isinstance(model.output_shape, list) else model.output_shape)
+    if shapes != (MODEL_INPUT_SHAPE, MODEL_OUTPUT_SHAPE):
+        raise StoreDataError(f"{where} is refused: it maps {shapes[0]} to {shapes[1]}; expected MNIST images "
+                             f"{MODEL_INPUT_SHAPE} to {NUM_CLASSES} class probabilities {MODEL_OUTPUT_SHAPE}.")
+    if not all(np.all(np.isfinite(weights)) for weights in model.get_weights()):
+        raise StoreDataError(f"{where} is refused: its weights hold NaN or infinite values (a diverged run).")
+    return model
 
 
 def all_runs() -> Iterable[tuple[str, object]]:
@@ -347,16 +493,22 @@ def read_test_predictions(runs: pd.DataFrame) -> LoggedPredictions:
     """
     frames, labels, predicted_by_run = [], None, {}
     for row in runs.itertuples():
-        predictions = read_predictions(row.run_id).sort_values("index")
+        reused = getattr(row, "reuses_run", None)
+        if "reuses_run" in runs:  # cell_runs read the tag: no query per run
+            predictions = _read_parquet(reused if isinstance(reused, str) and reused else row.run_id,
+                                        PREDICTIONS_ARTIFACT)
+        else:
+            predictions = read_predictions(row.run_id)
+        predictions = predictions.sort_values(INDEX_COLUMN)
         if labels is None:
-            labels = predictions["label"].to_numpy()
-        elif not np.array_equal(predictions["label"].to_numpy(), labels):
+            labels = predictions[LABEL_COLUMN].to_numpy()
+        elif not np.array_equal(predictions[LABEL_COLUMN].to_numpy(), labels):
             raise ValueError(f"run {row.run_id} ({row.arm}, seed {row.seed}) predicted a different test set from "
                              "the other runs; runs can only be compared on the same test images.")
-        predicted = predictions["predicted"].to_numpy()
+        predicted = predictions[PREDICTED_COLUMN].to_numpy()
         predicted_by_run[row.run_id] = predicted
-        frames.append(pd.DataFrame({"arm": row.arm, "seed": int(row.seed), "image": predictions["index"].to_numpy(),
-                                    "correct": predicted == labels}))
+        frames.append(pd.DataFrame({"arm": row.arm, "seed": int(row.seed),
+                                    "image": predictions[INDEX_COLUMN].to_numpy(), "correct": predicted == labels}))
     if not frames:
         correct = pd.DataFrame({"arm": pd.Series(dtype=object), "seed": pd.Series(dtype=int),
                                 "image": pd.Series(dtype=int), "correct": pd.Series(dtype=bool)})

@@ -1,48 +1,36 @@
 """Named ablation studies: each arm is a small override of the seed's recipe. Adding an arm is one line.
 
 A study is a question ("which part matters?") and the arms that answer it; its cells are (arm, seed)
-pairs. Everything here is plain data over ``TrainConfig``: the report, the explorer, the doctor and the
+pairs (``sweep.Cell``). Everything here is plain data over ``TrainConfig``: the report, the explorer, the doctor and the
 command layer all read the same definitions.
 """
 
 from __future__ import annotations
 
+import difflib
 import itertools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .config import BASELINE, TrainConfig, effective_settings
+from .config import BASELINE, FIELD_NAMES, ConfigError, TrainConfig, effective_settings, with_overrides
 from .errors import StudyError
 from .registry import Registry
 from .seed_pipeline import SEED_SCRIPT
 
 # Each component of the seed's recipe that the ablations switch: the overrides that remove it, the name of
-# an arm without it (leave-one-out and factorial) and of an arm with only it (add-one-in).
+# an arm without it (leave-one-out and factorial), of an arm with only it (add-one-in), and how the report says it.
+# The factorial analysis takes its components from a study's ``factors``, so a component added here reaches it.
 COMPONENTS: dict[str, dict] = {
-    "augmentation": {"off": {"augmentation": False}, "removed": "no_augmentation", "alone": "augmentation_only"},
-    "batch_norm": {"off": {"batch_norm": False}, "removed": "no_batch_norm", "alone": "batch_norm_only"},
-    "dropout": {"off": {"dropout": False}, "removed": "no_dropout", "alone": "dropout_only"},
-    "step_lr": {"off": {"lr_schedule": "constant"}, "removed": "constant_lr", "alone": "step_lr_only"},
+    "augmentation": {"off": {"augmentation": False}, "removed": "no_augmentation", "alone": "augmentation_only",
+                     "label": "augmentation"},
+    "batch_norm": {"off": {"batch_norm": False}, "removed": "no_batch_norm", "alone": "batch_norm_only",
+                   "label": "batch norm"},
+    "dropout": {"off": {"dropout": False}, "removed": "no_dropout", "alone": "dropout_only", "label": "dropout"},
+    "step_lr": {"off": {"lr_schedule": "constant"}, "removed": "constant_lr", "alone": "step_lr_only",
+                "label": "the step LR schedule"},
 }
 ALL_OFF = BASELINE.replace(**{k: v for c in COMPONENTS.values() for k, v in c["off"].items()})
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One unit of work of a study: an arm with one seed, at one config (its hash)."""
-
-    arm: str
-    seed: int
-    config_hash: str
-
-    @property
-    def key(self) -> str:
-        """``arm-seed{n}``: the cell's MLflow run name, queue key and offline folder name."""
-        return cell_key(self.arm, self.seed)
-
-
-def cell_key(arm: str, seed: int) -> str:
-    return f"{arm}-seed{seed}"
 
 
 @dataclass(frozen=True)
@@ -58,6 +46,9 @@ class Study:
     arms: dict[str, TrainConfig]
     baseline_arm: str = "baseline"
     factors: dict[str, dict[str, bool]] | None = field(default=None)
+    # A study of the user's own: the definition it was built from (``study_from_definition``), recorded with
+    # the study in the store so that later commands rebuild it without the file. None for built-in studies.
+    definition: Mapping | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.baseline_arm not in self.arms:
@@ -204,6 +195,159 @@ STUDIES: Registry[Study] = Registry("study", plural="studies", entries={
 DEFAULT_STUDY = "leave-one-out"
 
 
+# -- studies of the user's own ------------------------------------------------------------------------------
+
+# The keys of a study definition (a user's study file, or the copy recorded with the study in the store).
+DEFINITION_KEYS = ("name", "question", "description", "baseline", "arms", "components")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # an MLflow experiment and queue-study name part
+ARM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")  # a run name part, "arm-seed0"
+PER_CELL_FIELDS = ("seed",)  # set by the sweep for each cell (--seeds), never by a study
+
+
+class DefinitionError(StudyError):
+    """A study definition that cannot be used; ``key`` is where, e.g. ``("arms", "narrow", "dense_units")``."""
+
+    def __init__(self, message: str, key: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.key = tuple(key)
+
+
+def _closest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=2)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _table(definition: Mapping, key: str) -> dict:
+    value = definition.get(key, {})
+    if not isinstance(value, Mapping):
+        raise DefinitionError(f"{key} must be a table ([{key}] followed by FIELD = VALUE lines), not "
+                              f"{type(value).__name__} {value!r}.", (key,))
+    return dict(value)
+
+
+def _overrides(base: TrainConfig, overrides: Mapping, where: tuple[str, ...]) -> TrainConfig:
+    """``base`` with ``overrides`` (a table of config fields), each error naming the key at fault."""
+    for name, value in overrides.items():
+        if name in PER_CELL_FIELDS:
+            raise DefinitionError(f"{name} is set per cell by the sweep, not by a study: remove it and choose the "
+                                  f"seeds with --seeds N.", (*where, name))
+        if name not in FIELD_NAMES:
+            raise DefinitionError(f"unknown config field {name!r}.{_closest(name, FIELD_NAMES)} The fields of "
+                                  f"TrainConfig (docs/studies.md lists them): {', '.join(FIELD_NAMES)}.",
+                                  (*where, name))
+        if isinstance(value, Mapping):
+            raise DefinitionError(f"{name} is a config field, not a table: write {name} = VALUE.", (*where, name))
+    try:
+        return with_overrides(base, overrides)
+    except ConfigError as error:
+        # The message names the field; point at its key when it is one of this table's.
+        culprit = next((name for name in overrides if str(error).startswith((f"{name}=", f"{name} "))), None)
+        raise DefinitionError(str(error), (*where, culprit) if culprit else where) from None
+
+
+def _check_name(kind: str, name: object, pattern: re.Pattern, where: tuple[str, ...], example: str) -> str:
+    if not isinstance(name, str) or not pattern.fullmatch(name):
+        raise DefinitionError(f"{kind} {name!r} is not a usable name: use letters, digits and _ . - (up to 100, "
+                              f"starting with a letter or digit), e.g. {example!r}.", where)
+    return name
+
+
+def study_from_definition(definition: Mapping) -> Study:
+    """A study of the user's own from its definition (a parsed study file, or the copy a study recorded).
+
+    ``name`` and ``question`` are required; ``[baseline]`` holds overrides of the seed's recipe that every arm
+    shares; each ``[arms.NAME]`` the overrides of one arm on top of the baseline (the baseline arm is always
+    ``baseline``); or, instead of arms, ``[components.NAME]`` tables hold the overrides that switch a component
+    off, and the study is their full factorial (arms named by what they remove, ``no_a+no_b``). Everything is
+    checked before anything runs: an unknown key or field, a bad value, an arm that is empty, repeats another or
+    the baseline, a name taken by a built-in study; each error is a DefinitionError naming the key.
+    """
+    if not isinstance(definition, Mapping):
+        raise DefinitionError(f"a study definition is a table of {', '.join(DEFINITION_KEYS)}, not "
+                              f"{type(definition).__name__}.")
+    for key in definition:
+        if key not in DEFINITION_KEYS:
+            raise DefinitionError(f"unknown key {key!r}.{_closest(key, DEFINITION_KEYS)} A study file has "
+                                  f"{', '.join(DEFINITION_KEYS)} (docs/studies.md).", (key,))
+    for key in ("name", "question"):
+        if not isinstance(definition.get(key), str) or not definition[key].strip():
+            raise DefinitionError(f"{key} is required: a non-empty string, e.g. "
+                                  + ('name = "my-study"' if key == "name" else
+                                     'question = "Does a narrower dense layer cost accuracy?"') + ".", (key,))
+    name = _check_name("study name", definition["name"], NAME_PATTERN, ("name",), "my-study")
+    if name in STUDIES:
+        raise DefinitionError(f"name {name!r} is a built-in study's; choose another name (built-in studies: "
+                              f"{', '.join(STUDIES.names)}).", ("name",))
+    description = definition.get("description", "")
+    if not isinstance(description, str):
+        raise DefinitionError(f"description must be a string, not {description!r}.", ("description",))
+    baseline = _overrides(BASELINE, _table(definition, "baseline"), ("baseline",))
+    arm_tables, component_tables = _table(definition, "arms"), _table(definition, "components")
+    if arm_tables and component_tables:
+        raise DefinitionError("a study has either [arms.NAME] tables or [components.NAME] tables (a factorial "
+                              "study), not both: keep one kind.", ("components",))
+    if not arm_tables and not component_tables:
+        raise DefinitionError("no arms: add at least one [arms.NAME] table of overrides (e.g. [arms.narrow_dense] "
+                              "then dense_units = 128), or [components.NAME] tables for a factorial study.", ("arms",))
+    kind = "arms" if arm_tables else "components"
+    changes = {}
+    for entry, overrides in (arm_tables or component_tables).items():
+        where = (kind, entry)
+        _check_name(kind[:-1], entry, ARM_PATTERN, where, "narrow_dense")
+        if entry == "baseline":
+            raise DefinitionError("the baseline arm is always `baseline`, built from [baseline]: rename this arm, "
+                                  "or move its overrides into [baseline].", where)
+        if not isinstance(overrides, Mapping):
+            raise DefinitionError(f"{kind}.{entry} must be a table of config overrides ([{kind}.{entry}] then "
+                                  "FIELD = VALUE lines).", where)
+        if not overrides:
+            raise DefinitionError(f"{kind[:-1]} {entry!r} is empty: it would train the baseline again. Give it the "
+                                  f"config fields it changes (e.g. dense_units = 128) or remove it.", where)
+        config = _overrides(baseline, overrides, where)
+        if config == baseline:
+            raise DefinitionError(f"{kind[:-1]} {entry!r} sets every field to the baseline's value: it would train "
+                                  "the baseline again. Change a value or remove it.", where)
+        twin = next((other for other, seen in changes.items() if seen[1] == config), None)
+        if twin is not None:
+            raise DefinitionError(f"{kind[:-1]} {entry!r} has the same config as {twin!r}: one of them is a "
+                                  "duplicate. Remove it or change a value.", where)
+        changes[entry] = (dict(overrides), config)
+    factors = None
+    if kind == "arms":
+        arms = {"baseline": baseline, **{arm: config for arm, (_, config) in changes.items()}}
+    else:
+        if len(changes) < 2:
+            raise DefinitionError("a factorial study needs at least two [components.NAME] tables (one component "
+                                  "is an arm: use [arms.NAME] instead).", ("components",))
+        arms, factors = {}, {}
+        for switches in itertools.product((True, False), repeat=len(changes)):
+            overrides, removed = {}, []
+            for (component, (off, _)), on in zip(changes.items(), switches):
+                if not on:
+                    overrides.update(off)
+                    removed.append(f"no_{component}")
+            arm = "+".join(removed) or "baseline"
+            arms[arm] = _overrides(baseline, overrides, ("components",))
+            factors[arm] = dict(zip(changes, switches))
+    question = definition["question"].strip()
+    recorded = {"name": name, "question": question, "description": description,
+                "baseline": _table(definition, "baseline"), kind: {k: v for k, (v, _) in changes.items()}}
+    return Study(name, f"{question} {description}".strip(), arms, factors=factors,
+                 definition=_plain(recorded))
+
+
+def _plain(value):
+    """The definition as JSON-able plain data (TOML's tables and arrays become dicts and lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def get_study(name: str) -> Study:
-    """The study called ``name``; an unknown name raises ValueError listing the known ones."""
+    """The built-in study called ``name``; an unknown name raises UnknownNameError listing the known ones.
+
+    A study a ``--study-file`` recorded in the tracking store is ``store.get_study``'s (this module reads no store).
+    """
     return STUDIES[name]

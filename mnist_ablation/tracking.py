@@ -25,12 +25,11 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 import keras
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
@@ -56,14 +55,17 @@ from .naming import (
     MODEL_NAME,
     PARENT_RUN_TAG,
     PREDICTIONS_ARTIFACT,
+    REUSES_RUN_TAG,
     SEED_TAG,
     TTA_PREDICTIONS_ARTIFACT,
 )
 from .plots import confusion_matrix_figure, training_curves_figure
-from .redaction import redact
+from .redaction import redact, remember_secrets
+from .sweep import predictions_frame
 from .train import EPOCH_METRICS, RunResult, train
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+TRACKING_USERNAME_ENV, TRACKING_PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 DEFAULT_STORE_DIR = Path("mlruns")
 # The file keras.datasets.mnist.load_data() downloads: the source of runs on Keras' own copy of MNIST.
 KERAS_MNIST_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
@@ -112,32 +114,83 @@ def local_state_directory(uri: str) -> Path:
     return directory if directory is not None else (Path.cwd() / DEFAULT_STORE_DIR).resolve()
 
 
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any training, if the store cannot be reached or created."""
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy URLs, each with its driver suffix (+psycopg)
+CONNECT_TIMEOUT_SECONDS = 5  # one short try before work starts, not MLflow's 125-150 s of retries
+
+
+def check_tracking_uri(uri: str, timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
+    """Fail fast, before any training, if the store cannot be reached or created (one short try)."""
     parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
+    scheme = parsed.scheme.split("+")[0]
+    if scheme in ("http", "https"):
         import requests
 
+        auth = None
+        if os.environ.get(TRACKING_USERNAME_ENV):
+            auth = (os.environ[TRACKING_USERNAME_ENV], os.environ.get(TRACKING_PASSWORD_ENV, ""))
         try:
-            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout, auth=auth)
             response.raise_for_status()
         except requests.RequestException as error:
-            raise TrackingError(
-                f"MLflow tracking server at {redact(uri)} is not reachable ({type(error).__name__}: {error}). "
+            raise TrackingError(redact(
+                f"MLflow tracking server at {uri} is not reachable ({type(error).__name__}: {error}). "
                 f"Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another --tracking-uri."
-            ) from None
-    elif parsed.scheme == "sqlite":
+            )) from None
+    elif scheme == "sqlite":
         directory = store_directory(uri)
         if directory is not None:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise TrackingError(f"cannot create the tracking store directory {directory}: {error}") from None
-    elif parsed.scheme not in ("", "file", "postgresql", "mysql", "mssql", "databricks"):
+    elif scheme in DATABASE_SCHEMES:
+        _check_database(uri, timeout)
+    elif scheme in ("", "file"):
+        directory = Path(parsed.path or uri)
+        raise TrackingError(
+            f"tracking URI {redact(uri)!r} is a directory (MLflow's file store), which this MLflow no longer "
+            f"writes reliably; use a SQLite database in it instead: --tracking-uri sqlite:///{directory / 'mlflow.db'}"
+        )
+    elif scheme != "databricks":
         raise TrackingError(
             f"tracking URI {redact(uri)!r} has an unknown scheme {parsed.scheme!r}; expected sqlite:///PATH.db, "
-            "http://HOST:PORT, a SQLAlchemy database URL or a directory."
+            "http://HOST:PORT or a SQLAlchemy database URL (postgresql://USER:PASSWORD@HOST/DB)."
         )
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    """Connect once to a database tracking URI with a short timeout; a dead one is a TrackingError at once."""
+    import sqlalchemy
+
+    scheme = urlparse(uri).scheme.split("+")[0]
+    connect_args = {"connect_timeout": max(1, int(timeout))} if scheme in ("postgresql", "mysql") else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect():
+            pass
+    except ModuleNotFoundError as error:
+        raise TrackingError(f"tracking URI {redact(uri)} needs a database driver: {error}; e.g. pip install "
+                            "'psycopg[binary]' for PostgreSQL.") from None
+    except Exception as error:  # SQLAlchemy wraps every driver's connection error differently
+        reason = redact(str(getattr(error, "orig", None) or error).strip().splitlines()[0][:300])
+        raise TrackingError(
+            f"cannot connect to the tracking database {redact(uri)} within {timeout:g} s ({type(error).__name__}: "
+            f"{reason}). Start the database, check the URL and password, or pass another --tracking-uri."
+        ) from None
+
+
+def _credentials_to_environment(uri: str) -> str:
+    """``uri`` without the user info of an http(s) URL, which goes into MLflow's own credential variables.
+
+    MLflow then sends it as HTTP basic auth, and no URL it prints or raises holds the password.
+    """
+    parsed = urlsplit(uri)
+    if parsed.scheme not in ("http", "https") or parsed.password is None:
+        return uri
+    os.environ[TRACKING_USERNAME_ENV] = unquote(parsed.username or "")
+    os.environ[TRACKING_PASSWORD_ENV] = unquote(parsed.password)
+    host = parsed.netloc.rpartition("@")[2]
+    return urlunsplit(parsed._replace(netloc=host))
 
 
 def current_tracking_uri() -> str:
@@ -159,8 +212,11 @@ def ensure_tracking_uri(uri: str | None = None) -> str:
 
 
 def use_tracking_uri(uri: str | None) -> str:
-    """Resolve, check and activate a tracking URI; returns it."""
+    """Resolve, check and activate a tracking URI; returns it (an http(s) URL without its user info, which
+    moves into $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD)."""
     resolved = resolve_tracking_uri(uri)
+    remember_secrets(resolved)
+    resolved = _credentials_to_environment(resolved)
     check_tracking_uri(resolved)
     mlflow.set_tracking_uri(resolved)
     return resolved
@@ -335,15 +391,6 @@ def log_epoch_metrics(client: MlflowClient, run_id: str, epoch: int, values: Map
     now = int(time.time() * 1000)
     metrics = [Metric(key, float(values[key]), now, epoch) for key in EPOCH_METRICS if key in values]
     client.log_batch(run_id, metrics=metrics)
-
-
-def predictions_frame(labels: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
-    """One row per test image: its index, true label, predicted class and ten probabilities."""
-    frame = pd.DataFrame(probabilities.astype(np.float32), columns=[f"prob_{k}" for k in range(10)])
-    frame.insert(0, "predicted", probabilities.argmax(axis=1).astype(np.int64))
-    frame.insert(0, "label", labels.astype(np.int64))
-    frame.insert(0, "index", np.arange(len(labels), dtype=np.int64))
-    return frame
 
 
 def log_result_artifacts(result: RunResult, title: str, input_example: np.ndarray,
@@ -572,6 +619,28 @@ def log_offline_result(result: RunResult, record: Mapping, *, experiment_name: s
             input_example = np.zeros((1, *IMAGE_SHAPE), dtype=np.float32)
         log_result_artifacts(result, run_name or "", input_example=input_example, datasets=datasets)
     return TrackedRun(run_id, result)
+
+
+def log_reused_run(source_run_id: str, config: TrainConfig, config_hash: str, *, experiment_name: str,
+                   run_name: str, tags: Mapping[str, str], parent_run_id: str | None) -> str:
+    """A FINISHED cell run that is ``source_run_id``'s training under another arm's name (identical arms).
+
+    It records its own config (params, config.json) and hash, the source's environment.json and a copy of
+    the source's metrics (every epoch and the final ones, same steps and times), and the tag
+    ``mnist_ablation.reuses_run``: its predictions and model are the source run's (``store`` follows the tag).
+    """
+    client = MlflowClient()
+    source = client.get_run(source_run_id)
+    run_id = _start_run(config, config_hash, experiment_name, run_name,
+                        {**dict(tags), REUSES_RUN_TAG: source_run_id}, parent_run_id)
+    with _finished_only_if_complete(run_id):
+        environment = mlflow.artifacts.load_dict(f"runs:/{source_run_id}/{ENVIRONMENT_ARTIFACT}")
+        _log_config(run_id, config, environment)
+        metrics = [Metric(point.key, point.value, point.timestamp, point.step)
+                   for key in source.data.metrics for point in client.get_metric_history(source_run_id, key)]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
+            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    return run_id
 
 
 # -- writing to runs by id (parent runs, ensembles, tuning) ----------------------------------------------

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +29,8 @@ from .config import TrainConfig
 from .data import NUM_CLASSES, Mnist, Split, build_split
 from .model import build_model
 from .optimizers import build_optimizer
+from .pipelines import PIPELINES
 from .schedules import build_schedule
-from .seed_pipeline import PIPELINES
 
 logger = logging.getLogger(__name__)
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds")
@@ -199,6 +199,17 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self._start
 
 
+class EpochEnd(keras.callbacks.Callback):
+    """Calls ``report(epoch, logs)`` after each epoch: how a caller follows a run without a Keras class of its own."""
+
+    def __init__(self, report: Callable[[int, dict], None]):
+        super().__init__()
+        self.report = report
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.report(epoch, dict(logs or {}))
+
+
 class DivergenceGuard(keras.callbacks.Callback):
     """Stop at the first diverged batch by raising TrainingDiverged (not a silent stop).
 
@@ -225,7 +236,7 @@ class DivergenceGuard(keras.callbacks.Callback):
         self._learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
-class _HistoryRecorder(keras.callbacks.Callback):
+class HistoryRecorder(keras.callbacks.Callback):
     """Appends each epoch's EPOCH_METRICS to ``history`` (which may hold earlier, resumed epochs)."""
 
     def __init__(self, history: dict[str, list[float]]):
@@ -237,7 +248,7 @@ class _HistoryRecorder(keras.callbacks.Callback):
             self.history.setdefault(key, []).append(float((logs or {}).get(key, float("nan"))))
 
 
-class EpochCheckpoint(_HistoryRecorder):
+class EpochCheckpoint(HistoryRecorder):
     """After every epoch, atomically save the model (with optimizer state) and the history so far."""
 
     def __init__(self, directory: Path, config: TrainConfig, history: dict[str, list[float]]):
@@ -332,7 +343,7 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
     there and a later call with the same config continues from the last completed epoch.
 
     A config whose ``pipeline`` names other code (``"seed_script"``: the seed's own) is trained by that code,
-    with the same arguments and result (``seed_pipeline.PIPELINES``).
+    with the same arguments and result (``pipelines.PIPELINES``).
     """
     pipeline = PIPELINES[config.pipeline]
     if pipeline.train is not None:
@@ -353,10 +364,10 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
         initial_epoch, history = 0, {}
     history = {key: list(history.get(key, [])) for key in EPOCH_METRICS}
     if initial_epoch >= config.epochs:
-        return _evaluate(config, model, split, history, 0.0, initial_epoch)
+        return evaluate(config, model, split, history, 0.0, initial_epoch)
     if not on_tensorflow():
         build_state(model, split.x_val)
-    recorder = EpochCheckpoint(checkpoint_path, config, history) if checkpoint_path else _HistoryRecorder(history)
+    recorder = EpochCheckpoint(checkpoint_path, config, history) if checkpoint_path else HistoryRecorder(history)
     n_train = len(split.y_train)
     train_batches = build_dataset(config, data.x_train, split.y_train, initial_epoch, rows=rows.x_train)
     validation = validation_data(split)
@@ -380,7 +391,7 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
         verbose=verbose,
     )
     train_seconds = time.perf_counter() - start
-    return _evaluate(config, model, split, history, train_seconds, initial_epoch)
+    return evaluate(config, model, split, history, train_seconds, initial_epoch)
 
 
 def validation_data(split: Split):
@@ -394,9 +405,9 @@ def validation_data(split: Split):
     return tf.data.Dataset.from_tensor_slices((split.x_val, one_hot)).batch(EVAL_BATCH_SIZE)
 
 
-def _evaluate(config: TrainConfig, model: keras.Model, split: Split, history: dict[str, list[float]],
+def evaluate(config: TrainConfig, model: keras.Model, split: Split, history: dict[str, list[float]],
               train_seconds: float, initial_epoch: int) -> RunResult:
-    """The one evaluation on the test set."""
+    """The one evaluation on the test set, as every pipeline ends: the ``RunResult`` of a trained ``model``."""
     probabilities = predict_probabilities(model, split.x_test)
     n_train = len(split.y_train)
     epochs_trained = config.epochs - initial_epoch

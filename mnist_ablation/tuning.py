@@ -24,6 +24,7 @@ reads it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import warnings
@@ -46,6 +47,8 @@ from .search_space import baseline_params, check_base_config, config_from_params
 from .storage import fail_stale_trials, quietly, retry_callback
 from .storage import open_storage as open_rdb_storage
 from .train import TrainingDiverged
+
+logger = logging.getLogger(__name__)  # one line per trial and step; the commands print these (experiments.cli)
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the one MLflow parent run of the study
 BASE_CONFIG_ATTR = "base_config"  # study user attr: the fixed config the search space is applied to
@@ -181,7 +184,7 @@ def record_trial_state(study: optuna.Study, trial: FrozenTrial) -> None:
         best = f" (best {study.best_value:.4f} in trial {study.best_trial.number})"
     except ValueError:
         best = ""
-    print(f"trial {trial.number} {trial.state.name.lower()} after {epochs} epoch(s){value}{best}", flush=True)
+    logger.info(f"trial {trial.number} {trial.state.name.lower()} after {epochs} epoch(s){value}{best}")
 
 
 # -- opening a study -------------------------------------------------------------------------------
@@ -302,7 +305,7 @@ def _retry_interrupted(tuning: TuningStudy, number: int) -> None:
     trial = next(t for t in tuning.study.get_trials(deepcopy=False) if t.number == number)
     if trial.state == TrialState.FAIL:
         tuning.retry(tuning.study, trial)
-        print(f"trial {number} was interrupted; a retry with the same parameters is enqueued", flush=True)
+        logger.info(f"trial {number} was interrupted; a retry with the same parameters is enqueued")
 
 
 def other_trials_in_flight(study: optuna.Study) -> int:
@@ -403,11 +406,10 @@ def _retrain(tuning: TuningStudy, data: Mnist, config: TrainConfig, trial_number
         existing = existing[existing[f"tags.{naming.CONFIG_HASH_TAG}"] == config_hash]
     if not existing.empty:
         row = existing.iloc[0]
-        print(f"best config (trial {trial_number}) was already retrained: run {row['run_id']}", flush=True)
+        logger.info(f"best config (trial {trial_number}) was already retrained: run {row['run_id']}")
         return row["run_id"], float(row["metrics.test_accuracy"])
-    print(f"retraining the best config (trial {trial_number}) for {config.epochs} epochs on "
-          f"{'the full training split' if config.train_subset is None else f'{config.train_subset} images'}",
-          flush=True)
+    logger.info(f"retraining the best config (trial {trial_number}) for {config.epochs} epochs on "
+                f"{'the full training split' if config.train_subset is None else f'{config.train_subset} images'}")
     try:
         tracked = tracking.run_training(
             config, data, experiment_name=naming.tuning_experiment(tuning.name),
@@ -435,7 +437,7 @@ def _study_figures(study: optuna.Study) -> dict[str, Any]:
             axes = optuna_plots.plot_param_importances(study, evaluator=evaluator)
             figures["plots/param_importances.png"] = axes.figure
         except (RuntimeError, ValueError) as error:
-            print(f"no parameter-importance figure yet ({error})", flush=True)
+            logger.info(f"no parameter-importance figure yet ({error})")
     for figure in figures.values():
         figure.set_size_inches(8, 5)
         figure.tight_layout()

@@ -14,6 +14,10 @@ A worker that dies stops its heartbeat; ``fail_stale_trials`` marks its trial FA
 failed by exception (say a diverged run) are not retried within a round; running the command again
 opens a new round for every cell that has no finished run yet.
 
+A cell that reuses another cell's run (two arms that are the same training run, ``sweep.Plan.source_of``)
+carries that cell in its trial and is handed out only once its source's trial has settled, so that the
+worker taking it finds the run to reuse (or its failure) rather than training the same run again.
+
 Rounds read well in optuna-dashboard: each maximises a named ``val_accuracy`` objective, and a trial
 carries its cell's arm, seed and the settings that vary between arms as params.
 """
@@ -34,10 +38,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .errors import QueueError
 from .naming import RUN_ID_ATTR, round_name, round_number
+from .redaction import redact
 from .storage import fail_stale_trials, quietly, retrying, study_id
-from .studies import Cell
+from .sweep import Cell
 
 ENQUEUED_ATTR = "enqueued"
+SOURCE_ATTR = "reuses"  # a reusing cell's trial: the key and config hash of the cell whose run it reuses
 HEARTBEAT_ATTR = "last_heartbeat"  # unix seconds of the worker's latest beat (the doctor reads it)
 OBJECTIVE = "val_accuracy"  # a cell's trial value: its final validation accuracy
 
@@ -50,6 +56,7 @@ class Claim:
     number: int
     cell: Cell
     previous_run_id: str | None  # MLflow run of an earlier attempt of this cell (a retry), if any
+    source: Cell | None = None  # the cell whose run this one reuses (trained once for both), if any
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,12 @@ def _cell(trial: FrozenTrial) -> Cell | None:
     if "arm" not in attrs:
         return None
     return Cell(arm=attrs["arm"], seed=int(attrs["seed"]), config_hash=attrs["config_hash"])
+
+
+def _source(trial: FrozenTrial) -> Cell | None:
+    """The cell whose run the trial's cell reuses, or None for a cell that trains."""
+    source = trial.user_attrs.get(SOURCE_ATTR)
+    return None if not source else Cell(source["arm"], int(source["seed"]), source["config_hash"])
 
 
 class CellQueue:
@@ -89,11 +102,13 @@ class CellQueue:
         return self._load(rounds[-1]) if rounds else None
 
     def open_round(self, cells: Sequence[Cell], is_done: Callable[[Cell], bool],
-                   on_create: Callable[[optuna.Study], None] | None = None) -> optuna.Study | None:
+                   on_create: Callable[[optuna.Study], None] | None = None,
+                   source_of: Callable[[Cell], Cell | None] = lambda cell: None) -> optuna.Study | None:
         """Join the current round if it has work; else open a new one for the cells not yet done.
 
         Returns None when every cell is done. ``on_create`` runs in the one worker that created the
-        round, before the cells are published (e.g. to record the MLflow parent run id).
+        round, before the cells are published (e.g. to record the MLflow parent run id). ``source_of``
+        names the cell whose run a cell reuses (None: the cell trains).
         """
         rounds = self._round_names()
         if rounds:
@@ -116,9 +131,11 @@ class CellQueue:
         if on_create is not None:
             on_create(study)
         for cell in remaining:
-            retrying(lambda cell=cell: study.enqueue_trial(
-                {}, user_attrs={"arm": cell.arm, "seed": cell.seed, "config_hash": cell.config_hash, "key": cell.key}
-            ))
+            attrs = {"arm": cell.arm, "seed": cell.seed, "config_hash": cell.config_hash, "key": cell.key}
+            source = source_of(cell)
+            if source is not None:
+                attrs[SOURCE_ATTR] = {"arm": source.arm, "seed": source.seed, "config_hash": source.config_hash}
+            retrying(lambda attrs=attrs: study.enqueue_trial({}, user_attrs=attrs))
         retrying(lambda: study.set_user_attr(ENQUEUED_ATTR, True))
         return study
 
@@ -139,10 +156,21 @@ class CellQueue:
         return retrying(lambda: study.get_trials(deepcopy=False, states=states))
 
     def claim(self, study: optuna.Study) -> Claim | None:
-        """Take one WAITING cell of ``study``, or None if there is none to take right now."""
+        """Take one WAITING cell of ``study``, or None if there is none to take right now.
+
+        Cells that train come first; a cell that reuses another's run waits until that cell's trial settled.
+        """
         fail_stale_trials(study)
         the_study_id = study_id(self.storage, study.study_name)
-        for trial in self._trials(study, (TrialState.WAITING,)):
+        trials = self._trials(study, tuple(TrialState))
+        unsettled = {cell.key for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)
+                     for cell in [_cell(t)] if cell is not None}
+        waiting = sorted((t for t in trials if t.state == TrialState.WAITING),
+                         key=lambda t: (_source(t) is not None, t.number))
+        for trial in waiting:
+            source = _source(trial)
+            if source is not None and source.key in unsettled:
+                continue
             trial_id = retrying(lambda t=trial: self.storage.get_trial_id_from_study_id_trial_number(
                 the_study_id, t.number))
             try:
@@ -153,7 +181,7 @@ class CellQueue:
                 # Beat at once: a trial that never beat is never seen as stale, so a worker dying right
                 # here would otherwise leave its cell RUNNING for ever.
                 self._beat(trial_id)
-                return Claim(trial_id, trial.number, _cell(trial), trial.user_attrs.get(RUN_ID_ATTR))
+                return Claim(trial_id, trial.number, _cell(trial), trial.user_attrs.get(RUN_ID_ATTR), source)
         return None
 
     def has_work(self, study: optuna.Study) -> bool:
@@ -212,7 +240,8 @@ class CellQueue:
 
     def fail(self, claim: Claim, reason: str) -> None:
         """The cell's run failed or was interrupted: its trial is FAIL, with the reason as a user attribute."""
-        retrying(lambda: self.storage.set_trial_user_attr(claim.trial_id, "failure_reason", reason[:1000]))
+        reason = redact(reason)[:1000]
+        retrying(lambda: self.storage.set_trial_user_attr(claim.trial_id, "failure_reason", reason))
         retrying(lambda: self.storage.set_trial_state_values(claim.trial_id, TrialState.FAIL))
 
     def _beat(self, trial_id: int) -> None:
@@ -220,18 +249,20 @@ class CellQueue:
         retrying(lambda: self.storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time()))
 
     @contextmanager
-    def heartbeat(self, claim: Claim) -> Iterator[None]:
-        """Record the claim's heartbeat in the background while the cell runs."""
+    def heartbeat(self, *claims: Claim) -> Iterator[None]:
+        """Record the claims' heartbeats in the background while their cells run."""
         stop = threading.Event()
         interval = self.storage.get_heartbeat_interval() or 10
 
         def beat() -> None:
             while not stop.is_set():
-                with contextlib.suppress(Exception):  # a missed beat is retried; never kill the run for it
-                    self._beat(claim.trial_id)
+                for claim in claims:
+                    with contextlib.suppress(Exception):  # a missed beat is retried; never kill the run for it
+                        self._beat(claim.trial_id)
                 stop.wait(interval)
 
-        thread = threading.Thread(target=beat, name=f"heartbeat-{claim.number}", daemon=True)
+        names = "-".join(str(claim.number) for claim in claims)
+        thread = threading.Thread(target=beat, name=f"heartbeat-{names}", daemon=True)
         thread.start()
         try:
             yield
@@ -239,12 +270,15 @@ class CellQueue:
             stop.set()
             thread.join(timeout=5)
 
-    def iterate(self, study: optuna.Study) -> Iterator[Claim]:
-        """Yield cells to run until none is WAITING or RUNNING (waiting for dead workers' retries)."""
+    def iterate(self, study: optuna.Study, size: int = 1) -> Iterator[list[Claim]]:
+        """Yield up to ``size`` claimed cells at a time (to train together) until none is WAITING or RUNNING,
+        waiting for dead workers' retries."""
         while True:
-            claim = self.claim(study)
-            if claim is not None:
-                yield claim
+            claims = []
+            while len(claims) < size and (claim := self.claim(study)) is not None:
+                claims.append(claim)
+            if claims:
+                yield claims
                 continue
             if not self.has_work(study):
                 return

@@ -3,7 +3,7 @@
 ``explorer_store`` trains one tiny run (300 images, 1 epoch) per arm of a study into a temporary SQLite MLflow
 store: the seed's CNN with and without batch norm, a pooling-free ``no_pool_5x5`` net (output: Dense
 ``logits``, BatchNormalization ``logits_bn``, ``Activation("softmax")``), and a run whose arm is HTML markup.
-``explorer_server`` serves that study with ``python -m mnist_ablation.serve`` as a real uvicorn process on a
+``explorer_server`` serves that study with ``python -m experiments.serve`` as a real uvicorn process on a
 free 127.0.0.1 port, once for the session.
 """
 
@@ -67,13 +67,13 @@ def explorer_store(tmp_path_factory, mnist) -> dict:
 
 
 class ServerProcess:
-    """``python -m mnist_ablation.serve ARGS`` on a free port, waited for until /api/health answers."""
+    """``python -m experiments.serve ARGS`` on a free port, waited for until /api/health answers."""
 
     def __init__(self, arguments: list[str], log_path: Path, data_dir: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "mnist_ablation.serve", *arguments, "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "experiments.serve", *arguments, "--host", "127.0.0.1",
                    "--port", str(self.port), "--data-dir", str(data_dir), "--log-level", "warning"]
         environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
         with open(log_path, "w") as log:

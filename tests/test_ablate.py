@@ -157,3 +157,42 @@ def test_precision_flags_are_checked_before_anything_runs(tmp_path, tracking_uri
     assert result.returncode == 2 and "--max-seeds needs --target-ci-width" in result.stderr
     result = run_module("experiments.ablate", "--target-ci-width", "2", env=env, cwd=tmp_path, check=False)
     assert result.returncode == 2 and "expected a fraction in (0, 1)" in result.stderr
+    for command in ("experiments.ablate", "experiments.report"):
+        result = run_module(command, "--smallest-effect", "0", env=env, cwd=tmp_path, check=False)
+        assert result.returncode == 2 and "--smallest-effect 0.0: expected a fraction of accuracy" in result.stderr
+
+
+@pytest.mark.slow
+def test_identical_arms_are_trained_once_and_count_for_both(tmp_path, tracking_uri, data_dir):
+    env = command_env(tracking_uri, data_dir)
+    output = tmp_path / "report"
+    args = ("--arms", "baseline,constant_lr,no_dropout", "--seeds", "2", "--train-subset", "200", "--epochs", "1")
+    result = run_module("experiments.ablate", *args, "--output", str(output), env=env, cwd=tmp_path)
+    assert "they are the same training run" in result.stdout  # the step schedule never steps in one epoch
+    assert "reuses baseline-seed0" in result.stdout and "reuses baseline-seed1" in result.stdout
+    children = _children("leave-one-out").set_index("tags.mlflow.runName")
+    assert len(children) == 6 and set(children["status"]) == {"FINISHED"}
+    client = MlflowClient()
+    for seed in (0, 1):
+        reusing, source = children.loc[f"constant_lr-seed{seed}"], children.loc[f"baseline-seed{seed}"]
+        assert reusing[f"tags.{naming.REUSES_RUN_TAG}"] == source["run_id"]
+        assert reusing["params.lr_schedule"] == "constant" and reusing["tags.arm"] == "constant_lr"
+        assert reusing["metrics.test_accuracy"] == source["metrics.test_accuracy"]
+        history = client.get_metric_history(reusing["run_id"], "val_accuracy")
+        assert [m.value for m in history] == [m.value for m in client.get_metric_history(source["run_id"],
+                                                                                       "val_accuracy")]
+        assert not client.list_artifacts(reusing["run_id"], "predictions")  # trained and logged once
+        assert store.read_predictions(reusing["run_id"]).equals(store.read_predictions(source["run_id"]))
+    assert children[f"tags.{naming.REUSES_RUN_TAG}"].notna().sum() == 2
+    # The report counts both arms and keeps naming them identical; its numbers are the baseline's.
+    summary = pd.read_csv(output / "ablation_summary.csv").set_index("arm")
+    assert summary.loc["constant_lr", "n_seeds"] == 2 and summary.loc["constant_lr", "identical_to_baseline"]
+    assert summary.loc["constant_lr", "test_accuracy_mean"] == summary.loc["baseline", "test_accuracy_mean"]
+    assert "Identical by construction" in (output / "report.md").read_text()
+    # Every cell, the reusing ones too, is one COMPLETE trial of the queue; a rerun adds nothing.
+    storage_url = f"sqlite:///{tmp_path / 'store' / 'optuna.db'}"
+    [summary_] = optuna.get_all_study_summaries(storage_url)
+    trials = optuna.load_study(study_name=summary_.study_name, storage=storage_url).trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 6
+    again = run_module("experiments.ablate", *args, "--no-report", env=env, cwd=tmp_path)
+    assert "skipping 6 of 6 cells" in again.stdout and len(_children("leave-one-out")) == 6

@@ -40,6 +40,14 @@ def test_the_library_never_imports_the_command_layer_or_the_benchmarks():
     assert not offenders, offenders
 
 
+def test_the_library_never_runs_other_modules_through_runpy():
+    # runpy (or importlib by name) would run the command layer while slipping past the import check above.
+    offenders = sorted(str(p.relative_to(REPO_ROOT)) for p in library_modules()
+                       if "runpy" in imports(p)
+                       or any(literal.startswith("experiments.") for literal in string_literals(p)))
+    assert not offenders, offenders
+
+
 @pytest.mark.parametrize("package", sorted(ALLOWED_IMPORTERS))
 def test_only_the_owning_modules_import_mlflow_and_optuna(package):
     importers = {p.stem for p in library_modules() if package in imports(p)}
@@ -57,6 +65,64 @@ def test_importing_the_light_modules_loads_no_framework():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def library_imports(path: Path) -> set[str]:
+    """The library modules ``path`` imports, at any depth (lazy imports count), ``if TYPE_CHECKING:`` left out."""
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in
+                   ast.unparse(node.test) for statement in node.body for inner in ast.walk(statement)}
+    module = module_name(path)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    known = {module_name(p) for p in library_modules()}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+            target = ".".join(filter(None, [base, node.module]))
+            # `from . import store` imports the module store; `from .config import BASELINE` the module config.
+            found |= {f"{target}.{alias.name}" if f"{target}.{alias.name}" in known else target for alias in node.names}
+    # Importing a submodule runs its package first: that edge is Python's, not the module's.
+    return {name for name in found & known if name != module and not module.startswith(f"{name}.")}
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` (module -> the modules it imports) as [a, b, ..., a], or None."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return [*path[path.index(target):], node, target] if target in path else [node, target]
+            if target not in state and (cycle := visit(target, [*path, node])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [])):
+            return cycle
+    return None
+
+
+def test_no_import_circle_among_library_modules():
+    # A circle (config -> seed_pipeline -> train -> config, once) means no module of it can be read, tested or
+    # replaced alone. Lazy imports count: they are the same dependency, paid later.
+    graph = {module_name(p): library_imports(p) for p in library_modules()}
+    assert {"mnist_ablation.config", "mnist_ablation.data"} <= graph["mnist_ablation.train"]  # the graph sees imports
+    cycle = import_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
 def string_literals(path: Path) -> list[str]:
@@ -89,3 +155,98 @@ def test_ruff_is_clean():
     result = subprocess.run([ruff, "check", "--output-format", "concise", "."], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def _library_path(name: str) -> str:
+    return str((LIBRARY / name).relative_to(REPO_ROOT))
+
+
+def test_one_cell_type():
+    # A study's cell (arm, seed, config hash) and its key are defined once, in sweep.py: the queue, the offline
+    # path, the import, the summary and the report all use that type.
+    cell_types, keys = [], []
+    for path in library_modules():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Cell"):
+                cell_types.append(f"{path.relative_to(REPO_ROOT)}:{node.name}")
+            if isinstance(node, ast.JoinedStr) and any(  # f"{arm}-seed{seed}"
+                    isinstance(text, ast.Constant) and str(text.value).endswith("-seed")
+                    and isinstance(value, ast.FormattedValue) for text, value in zip(node.values, node.values[1:])):
+                keys.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert cell_types == [f"{_library_path('sweep.py')}:Cell"], cell_types
+    assert len(keys) == 1 and keys[0].startswith(_library_path("sweep.py")), (
+        f"cell keys spelled outside sweep.cell_key: {keys}")
+
+
+def test_the_library_reports_and_the_commands_print():
+    # Progress and results leave the library through an observer or `logging`; only experiments/ prints.
+    offenders = {}
+    for path in library_modules():
+        found = []
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Name) and node.id == "print":
+                found.append(f"print (line {node.lineno})")
+            if isinstance(node, ast.Attribute) and node.attr == "write" and isinstance(node.value, ast.Name) \
+                    and node.value.id == "tqdm":
+                found.append(f"tqdm.write (line {node.lineno})")
+        if "tqdm" in imports(path):
+            found.append("imports tqdm (progress bars live in the command layer)")
+        if found:
+            offenders[str(path.relative_to(REPO_ROOT))] = found
+    assert not offenders, offenders
+
+
+def _names(path: Path) -> set[str]:
+    """Identifiers, attributes, keywords and string constants of a module's code."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, (ast.keyword, ast.arg)) and node.arg:
+            found.add(node.arg)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.add(node.value)
+    return found
+
+
+def _call_name(node: ast.Call) -> str:
+    return ast.unparse(node.func)
+
+
+def test_study_and_precision_rule_go_from_the_command_through_the_sweep_to_store_and_stats():
+    # `ablate --study S --target-ci-width W --max-seeds M`: the command looks the study up and hands the rule's
+    # values to sweep.PrecisionRule, which checks them once and decides through stats; the runner (ablation),
+    # the queue and the store never see the values, only the plan (sweep.Plan) built from them.
+    command = REPO_ROOT / "experiments" / "ablate.py"
+    tree = ast.parse(command.read_text(), str(command))
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    rule_flags = ("target_ci_width", "max_seeds")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in rule_flags and ast.unparse(node.value) == "args":
+            parent = parents[node]
+            assert isinstance(parent, ast.Call) and _call_name(parent) == "sweep.PrecisionRule.from_options", (
+                f"experiments/ablate.py line {node.lineno}: args.{node.attr} must go straight to "
+                "sweep.PrecisionRule.from_options (checked once, in the library)")
+        if isinstance(node, ast.Compare):
+            assert not any(name in ast.unparse(node) for name in rule_flags), (
+                f"experiments/ablate.py line {node.lineno} checks a precision flag; sweep.PrecisionRule does")
+    handlers = {str(p.relative_to(REPO_ROOT)) for p in library_modules() if _names(p) & set(rule_flags)}
+    # sweep decides, defaults checks, stats computes, the report shows the rule recorded in study.json.
+    allowed = {_library_path(name) for name in ("sweep.py", "defaults.py", "stats.py", "report/__init__.py",
+                                                "report/analysis.py")}
+    assert handlers <= allowed, sorted(handlers - allowed)
+    # The study: looked up by the command, carried by the plan; the runner never looks a study up itself.
+    assert "STUDIES" in _names(command)
+    runner = _names(LIBRARY / "ablation.py")
+    assert "STUDIES" not in runner and "get_study" not in runner and "Plan" in runner
+    # The sweep is pure: it reads studies, configs and statistics, never the store, the queue or a framework.
+    sweep_imports = {node.module for node in ast.walk(ast.parse((LIBRARY / "sweep.py").read_text()))
+                     if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    sweep_imports |= {alias.name for node in ast.walk(ast.parse((LIBRARY / "sweep.py").read_text()))
+                      if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is None
+                      for alias in node.names}
+    assert sweep_imports <= {"config", "data", "defaults", "errors", "naming", "stats", "studies"}, sweep_imports
+    assert not imports(LIBRARY / "sweep.py") & {"mlflow", "optuna", "keras", "tensorflow"}

@@ -114,6 +114,37 @@ def test_parity_section_says_not_yet_measured_until_its_result_exists(tmp_path):
     assert verdict(comparison) in parity and "[-0.080, +0.040]" in parity
 
 
+def test_every_benchmark_describes_its_section_and_writes_the_one_machine_record():
+    from benchmarks import common
+
+    modules = sorted(p.stem for p in (REPO_ROOT / "benchmarks").glob("*.py")
+                     if p.stem not in ("__init__", "report", "common", "seed_script"))
+    assert [key for key in benchmark_report.SECTIONS if key != "other"] == [
+        "speed", "study_throughput", "layer_profile", "pruning", "serve_latency", "accuracy", "parity"]
+    assert set(benchmark_report.SECTIONS) - {"other"} == set(modules)  # one REPORT per benchmark module
+    # Only common.py knows how to read the machine: no benchmark writes its own load averages or CPU fields.
+    for module in modules:
+        source = (REPO_ROOT / "benchmarks" / f"{module}.py").read_text(encoding="utf-8")
+        assert "getloadavg" not in source and "platform." not in source and "/proc/cpuinfo" not in source, module
+    record = common.finish_machine_record(common.machine_record())
+    assert set(record) == {"cpu", "cpu_count", "gpus", "keras_backend", "packages", "python", "platform",
+                           "load_average"} and set(record["load_average"]) == {"start", "end"}
+    text = common.machine_text(record)
+    assert f"{record['cpu_count']} CPUs" in text and "load average " in text and " → " in text
+    # Results a run wrote carry that record (transcribed ones a sentence); the report reads nothing else.
+    for result in benchmark_report.load_results():
+        machine = result.data.get("machine")
+        assert isinstance(machine, str) or set(machine) <= set(record), result.name
+
+
+def test_the_benchmark_report_reads_every_description_without_loading_a_framework():
+    probe = ("import sys, benchmarks.report; "
+             "print(sorted(m for m in ('tensorflow', 'keras', 'mlflow', 'optuna') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_an_unknown_result_file_is_a_clear_error(tmp_path):
     (tmp_path / "mystery.json").write_text("{}")
     with pytest.raises(ValueError, match="mystery.json: not a result of a known benchmark"):

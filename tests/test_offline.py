@@ -126,3 +126,24 @@ def test_the_same_trainer_runs_on_the_jax_backend(tmp_path, data_dir, mnist):
     probabilities = result.model.predict(mnist.x_test[:500], batch_size=500, verbose=0)
     np.testing.assert_allclose(probabilities, result.test_probabilities[:500], atol=1e-4)
     assert result.model.count_params() == 469_578
+
+
+@pytest.mark.slow
+def test_offline_identical_arms_train_once_and_import_as_reusing_runs(tmp_path, data_dir, tracking_uri):
+    env = command_env(tracking_uri, data_dir)
+    cells = tmp_path / "cells"
+    args = ["--arms", "baseline,constant_lr", "--seeds", "1", "--epochs", "1", "--train-subset", "200"]
+    trained = run_module("experiments.ablate", *args, "--offline", str(cells), env=env)
+    assert "1 cell(s) to train" in trained.stdout and "1 reuse an identical arm's cell" in trained.stdout
+    assert [path.name for path in cells.iterdir() if not path.name.startswith(".")] == ["baseline-seed0"]
+    imported = run_module("experiments.ablate", *args, "--import-offline", str(cells), "--no-report", env=env)
+    assert "imported 2 cell(s)" in imported.stdout and "constant_lr-seed0: reuses baseline-seed0" in imported.stdout
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("ablation/leave-one-out")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id],
+                                                          "tags.`mnist_ablation.role` = 'cell'")}
+    assert set(runs) == {"baseline-seed0", "constant_lr-seed0"}
+    assert runs["constant_lr-seed0"].data.tags["mnist_ablation.reuses_run"] == runs["baseline-seed0"].info.run_id
+    assert runs["constant_lr-seed0"].info.status == "FINISHED"
+    twice = run_module("experiments.ablate", *args, "--import-offline", str(cells), "--no-report", env=env)
+    assert "imported 0 cell(s)" in twice.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -141,6 +142,28 @@ def test_report_pages_escape_markup_and_say_what_intervals_cover(tmp_path):
     assert {p.name for p in report.files} >= {"ablation_summary.csv", "report.html", "report.md", "test_error.png"}
 
 
+def test_report_md_is_markdown_escaped_not_html_escaped(tmp_path):
+    from markdown_it import MarkdownIt
+
+    tricky = "it's \"x\" <b>*y*</b> _z_ a|b"
+    arms = {"baseline": ({}, 0.0), tricky: ({"dropout": False}, -0.1)}
+    data = simulated_study(arms, n_seeds=2, n_images=500)
+    data.definition["description"] = "The trainer's pipeline=\"seed_script\" with p < 0.05 and *no* _emphasis_ | here"
+    build_report(data, tmp_path, report_command=["python", "-m", "experiments.report", "--study", "x"])
+    markdown = (tmp_path / "report.md").read_text()
+    for entity in ("&#39;", "&#34;", "&quot;", "&lt;", "&gt;", "&amp;"):
+        assert entity not in markdown
+    # Rendered by a CommonMark parser (with tables), the page shows exactly the text: no tag, no emphasis, and
+    # the arm stays one cell of its row.
+    html = MarkdownIt("commonmark").enable("table").render(markdown)
+    shown = html.replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    assert "The trainer's pipeline=\"seed_script\" with p < 0.05 and *no* _emphasis_ | here" in shown
+    assert "<b>" not in html and "<em>" not in html.split("<h2")[0]
+    row = next(chunk for chunk in html.split("<tr>") if chunk.lstrip().startswith("<td>it"))
+    cells = [cell.split("</td>")[0] for cell in row.split("<td>")[1:]]
+    assert cells[0].replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">") == tricky
+
+
 def test_one_epoch_curves_and_failed_arms_are_drawn(tmp_path):
     arms = {"baseline": ({}, 0.0), "no_batch_norm": ({"batch_norm": False}, -0.5)}
     data = simulated_study(arms, epochs=1, missing={("no_batch_norm", 0), ("no_batch_norm", 1), ("no_batch_norm", 2)})
@@ -175,6 +198,77 @@ def test_factorial_report_leads_with_effects_and_flags_identical_cells(tmp_path)
     assert effects.loc["batch_norm", "p_value_holm"] < 0.05 and len(effects) == 15
     assert any("identical by construction" in note for note in report.notes)  # step_lr does nothing at 2 epochs
     assert (tmp_path / "figures" / "factorial_effects.png").exists()
+    # Pooled seed error (issue 21): at 2 seeds the terms get 15 df, not 1, and intervals of a usable width.
+    assert "pooled over the 15 orthogonal terms" in html
+    main = effects[effects["order"] == 1]
+    assert (effects["df"] > 10).all() and (main["ci_high"] - main["ci_low"]).max() < 0.015
+    assert "74" not in " ".join(note for note in report.notes if "smallest visible" in note)
+
+
+def test_planning_sentences_are_for_the_stated_effect_and_per_seed_differences_show(tmp_path):
+    data = simulated_study(LEAVE_ONE_OUT, n_seeds=3)
+    small = summary_table(data, smallest_effect=0.001).set_index("arm")
+    large = summary_table(data, smallest_effect=0.05).set_index("arm")
+    assert list(small.columns[-5:]) == ["smallest_effect", "df", "comparison", "worst_seed", "worst_seed_delta"]
+    assert (small.drop("baseline")["smallest_effect"] == 0.001).all()
+    # The plan depends on the stated effect, not on the observed difference.
+    assert (small.drop("baseline")["seeds_needed"] >= large.drop("baseline")["seeds_needed"]).all()
+    assert summary_table(data, equivalence_margin=0.002).set_index("arm").loc["no_dropout", "smallest_effect"] \
+        == 0.002
+    row = small.loc["no_dropout"]
+    per_seed = data.correct.groupby(["arm", "seed"])["correct"].mean()
+    deltas = {s: per_seed["no_dropout", s] - per_seed["baseline", s] for s in range(3)}
+    assert row["worst_seed"] == min(deltas, key=deltas.get)
+    assert row["worst_seed_delta"] == pytest.approx(min(deltas.values()))
+    text = {f["arm"]: f["text"] for f in analysis.findings(data, small.reset_index(), 0.95)}["no_dropout"]
+    assert f"the worst is seed {row['worst_seed']}" in text
+    if row["verdict"] == analysis.INCONCLUSIVE:
+        assert "0.10 points (--smallest-effect)" in text and "observed" not in text
+    report = build_report(data, tmp_path, smallest_effect=0.002)
+    assert (tmp_path / "figures" / "per_seed_differences.png").exists()
+    assert any("rarer than about 1 in 3 seeds" in note for note in report.notes)
+    csv = pd.read_csv(tmp_path / "ablation_summary.csv")
+    assert list(csv.columns[:len(SUMMARY_COLUMNS)]) == SUMMARY_COLUMNS and (csv["smallest_effect"] == 0.002).all()
+    with pytest.raises(ValueError, match="smallest effect 5"):
+        summary_table(data, smallest_effect=5)
+
+
+def test_two_seeds_say_what_they_can_see_and_nothing_beyond_the_range():
+    data = simulated_study(LEAVE_ONE_OUT, n_seeds=2)
+    summary = summary_table(data)
+    notes = analysis.notes(data, summary, 0.95)
+    assert any("Two seeds estimate the seed-to-seed variation from a single difference" in note for note in notes)
+    row = summary.set_index("arm").loc["no_dropout"].copy()
+    assert analysis.visible_phrase(2.0, analysis.largest_possible_difference(row)).startswith("no difference")
+    for finding in analysis.findings(data, summary, 0.95):
+        for number in re.findall(r"(\d+\.\d+) points", finding["text"]):
+            assert float(number) <= 100
+    # A 1-df interval or plan can reach past what accuracy allows; the page cuts it there (the CSV keeps it).
+    from mnist_ablation.report import render
+
+    wide = summary.copy()
+    arm = wide["arm"] == "no_dropout"
+    wide.loc[arm, ["delta_ci_low", "delta_ci_high", "mde"]] = [-3.0, 2.5, 4.0]
+    shown = render.summary_display(wide, "baseline", 0.95)
+    text = json.dumps(shown, ensure_ascii=False, default=str)
+    assert "beyond the range" in text
+    assert all(abs(float(number)) <= 100 for number in re.findall(r"[-+]?\d+\.\d+", text))
+    row = wide[arm].iloc[0]
+    low, high, clipped = analysis.shown_difference_interval(row)
+    assert clipped and low == pytest.approx(-row["baseline_accuracy_paired"]) and high <= 1
+
+
+def test_an_arm_on_other_seeds_gets_an_unpaired_comparison():
+    data = simulated_study({"baseline": ({}, 0.0), "no_batch_norm": ({"batch_norm": False}, -1.5)}, n_seeds=3)
+    moved = data.correct["arm"] == "no_batch_norm"
+    data.correct.loc[moved, "seed"] += 10
+    data.finished.loc[data.finished["arm"] == "no_batch_norm", "seed"] += 10
+    summary = summary_table(data).set_index("arm")
+    row = summary.loc["no_batch_norm"]
+    assert row["comparison"] == "unpaired (no seed in common with the baseline)" and row["n_pairs"] == 0
+    assert row["verdict"] == analysis.MATTERS and row["delta_ci_low"] < row["delta_vs_baseline"] < 0
+    text = {f["arm"]: f["text"] for f in analysis.findings(data, summary.reset_index(), 0.95)}["no_batch_norm"]
+    assert "an unpaired comparison" in text
 
 
 # -- a tiny real study through the commands (trains models: slow) -------------------------------------------

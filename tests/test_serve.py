@@ -2,7 +2,7 @@
 selection, request validation, and the JSON API of a real server.
 
 Pure tests build untrained models or talk to the app in process (no model is ever loaded for a refused
-request). The ``slow`` tests talk over HTTP to ``python -m mnist_ablation.serve`` serving four tiny trained
+request). The ``slow`` tests talk over HTTP to ``python -m experiments.serve`` serving four tiny trained
 runs, one of them a pooling-free net and one with an arm named in HTML markup (tests/explorer_fixtures.py).
 """
 
@@ -254,7 +254,7 @@ def _cell_run(client, experiment_id, arm, seed, val_accuracy, status="FINISHED")
 def test_study_offers_best_finished_seed_per_arm_baseline_first(tracking_uri):
     from mlflow.tracking import MlflowClient
 
-    from mnist_ablation.serve import study_runs_to_offer
+    from mnist_ablation.explorer import study_runs_to_offer
 
     client = MlflowClient()
     experiment_id = client.create_experiment("ablation/pick")
@@ -280,7 +280,7 @@ def test_study_offers_best_finished_seed_per_arm_baseline_first(tracking_uri):
 def test_unknown_study_and_run_fail_with_what_exists(tracking_uri):
     from mlflow.tracking import MlflowClient
 
-    from mnist_ablation.serve import ExplorerError, UnknownRunError, runs_by_id, study_runs_to_offer
+    from mnist_ablation.explorer import ExplorerError, UnknownRunError, runs_by_id, study_runs_to_offer
 
     MlflowClient().create_experiment("ablation/leave-one-out")
     with pytest.raises(ExplorerError, match="Studies found there: leave-one-out"):
@@ -294,10 +294,13 @@ def test_unknown_study_and_run_fail_with_what_exists(tracking_uri):
 def test_command_refuses_an_unknown_study_with_exit_code_2(tracking_uri, capsys):
     from mlflow.tracking import MlflowClient
 
+    from experiments.cli import run_command
     from experiments.serve import main
 
     MlflowClient().create_experiment("ablation/leave-one-out")
-    assert main(["--study", "nope", "--tracking-uri", tracking_uri, "--port", "8765"]) == 2
+    with pytest.raises(SystemExit) as exited:  # the command runs through run_command like every other
+        run_command(lambda: main(["--study", "nope", "--tracking-uri", tracking_uri, "--port", "8765"]))
+    assert exited.value.code == 2
     error = capsys.readouterr().err
     assert "no study 'nope'" in error and "leave-one-out" in error
 
@@ -312,10 +315,13 @@ def test_library_import_changes_nothing_and_the_documented_module_command_still_
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment,
                               cwd=REPO_ROOT, timeout=120)
     assert imported.stdout.split() == ["True", "False"], imported.stderr[-3000:]
-    usage = subprocess.run([sys.executable, "-m", "mnist_ablation.serve", "--help"], capture_output=True, text=True,
+    usage = subprocess.run([sys.executable, "-m", "experiments.serve", "--help"], capture_output=True, text=True,
                            env=environment, cwd=REPO_ROOT, timeout=120)
     assert usage.returncode == 0, usage.stderr[-3000:]
     assert "--allowed-host" in usage.stdout and "--study" in usage.stdout
+    former = subprocess.run([sys.executable, "-m", "mnist_ablation.serve", "--help"], capture_output=True, text=True,
+                            env=environment, cwd=REPO_ROOT, timeout=120)
+    assert former.returncode != 0 and "python -m experiments.serve" in former.stderr, "it says where the command is"
 
 
 def test_static_files_ship_with_the_package():
@@ -342,13 +348,15 @@ def test_page_has_no_inline_script_or_style_and_never_parses_html_from_strings()
 
 # ---------- request and response models, in process (no model is loaded for a refused request) ----------
 FAKE_RUN_ID = "f" * 32
+JSON = {"Content-Type": "application/json"}  # the only Content-Type a POST may have (issue 24, finding 9)
 
 
 @pytest.fixture(scope="module")
 def app_client():
     from fastapi.testclient import TestClient
 
-    from mnist_ablation.serve import ModelExplorer, OfferedRun, create_app
+    from mnist_ablation.explorer import ModelExplorer, OfferedRun
+    from mnist_ablation.serve import create_app
 
     run = OfferedRun(FAKE_RUN_ID, "baseline", "baseline-seed0", "1", "baseline", "0", 0.99, 0.99)
     with TestClient(create_app(ModelExplorer([run]), allowed_hosts=["testserver"])) as client:
@@ -426,12 +434,19 @@ def test_odd_explanation_and_preprocess_bodies_get_a_422(app_client, path, body,
     assert words in answer.json()["detail"]
 
 
-def test_bodies_are_json_whatever_their_content_type(app_client):
-    # curl -d sends application/x-www-form-urlencoded; the documented curl commands rely on this.
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          None])
+def test_bodies_must_be_sent_as_json(app_client, content_type):
+    # Issue 24, finding 9: a page on any site may POST text/plain or a form here without a CORS preflight.
     drawing = np.zeros((30, 30))
     drawing[5:25, 12:16] = 1.0
-    answer = app_client.post("/api/preprocess", content=json.dumps({"drawing": drawing.tolist()}),
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    body = json.dumps({"drawing": drawing.tolist()})
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    refused = app_client.post("/api/preprocess", content=body, headers=headers)
+    assert refused.status_code == 415, refused.text
+    assert "Content-Type: application/json" in refused.json()["detail"]
+    answer = app_client.post("/api/preprocess", content=body,
+                             headers={"Content-Type": "application/json; charset=utf-8"})
     assert answer.status_code == 200, answer.text
     np.testing.assert_allclose(answer.json()["image"], mnist_preprocess(drawing), atol=1e-4)
 
@@ -556,14 +571,14 @@ def test_server_answers_odd_bodies_with_a_4xx_and_keeps_serving(client):
             yield b"0" * 10_000
 
     odd = [
-        (client.post("/api/predict", content=b'{"image": ' + b"[" * 5000 + b"]" * 5000 + b"}"), 400),
-        (client.post("/api/predict", content=b'{"image": [[' + b"9" * 5000 + b"]]}"), 400),
-        (client.post("/api/saliency", content=_image_text("1e400")), 422),
-        (client.post("/api/activations", content=_image_text("NaN")), 422),
+        (client.post("/api/predict", content=b'{"image": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers=JSON), 400),
+        (client.post("/api/predict", content=b'{"image": [[' + b"9" * 5000 + b"]]}", headers=JSON), 400),
+        (client.post("/api/saliency", content=_image_text("1e400"), headers=JSON), 422),
+        (client.post("/api/activations", content=_image_text("NaN"), headers=JSON), 422),
         (client.post("/api/predict", json={"drawing": []}), 422),
-        (client.post("/api/predict", content=b"{broken"), 400),
-        (client.post("/api/predict", content=chunks()), 413),
-        (client.post("/api/predict", content=b"[" + b"0," * 1_200_000 + b"0]"), 413),
+        (client.post("/api/predict", content=b"{broken", headers=JSON), 400),
+        (client.post("/api/predict", content=chunks(), headers=JSON), 413),
+        (client.post("/api/predict", content=b"[" + b"0," * 1_200_000 + b"0]", headers=JSON), 413),
     ]
     for answer, status in odd:
         assert answer.status_code == status, answer.text

@@ -115,11 +115,35 @@ def test_crossed_contrast_mean_squares_match_a_two_way_anova():
     assert stats.crossed_contrast(arms, [-1.0, 1.0]).estimate == pytest.approx(values.mean())
 
 
+def test_crossed_contrast_with_mostly_zero_images_matches_a_two_way_anova():
+    # MNIST-like: most images never differ (their all-zero columns share one weighted column inside).
+    import statsmodels.api as sm
+    import statsmodels.formula.api as smf
+
+    rng = np.random.default_rng(17)
+    values = np.zeros((3, 120))
+    values[:, :25] = rng.integers(-1, 2, (3, 25))
+    seeds, images = np.meshgrid(range(3), range(120), indexing="ij")
+    frame = pd.DataFrame({"d": values.ravel(), "seed": seeds.ravel(), "image": images.ravel()})
+    anova = sm.stats.anova_lm(smf.ols("d ~ C(seed) + C(image)", data=frame).fit()).set_index(
+        pd.Index(["seed", "image", "residual"]))["mean_sq"]
+    estimate = stats.crossed_contrast(values)
+    assert estimate.n_images == 120 and estimate.estimate == pytest.approx(values.mean())
+    assert estimate.seed_mean_variance == pytest.approx(anova["seed"] / 120)
+    assert estimate.residual_variance == pytest.approx(anova["residual"])
+    assert estimate.image_variance == pytest.approx(max(anova["image"] - anova["residual"], 0) / 3)
+    # The image df and the jackknife moments do not depend on where the zero images sit.
+    shuffled = stats.crossed_contrast(values[:, rng.permutation(120)])
+    for field in ("image_df", "skewness", "skew_covariance"):
+        assert getattr(shuffled, field) == pytest.approx(getattr(estimate, field), rel=1e-9, abs=1e-15), field
+
+
 def test_crossed_contrast_truncates_a_negative_image_component():
     # Images that differ less than the seed x image noise: the image component estimates as 0, never negative,
     # and the variance is the seed-only one with n - 1 degrees of freedom.
-    values = np.array([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
+    values = np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0]])
     estimate = stats.crossed_contrast(values)
+    assert not estimate.seed_term_floored  # the seed mean square is above the within-run noise here
     assert estimate.image_variance == 0.0
     assert estimate.df == pytest.approx(2)
     assert estimate.standard_error == pytest.approx(estimate.standard_error_this_test_set)
@@ -173,12 +197,19 @@ def test_equivalence_test_is_two_one_sided_t_tests():
     from scipy import stats as scipy_stats
 
     symmetric = stats.ContrastEstimate(estimate=0.0003, n_seeds=5, n_images=10_000, seed_mean_variance=4e-7,
-                                       image_variance=0.0, residual_variance=0.01, image_df=9999.0)
+                                       image_variance=0.0, residual_variance=0.001, image_df=9999.0)
     se, df = symmetric.standard_error, symmetric.df
     assert df == pytest.approx(4)
     expected = max(scipy_stats.t.sf((0.0003 + 0.001) / se, df), scipy_stats.t.cdf((0.0003 - 0.001) / se, df))
     assert symmetric.equivalence_p_value(0.001) == pytest.approx(expected)
-    # A skewed estimate shifts the one-sided tests (Hall's transformation); a symmetric one does not.
+    # With 4 df the skewness correction does not hold (it assumes a nearly exact variance): plain TOST.
+    assert dataclasses.replace(symmetric, skewness=0.1, skew_covariance=0.1).equivalence_p_value(0.001) == \
+        pytest.approx(expected)
+    # With 9 df a skewed estimate shifts the one-sided tests (Hall's transformation); a symmetric one does not.
+    symmetric = dataclasses.replace(symmetric, n_seeds=10, seed_mean_variance=8e-7)
+    se, df = symmetric.standard_error, symmetric.df
+    expected = max(scipy_stats.t.sf((0.0003 + 0.001) / se, df), scipy_stats.t.cdf((0.0003 - 0.001) / se, df))
+    assert df == pytest.approx(9) and symmetric.equivalence_p_value(0.001) == pytest.approx(expected)
     skewed = dataclasses.replace(symmetric, skewness=0.1, skew_covariance=0.1)
     assert skewed.equivalence_p_value(0.001) != pytest.approx(expected)
     assert 0 <= skewed.equivalence_p_value(0.001) <= 1
@@ -385,38 +416,95 @@ def test_accuracy_table_per_arm():
 
 def test_precision_stop_reason_branches():
     reason = stats.precision_stop_reason
-    assert reason(0.0009, 0.0004, 3, 0.001, 10) == stats.TARGET_REACHED
-    assert reason(0.0015, 0.0004, 10, 0.001, 10) == stats.MAX_SEEDS_REACHED
-    assert reason(0.0015, 0.0012, 4, 0.001, 10) == "test set limits this difference to ±0.06 points"
-    assert reason(0.0015, 0.0004, 4, 0.001, 10) is None
-    assert reason(float("nan"), float("nan"), 1, 0.001, 10) is None  # one seed: no width yet, keep going
+    stage = _noisy_estimate(n_seeds=3)  # interval about 0.08 wide, test-set floor about 0.03
+    width, floor = stage.width_at(3), stage.floor_width()
+    assert floor < width
+    planned, why = stats.precision_seeds(stage, width * 1.01, 10)
+    assert (planned, why) == (3, stats.TARGET_REACHED) and reason(stage, 3, width * 1.01, 10) == stats.TARGET_REACHED
+    planned, why = stats.precision_seeds(stage, (floor + width) / 2, 10)
+    assert 3 < planned <= 10 and reason(stage, 3, (floor + width) / 2, 10) is None
+    assert reason(stage, planned, (floor + width) / 2, 10) == why
+    # Stein: the planned n makes the two-stage interval (first-stage seed term, its 2 df) at most the target.
+    if why == stats.TARGET_REACHED:
+        two_stage = dataclasses.replace(stage, n_seeds=planned, seed_df=2.0)
+        assert two_stage.width_at(planned) <= (floor + width) / 2 < dataclasses.replace(
+            stage, n_seeds=planned - 1, seed_df=2.0).width_at(planned - 1)
+    assert reason(stage, 4, floor * 1.01, 4) == stats.MAX_SEEDS_REACHED
+    assert reason(stage, 3, floor * 0.99, 10) == f"test set limits this difference to ±{50 * floor:.2f} points"
+    assert reason(None, 1, 0.001, 10) is None  # one seed: no first stage yet, keep going
+    assert reason(None, 10, 0.001, 10) == stats.MAX_SEEDS_REACHED
     with pytest.raises(ValueError, match="target interval width"):
-        reason(0.001, 0.0, 3, -1, 10)
+        reason(stage, 3, -1, 10)
     with pytest.raises(ValueError, match="max_seeds"):
-        reason(0.001, 0.0, 3, 0.001, 1)
+        reason(stage, 3, 0.001, 1)
 
 
-def test_precision_stop_reasons_on_a_comparison_table():
+def test_a_zero_standard_error_with_real_spread_gives_no_interval():
+    # The audit's case: 2 seeds, the arm right on 10 images per seed that the baseline misses, other images each
+    # seed. The seed means agree exactly, yet the runs differ: the within-run noise floor keeps a real error.
+    values = np.zeros((2, 1000))
+    values[0, :10], values[1, 10:20] = 1, 1
+    estimate = stats.crossed_contrast(values)
+    assert estimate.seed_mean_variance == 0 and estimate.seed_term_floored
+    low, high = estimate.interval()
+    assert estimate.standard_error > 0 and low < 0.01 < high and not math.isnan(estimate.p_value)
+    # Every (seed, image) value equal and non-zero: no spread can be measured, so no interval (not a zero width).
+    constant = stats.ContrastEstimate(estimate=0.001, n_seeds=2, n_images=1000, seed_mean_variance=0.0,
+                                      image_variance=0.0, residual_variance=0.0, image_df=999.0)
+    assert math.isnan(constant.standard_error) and all(math.isnan(v) for v in constant.interval())
+    assert stats.precision_stop_reason(constant, 2, 0.01, 10) is None
+
+
+def test_a_zero_width_interval_never_reaches_the_target():
+    values = np.zeros((3, 50))
+    identical = stats.crossed_contrast(values)
+    assert identical.interval() == (0.0, 0.0)
+    assert stats.precision_seeds(identical, 0.01, 10) == (10, stats.MAX_SEEDS_REACHED)
+    assert stats.precision_stop_reason(identical, 3, 0.01, 10) is None
+
+
+def test_precision_decisions_on_a_results_table_use_the_first_stage_only():
     rng = np.random.default_rng(2)
-    arms = {"baseline": rng.random((4, 300)) < 0.9, "close": rng.random((4, 300)) < 0.9,
+    arms = {"baseline": rng.random((6, 300)) < 0.9, "close": rng.random((6, 300)) < 0.9,
             "far": rng.random((2, 300)) < 0.5}
-    table = stats.compare_to_baseline(_tidy(arms))
-    reasons = stats.precision_stop_reasons(table, target_width=10.0, max_seeds=10)
-    assert list(reasons.index) == ["close", "far"] and (reasons == stats.TARGET_REACHED).all()
-    tight = stats.precision_stop_reasons(table, target_width=1e-6, max_seeds=4)
-    assert tight["close"] == stats.MAX_SEEDS_REACHED
-    assert tight["far"] is None or tight["far"].startswith("test set limits")
-    assert stats.arms_needing_seeds(table, 1e-6, 4) == [arm for arm in ("far",) if tight["far"] is None]
+    decisions = stats.precision_decisions(_tidy(arms), first_stage_seeds=3, target_width=10.0, max_seeds=10)
+    assert list(decisions.columns) == stats.PRECISION_COLUMNS
+    rows = decisions.set_index("arm")
+    assert list(rows.index) == ["close", "far"] and (rows["stop_reason"] == stats.TARGET_REACHED).all()
+    assert rows.loc["close", "first_stage_seeds"] == 3 and rows.loc["far", "first_stage_seeds"] == 2
+    # Later seeds do not change the decision: only the first stage's variance decides.
+    later = {**arms, "close": np.vstack([arms["close"][:3], ~arms["close"][3:]])}
+    assert stats.precision_decisions(_tidy(later), 3, 10.0, 10).equals(decisions)
+    tight = stats.precision_decisions(_tidy(arms), 3, target_width=1e-6, max_seeds=4).set_index("arm")
+    assert tight.loc["close", "stop_reason"] in (stats.MAX_SEEDS_REACHED,) or \
+        tight.loc["close", "stop_reason"].startswith("test set limits")
+    assert stats.arms_needing_seeds(tight.reset_index()) == [
+        arm for arm in ("close", "far") if tight.loc[arm, "stop_reason"] is None]
+
+
+def test_two_stage_estimate_keeps_the_first_stage_seed_term():
+    rng = np.random.default_rng(5)
+    values = rng.normal(0, 0.3, (8, 200)) + rng.normal(0, 0.05, (8, 1)) + 0.02
+    first, final = stats.crossed_contrast(values[:3]), stats.crossed_contrast(values)
+    two_stage = stats.two_stage_estimate(first, final)
+    assert two_stage.estimate == final.estimate and two_stage.n_seeds == 8
+    assert two_stage.seed_term_variance == pytest.approx(first.seed_term_variance)
+    assert two_stage.seed_df_at(8) == 2
+    assert two_stage.image_variance == final.image_variance
+    assert stats.two_stage_estimate(first, first) is first
 
 
 # -- the factorial study through the crossed machinery -------------------------------------------------------------
+
+
+COMPONENTS = ("augmentation", "batch_norm", "dropout", "step_lr")  # the factorial study's, from its definition
 
 
 def _factorial_correct(n_seeds=3, n_images=60, seed=4):
     """Per-image results of a 16-cell factorial: arm names, the design frame, the tidy frame and per-run rows."""
     rng = np.random.default_rng(seed)
     cells = list(itertools.product((False, True), repeat=4))
-    design = pd.DataFrame([{"arm": f"cell{i}", **dict(zip(stats.FACTORIAL_COMPONENTS, cell))}
+    design = pd.DataFrame([{"arm": f"cell{i}", **dict(zip(COMPONENTS, cell))}
                            for i, cell in enumerate(cells)])
     matrices = {}
     for i, (a, b, c, _) in enumerate(cells):
@@ -437,7 +525,7 @@ def test_factorial_contrasts_equal_the_coded_regression_coefficients():
     import statsmodels.formula.api as smf
 
     design, correct, runs = _factorial_correct()
-    result = stats.factorial_contrasts(correct, design)
+    result = stats.factorial_contrasts(correct, design, pool=False)  # the pooled error: the test below
     effects = result.effects.set_index("term")
     assert list(result.effects.columns) == stats.FACTORIAL_EFFECT_COLUMNS
     assert len(effects) == 15 and result.n_seeds == 3 and result.seeds_dropped == () and result.note is None
@@ -445,7 +533,7 @@ def test_factorial_contrasts_equal_the_coded_regression_coefficients():
     assert effects.loc["augmentation", "kind"] == "main effect"
     assert effects.loc["augmentation:batch_norm:dropout:step_lr", "kind"] == "interaction"
     # Balanced: the contrast equals the OLS coefficient of the -0.5/+0.5 coded saturated model on run accuracies.
-    coded = stats.factorial_design(runs)
+    coded = stats.factorial_design(runs, design)
     model = smf.ols("test_accuracy ~ augmentation * batch_norm * dropout * step_lr", data=coded).fit()
     for term in effects.index:
         assert effects.loc[term, "effect"] == pytest.approx(model.params[term], abs=1e-12), term
@@ -457,6 +545,41 @@ def test_factorial_contrasts_equal_the_coded_regression_coefficients():
     assert len(leading) == 10
     assert leading["p_value_holm"].to_numpy() == pytest.approx(stats.holm(leading["p_value"]))
     assert (effects["ci_low"] <= effects["effect"]).all() and (effects["effect"] <= effects["ci_high"]).all()
+
+
+def test_factorial_contrasts_pool_the_seed_error_over_the_terms():
+    design, correct, _ = _factorial_correct(n_seeds=2, n_images=400, seed=9)
+    pooled = stats.factorial_contrasts(correct, design)
+    separate = stats.factorial_contrasts(correct, design, pool=False)
+    assert pooled.pooled and not separate.pooled and pooled.homogeneity_p_value >= stats.HOMOGENEITY_ALPHA
+    # 15 orthogonal terms x (2 - 1) seed df, shared by every term; the estimates are the same.
+    effects, own = pooled.effects.set_index("term"), separate.effects.set_index("term")
+    assert effects["effect"].to_numpy() == pytest.approx(own["effect"].to_numpy())
+    assert (own["df"] < 15.01).all() and (effects["df"] > own["df"] - 1e-9).all()
+    # The pooled seed mean square, scaled by each term's sum of squared weights (1/4 for a main effect, 1 for a
+    # two-way interaction, ...), is the mean of the terms' scaled mean squares: by hand from the per-term fits.
+    array = stats.correctness_array(correct)
+    codes = np.where(design.set_index("arm").loc[list(array.arms)].to_numpy(), 1.0, -1.0)
+    scaled, weights_of = [], {}
+    for order in range(1, 5):
+        for term in itertools.combinations(range(4), order):
+            weights = codes[:, term].prod(axis=1) * 2.0 ** order / 16
+            estimate = stats.crossed_contrast(array.correct.astype(float), weights)
+            scaled.append(estimate.seed_mean_variance / (weights @ weights))
+            weights_of[":".join(COMPONENTS[c] for c in term)] = weights @ weights
+    pooled_ms = np.mean(scaled)
+    # seed_error**2 = max(pooled, the term's within-run floor) / 2 seeds: never below the pooled value.
+    ratio = np.array([row["seed_error"] ** 2 * 2 / (pooled_ms * weights_of[term]) for term, row in effects.iterrows()])
+    assert (ratio >= 1 - 1e-9).all() and np.isclose(ratio, 1).any()
+    # A term whose seed-to-seed variation is far above the others' fails the homogeneity check: no pooling.
+    shifted = correct.copy()
+    on = design.set_index("arm")["augmentation"]
+    shifted_arms = set(on[on].index)
+    flip = shifted["arm"].isin(shifted_arms) & (shifted["seed"] == 0) & (shifted["image"] < 120)
+    shifted.loc[flip, "correct"] = False
+    heterogeneous = stats.factorial_contrasts(shifted, design)
+    assert not heterogeneous.pooled and heterogeneous.homogeneity_p_value < stats.HOMOGENEITY_ALPHA
+    assert "not homogeneous" in heterogeneous.note
 
 
 def test_factorial_contrasts_drop_seeds_without_every_cell_and_say_so():
@@ -475,14 +598,14 @@ def test_factorial_contrasts_refuse_an_incomplete_design():
     with pytest.raises(ValueError, match=r"arm\(s\) \['cell3'\] have results but no row in the design frame"):
         stats.factorial_contrasts(correct, design[design["arm"] != "cell3"])
     # The -0.5/+0.5 coding of factorial_design works as well as booleans.
-    coded = design.assign(**{c: np.where(design[c], 0.5, -0.5) for c in stats.FACTORIAL_COMPONENTS})
+    coded = design.assign(**{c: np.where(design[c], 0.5, -0.5) for c in COMPONENTS})
     assert stats.factorial_contrasts(correct, coded).effects["effect"].to_numpy() == pytest.approx(
         stats.factorial_contrasts(correct, design).effects["effect"].to_numpy())
 
 
 def test_factorial_block_ols_has_seed_blocks_the_saturated_model_and_warns_when_unbalanced():
     design, correct, runs = _factorial_correct()
-    balanced = stats.factorial_block_ols(runs)
+    balanced = stats.factorial_block_ols(runs, design)
     assert balanced.warning is None and balanced.n_runs == 48
     effects = balanced.effects.set_index("term")
     assert len(effects) == 15 and (effects["df"] == 15 * 2).all()  # (cells - 1) x (seeds - 1)
@@ -492,11 +615,11 @@ def test_factorial_block_ols_has_seed_blocks_the_saturated_model_and_warns_when_
     assert "C(seed)" in anova.index and "augmentation:batch_norm:dropout:step_lr" in anova.index
     assert anova.loc["Residual", "df"] == 30
     unbalanced = stats.factorial_block_ols(runs.drop(index=runs.index[5]).assign(
-        test_accuracy=lambda f: f["test_accuracy"].where(f.index != 7)))
+        test_accuracy=lambda f: f["test_accuracy"].where(f.index != 7)), design)
     assert "1 run(s) without a test accuracy" in unbalanced.warning
     assert "unbalanced" in unbalanced.warning and "types I/II/III disagree" in unbalanced.warning
     with pytest.raises(ValueError, match="at least two seeds"):
-        stats.factorial_block_ols(runs[runs["seed"] == 0])
+        stats.factorial_block_ols(runs[runs["seed"] == 0], design)
 
 
 def test_mean_curves_bands_respect_the_metric_range():
@@ -531,5 +654,71 @@ def test_an_arm_identical_to_the_baseline_has_zero_width_and_no_test():
     assert row["ci_width_floor"] == 0 and row["mde"] == 0 and row["seeds_needed"] == math.inf
     for column in ("p_value", "p_value_holm", "equivalence_p_value", "wilcoxon_p_value", "effect_size"):
         assert math.isnan(row[column]), column  # a test divides by a spread that is not there
-    # The precision rule stops at once: nothing to resolve.
-    assert stats.precision_stop_reason(0.0, 0.0, 4, 0.001, 10) == stats.TARGET_REACHED
+    # A zero-width interval never counts as "target width reached" (issue 21): nothing was measured.
+    same = stats.crossed_contrast(baseline.astype(np.int8) - baseline)
+    assert stats.precision_stop_reason(same, 4, 0.001, 10) != stats.TARGET_REACHED
+
+
+def test_an_arm_without_a_seed_in_common_gets_an_unpaired_comparison():
+    rng = np.random.default_rng(21)
+    baseline, arm = rng.random((3, 500)) < 0.9, rng.random((3, 500)) < 0.8
+    frame = _tidy({"baseline": baseline, "other": arm})
+    frame.loc[frame["arm"] == "other", "seed"] += 10  # seeds 10-12: none in common with the baseline
+    row = stats.compare_to_baseline(frame).iloc[0]
+    assert row["comparison"] == stats.UNPAIRED and row["n_pairs"] == 0
+    assert row["delta"] == pytest.approx(arm.mean() - baseline.mean())
+    assert row["delta_ci_low"] < row["delta"] < row["delta_ci_high"] and 0 <= row["p_value"] <= 1
+    assert math.isnan(row["p_value_this_test_set"]) and math.isnan(row["seeds_needed"])
+    # By hand: each arm's floored seed term over its seeds, plus the images' part of the per-image difference.
+    unpaired = stats.unpaired_contrast(arm, baseline)
+    own = [stats.crossed_contrast(m.astype(float)) for m in (arm, baseline)]
+    difference = arm.mean(axis=0) - baseline.mean(axis=0)
+    image = max(difference.var(ddof=1) - sum(e.residual_variance / 3 for e in own), 0.0)
+    assert unpaired.standard_error ** 2 == pytest.approx(
+        sum(e.seed_term_variance / 3 for e in own) + image / 500)
+    paired = stats.compare_to_baseline(_tidy({"baseline": baseline, "other": arm})).iloc[0]
+    assert paired["comparison"] == stats.PAIRED
+
+
+def test_planning_is_for_the_stated_smallest_effect_not_the_observed_one():
+    rng = np.random.default_rng(22)
+    frame = _tidy({"baseline": rng.random((3, 2000)) < 0.95, "arm": rng.random((3, 2000)) < 0.95})
+    small = stats.compare_to_baseline(frame, smallest_effect=0.002).iloc[0]
+    large = stats.compare_to_baseline(frame, smallest_effect=0.02).iloc[0]
+    assert small["smallest_effect"] == 0.002 and large["smallest_effect"] == 0.02
+    assert small["seeds_needed"] >= large["seeds_needed"]  # the observed delta plays no part
+    default = stats.compare_to_baseline(frame, equivalence_margin=0.004).iloc[0]
+    assert default["smallest_effect"] == 0.004
+    estimate = stats.contrasts_to_baseline(frame)["arm"]
+    needed = large["seeds_needed"]
+    if math.isfinite(needed) and needed > 2:
+        assert estimate.power_at(0.02, needed, 0.05) >= 0.8 > estimate.power_at(0.02, needed - 1, 0.05)
+    with pytest.raises(ValueError, match="smallest effect 2"):
+        stats.compare_to_baseline(frame, smallest_effect=2)
+
+
+def test_per_seed_differences_show_every_paired_seed():
+    baseline = _counts_matrix([45, 46, 44], 50)
+    arm = _counts_matrix([47, 30, 44], 50)  # seed 1 is bad
+    per_seed = stats.per_seed_differences(_tidy({"baseline": baseline, "arm": arm}))
+    assert list(per_seed.columns) == ["arm", "seed", "delta"]
+    assert per_seed["delta"].tolist() == pytest.approx([2 / 50, -16 / 50, 0.0])
+    assert per_seed.loc[per_seed["delta"].idxmin(), "seed"] == 1
+
+
+def test_pooling_leaves_out_terms_between_identical_cells():
+    # The step LR schedule does nothing (its cells are the same run): its terms are exactly zero and carry no
+    # seed variation, so they neither join the pool nor make the homogeneity check fail.
+    design, correct, _ = _factorial_correct(n_seeds=2, n_images=400, seed=9)
+    cells = design.set_index("arm")
+    twin = {arm: cells.index[(cells[list(COMPONENTS[:3])] == cells.loc[arm, list(COMPONENTS[:3])]).all(axis=1)
+                             & ~cells["step_lr"]][0] for arm in cells.index}
+    copied = pd.concat([correct[correct["arm"] == twin[arm]].assign(arm=arm) for arm in cells.index],
+                       ignore_index=True)
+    result = stats.factorial_contrasts(copied, design)
+    effects = result.effects.set_index("term")
+    with_step = [term for term in effects.index if "step_lr" in term]
+    assert result.pooled and result.pooled_terms == 7 and len(with_step) == 8
+    assert (effects.loc[with_step, "effect"] == 0).all() and (effects.loc[with_step, "ci_low"] == 0).all()
+    others = effects.drop(index=with_step)
+    assert (others["df"] > 6).all()  # 7 x (2 - 1) pooled df and more from the images

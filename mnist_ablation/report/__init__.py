@@ -23,20 +23,23 @@ import pandas as pd
 from .. import stats, tracking
 from ..naming import REPORT_ARTIFACT_DIR
 from . import analysis, figures, render
-from .analysis import SUMMARY_COLUMNS, seeds_plan, summary_table
+from .analysis import SUMMARY_COLUMNS, seeds_plan, summary_table, visible_beyond_range
 from .gather import StudyData, failure_reasons, gather_study, load_test_images
 
 DEFAULT_REPORT_ROOT = Path("reports")
-DEFAULT_THRESHOLD = 0.99
+DEFAULT_THRESHOLD = stats.DEFAULT_THRESHOLD
 
 __all__ = ["Report", "SUMMARY_COLUMNS", "StudyData", "ablation_summary", "build_report", "factorial_analysis",
-           "gather_study", "learning_curves", "seeds_needed", "seeds_plan", "summary_table", "write_study_report"]
+           "gather_study", "learning_curves", "seeds_needed", "seeds_plan", "summary_table", "visible_beyond_range",
+           "write_study_report"]
 
 
 def ablation_summary(study: str, tracking_uri: str | None = None, confidence: float = stats.DEFAULT_CONFIDENCE,
-                     equivalence_margin: float = stats.DEFAULT_EQUIVALENCE_MARGIN) -> pd.DataFrame:
+                     equivalence_margin: float = stats.DEFAULT_EQUIVALENCE_MARGIN,
+                     smallest_effect: float | None = None) -> pd.DataFrame:
     """One row per arm of ``study`` against its baseline (the columns of ablation_summary.csv)."""
-    return summary_table(gather_study(study, tracking_uri, histories=False), confidence, equivalence_margin)
+    return summary_table(gather_study(study, tracking_uri, histories=False), confidence, equivalence_margin,
+                         smallest_effect)
 
 
 def factorial_analysis(study: str = "factorial", tracking_uri: str | None = None,
@@ -93,8 +96,18 @@ def method_paragraphs(confidence: float, threshold: float, margin: float) -> lis
         f"tests (TOST) place the difference within ±{100 * margin:.2f} points (Holm-corrected). Anything else is "
         "“inconclusive”: the data cannot tell, which is not the same as “no effect”.",
         "Power: the smallest visible effect is the difference this design detects with 80% power at the "
-        "Holm-corrected level; smaller effects cannot be seen with these seeds. More seeds shrink only the seed "
-        "part of an interval; the test set's own sampling error is a floor no number of seeds removes.",
+        "Holm-corrected level (checked by simulation; never more than accuracy's range: beyond it the report says "
+        "no difference would be seen); smaller effects cannot be seen with these seeds. “About N seeds” is for the "
+        "effect stated with --smallest-effect (default: the equivalence margin), from the variance components, "
+        "never from the observed difference; “the test set limits” it only where infinitely many seeds would "
+        "still miss that effect. More seeds shrink only the seed part of an interval; the test set's own "
+        "sampling error is a floor no number of seeds removes.",
+        "Few seeds: the seed part of every interval is never taken below what the runs' own per-image noise "
+        "implies (with 2-3 seeds the seed variance is often small by chance, which made intervals too narrow), "
+        "and an interval that cannot be computed is shown as such, never as zero width. With 2 seeds only large "
+        "effects can be seen. The per-seed figure shows every paired seed's difference and the worst one: a "
+        "failure rarer than about 1 in n seeds cannot be seen with n seeds, by this report or any test. An arm "
+        "that shares no seed with the baseline gets an unpaired comparison, labelled as such.",
         "The “this test set only” columns treat the 10,000 images as fixed (a paired t-test over seeds): they "
         "describe these trained models on these images, are narrower, and do not support claims about the "
         "recipe. An arm's accuracy interval is built on the logit scale, so it stays within 0–100%.",
@@ -109,18 +122,22 @@ def write_study_report(study_name: str, output_dir: str | os.PathLike | None = N
                        data_dir: str | os.PathLike | None = None, threshold: float = DEFAULT_THRESHOLD,
                        confidence: float = stats.DEFAULT_CONFIDENCE, log_to_mlflow: bool = True,
                        equivalence_margin: float = stats.DEFAULT_EQUIVALENCE_MARGIN,
-                       report_command: Sequence[str] | None = None) -> Report:
+                       report_command: Sequence[str] | None = None, smallest_effect: float | None = None) -> Report:
     """Compute the study's statistics, write CSVs, figures, report.html and report.md, log them under ``report/``.
 
     ``output_dir`` None means ``reports/<study>``; ``parent_run_id`` None means the study's parent run;
-    ``report_command`` is the command that regenerates this report, shown under "Reproduce".
+    ``report_command`` is the command that regenerates this report, shown under "Reproduce";
+    ``smallest_effect`` (a fraction; default the equivalence margin) is the effect the planning sentences are for.
     """
+    if smallest_effect is not None:
+        stats.check_smallest_effect(smallest_effect)
     data = gather_study(study_name, tracking_uri)
     if parent_run_id is not None:
         data.parent_run_id = parent_run_id
     output = Path(output_dir) if output_dir is not None else DEFAULT_REPORT_ROOT / study_name
     report = build_report(data, output, data_dir=data_dir, threshold=threshold, confidence=confidence,
-                          equivalence_margin=equivalence_margin, report_command=report_command)
+                          equivalence_margin=equivalence_margin, report_command=report_command,
+                          smallest_effect=smallest_effect)
     if log_to_mlflow and data.parent_run_id:
         tracking.log_files(data.parent_run_id, [
             (path, REPORT_ARTIFACT_DIR if path.parent == output else f"{REPORT_ARTIFACT_DIR}/{path.parent.name}")
@@ -131,7 +148,7 @@ def write_study_report(study_name: str, output_dir: str | os.PathLike | None = N
 def build_report(data: StudyData, output: Path, *, data_dir=None, threshold: float = DEFAULT_THRESHOLD,
                  confidence: float = stats.DEFAULT_CONFIDENCE,
                  equivalence_margin: float = stats.DEFAULT_EQUIVALENCE_MARGIN,
-                 report_command: Sequence[str] | None = None) -> Report:
+                 report_command: Sequence[str] | None = None, smallest_effect: float | None = None) -> Report:
     """The report's files for gathered ``data`` in ``output`` (no tracking store needed)."""
     (output / "figures").mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
@@ -141,7 +158,7 @@ def build_report(data: StudyData, output: Path, *, data_dir=None, threshold: flo
         frame.to_csv(path, index=False)
         files.append(path)
 
-    summary = summary_table(data, confidence, equivalence_margin)
+    summary = summary_table(data, confidence, equivalence_margin, smallest_effect)
     save_csv(summary, "ablation_summary.csv")
     arms = list(summary["arm"])
     notes = analysis.notes(data, summary, confidence)
@@ -183,6 +200,13 @@ def build_report(data: StudyData, output: Path, *, data_dir=None, threshold: flo
                    f"Each arm minus the baseline on paired seeds, {level} intervals: orange with seeds and test "
                    "images random (a claim about the recipe), grey for this test set only; the green band is the "
                    "equivalence margin.")
+        if data.correctness is not None and data.baseline in data.correctness.arms:
+            add_figure("per_seed_differences.png",
+                       figures.per_seed_figure(stats.per_seed_differences(data.correctness, data.baseline),
+                                               summary, data.baseline),
+                       "Each arm minus the baseline on every paired seed (dots, points of test accuracy); the ring "
+                       "marks the worst seed and the bar the mean. With n seeds, a failure rarer than about 1 in n "
+                       "seeds is usually not drawn at all, so it cannot show here.")
         add_figure("test_error.png", figures.error_figure(summary, data.finished, data.baseline, confidence),
                    f"Test error per arm: mean over seeds with its {level} interval (seeds and test images random, "
                    "within 0–100%); dots are single seeds; the dashed line is the baseline's mean.")
@@ -221,10 +245,15 @@ def _context(data: StudyData, summary: pd.DataFrame, notes: list[str], drawn: li
     if precision:
         rows = summary[summary["arm"] != data.baseline]
         precision_context = {
-            "rule": (f"Seeds were added in rounds to every arm whose {round(100 * confidence)}% difference interval "
-                     f"was wider than {100 * precision['target_ci_width']:.2f} points, up to "
-                     f"{precision['max_seeds']} seeds per arm; the rule reads the intervals' widths only, never "
-                     "the estimates or p-values."),
+            "rule": (f"Stein's two-stage rule: each arm's first {precision.get('first_stage_seeds', 2)} paired "
+                     "seeds decided, once, how many seeds it gets (the fewest whose "
+                     f"{round(100 * confidence)}% difference interval is at most "
+                     f"{100 * precision['target_ci_width']:.2f} points wide, up to {precision['max_seeds']}); its "
+                     "final interval keeps that first stage's seed variance and degrees of freedom. No decision "
+                     "reads a variance that enters the final test, an estimate or a p-value, so stopping cannot "
+                     "pick a variance that is small by chance (which adding seeds until an interval happened to be "
+                     "narrow did: 9-12% false positives in simulations); an interval of zero width never counts as "
+                     "the target reached."),
             "table": render.table(pd.DataFrame({
                 "arm": rows["arm"], "seeds": rows["n_pairs"],
                 "interval width now (points)": [analysis.points(h - lo) if pd.notna(h) else "—"
@@ -241,7 +270,8 @@ def _context(data: StudyData, summary: pd.DataFrame, notes: list[str], drawn: li
             "effects": render.effects_display(factorial["effects"], confidence),
             "covers": f"Intervals: {round(100 * confidence)}%, {analysis.INTERVALS_COVER}.",
             "anova": render.rounded(factorial["anova"]) if factorial.get("anova") is not None else None,
-            "anova_intro": (f"Run-level OLS of {stats.FACTORIAL_BLOCK_FORMULA} (seed as a block, saturated model), "
+            "anova_intro": (f"Run-level OLS of {factorial.get('formula', 'the block model')} (seed as a block, "
+                            "saturated model), "
                             "type II ANOVA: test images fixed, a check on the effects above."),
             "warnings": factorial["warnings"],
         }

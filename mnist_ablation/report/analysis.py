@@ -13,7 +13,8 @@ import pandas as pd
 
 from .. import stats
 from ..config import from_dict
-from ..studies import describe_identical, identical_arms
+from ..studies import COMPONENTS, describe_identical, identical_arms
+from ..sweep import PrecisionRule, failure_counts
 from .gather import StudyData, failure_reasons
 
 SIGNIFICANCE_LEVEL = 0.05
@@ -31,6 +32,7 @@ EXTRA_SUMMARY_COLUMNS = [
     "delta_ci_low_this_test_set", "delta_ci_high_this_test_set", "p_value_this_test_set", "wilcoxon_p_value",
     "effect_size", "seed_variance", "image_variance", "residual_variance", "n_planned_seeds", "n_failed",
     "n_running", "identical_to_baseline", "stop_reason", "status", "intervals_cover",
+    "smallest_effect", "df", "comparison", "worst_seed", "worst_seed_delta",
 ]
 # Verdicts, in the order a reader cares about.
 BASELINE, MATTERS, NEGLIGIBLE, INCONCLUSIVE, IDENTICAL, TOO_FEW, FAILED = (
@@ -74,26 +76,33 @@ def identical_notes(data: StudyData) -> list[str]:
 
 
 def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
-                  equivalence_margin: float = stats.DEFAULT_EQUIVALENCE_MARGIN) -> pd.DataFrame:
+                  equivalence_margin: float = stats.DEFAULT_EQUIVALENCE_MARGIN,
+                  smallest_effect: float | None = None) -> pd.DataFrame:
     """One row per arm: ``SUMMARY_COLUMNS`` then ``EXTRA_SUMMARY_COLUMNS`` (fractions, not points).
 
     An arm's accuracy and its interval use all its finished seeds; its difference from the baseline, the
     paired accuracies and every test use the seeds both have (``n_pairs``). Intervals cover training seeds and
-    test images (``intervals_cover``); the ``*_this_test_set`` columns only seeds.
+    test images (``intervals_cover``); the ``*_this_test_set`` columns only seeds. ``seeds_needed`` is for
+    ``smallest_effect`` (default: the equivalence margin), stated in advance, never the observed difference;
+    ``worst_seed`` / ``worst_seed_delta``: the paired seed with the lowest arm-minus-baseline accuracy.
     """
     arms = data.arms
+    smallest_effect = stats.check_smallest_effect(equivalence_margin if smallest_effect is None else smallest_effect)
     rows = {arm: dict.fromkeys(SUMMARY_COLUMNS + EXTRA_SUMMARY_COLUMNS, np.nan) for arm in arms}
     for arm in arms:
         rows[arm].update(arm=arm, n_seeds=0, n_pairs=0, intervals_cover=INTERVALS_COVER,
-                         equivalence_margin=equivalence_margin)
+                         equivalence_margin=equivalence_margin, smallest_effect=smallest_effect)
     array = data.correctness
     if array is not None:
         for row in stats.accuracy_table(array, confidence).itertuples():
             rows[row.arm].update(n_seeds=row.n_seeds, test_accuracy_mean=row.test_accuracy_mean,
                                  test_accuracy_ci_low=row.test_accuracy_ci_low,
                                  test_accuracy_ci_high=row.test_accuracy_ci_high)
+        rule = PrecisionRule.from_dict((data.definition or {}).get("precision"))
         if data.baseline in array.arms:
-            comparison = stats.compare_to_baseline(array, data.baseline, confidence, equivalence_margin)
+            comparison = stats.compare_to_baseline(array, data.baseline, confidence, equivalence_margin,
+                                                   smallest_effect=smallest_effect,
+                                                   first_stage_seeds=rule.first_stage_seeds if rule else None)
             for row in comparison.itertuples():
                 rows[row.arm].update(
                     delta_vs_baseline=row.delta, delta_ci_low=row.delta_ci_low, delta_ci_high=row.delta_ci_high,
@@ -105,31 +114,25 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
                     delta_ci_high_this_test_set=row.delta_ci_high_this_test_set,
                     p_value_this_test_set=row.p_value_this_test_set, wilcoxon_p_value=row.wilcoxon_p_value,
                     effect_size=row.effect_size, seed_variance=row.seed_variance, image_variance=row.image_variance,
-                    residual_variance=row.residual_variance)
+                    residual_variance=row.residual_variance, df=row.df, comparison=row.comparison)
+            per_seed = stats.per_seed_differences(array, data.baseline)
+            for arm, seeds in per_seed.groupby("arm", sort=False):
+                worst = seeds.loc[seeds["delta"].idxmin()]
+                rows[arm].update(worst_seed=worst["seed"], worst_seed_delta=worst["delta"])
             base = rows[data.baseline]
             base.update(delta_vs_baseline=0.0, n_pairs=base["n_seeds"])
     planned = data.planned.groupby("arm")["seed"].nunique() if data.planned is not None else None
-    finished = set(zip(data.finished["arm"], data.finished["seed"])) if len(data.finished) else set()
-    unfinished = data.runs[[(a, s) not in finished for a, s in zip(data.runs["arm"], data.runs["seed"])]] \
-        if len(data.runs) else data.runs
-    unfinished = unfinished.drop_duplicates(["arm", "seed"], keep="last") if len(unfinished) else unfinished
+    failures = failure_counts(data.runs, data.finished).set_index("arm") if len(data.runs) else None
     identical = {arm for group in identical_groups(data) if data.baseline in group for arm in group}
-    precision = (data.definition or {}).get("precision")
     for arm, row in rows.items():
         row["n_planned_seeds"] = int(planned.get(arm, 0)) if planned is not None else np.nan
-        if len(unfinished):
-            mine = unfinished[unfinished["arm"] == arm]
-            row["n_failed"] = int(mine["status"].isin(["FAILED", "KILLED", "FINISHED"]).sum())
-            row["n_running"] = int((mine["status"] == "RUNNING").sum())
-        else:
-            row["n_failed"], row["n_running"] = 0, 0
+        mine = failures.loc[arm] if failures is not None and arm in failures.index else None
+        row["n_failed"] = int(mine["n_failed"]) if mine is not None else 0
+        row["n_running"] = int(mine["n_running"]) if mine is not None else 0
         row["identical_to_baseline"] = arm != data.baseline and arm in identical
-        if precision and arm != data.baseline and row["n_seeds"]:
-            reason = stats.precision_stop_reason(row["delta_ci_high"] - row["delta_ci_low"], row["ci_width_floor"],
-                                                 int(row["n_planned_seeds"] if not pd.isna(row["n_planned_seeds"])
-                                                     else row["n_seeds"]),
-                                                 precision["target_ci_width"], precision["max_seeds"])
-            row["stop_reason"] = reason or "still adding seeds"
+    for arm, reason in precision_stop_reasons(data, rows).items():
+        rows[arm]["stop_reason"] = reason or "still adding seeds"
+    for row in rows.values():
         row["verdict"] = verdict(row, data.baseline, 1 - confidence)
         row["status"] = status(row, data.baseline, bool(rows.get(data.baseline, {}).get("n_seeds")))
     table = pd.DataFrame(list(rows.values()), columns=SUMMARY_COLUMNS + EXTRA_SUMMARY_COLUMNS)
@@ -138,13 +141,27 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
     return table
 
 
+def precision_stop_reasons(data: StudyData, rows: dict[str, dict]) -> dict[str, str | None]:
+    """Per compared arm with finished seeds, why the sweep's precision rule stopped adding seeds to it (None:
+    still adding): the rule recorded in study.json, decided by ``sweep.PrecisionRule.decide`` as the sweep did."""
+    rule = PrecisionRule.from_dict((data.definition or {}).get("precision"))
+    array = data.correctness
+    if rule is None or array is None or data.baseline not in array.arms:
+        return {}
+    attempted = {arm: int(row["n_planned_seeds"] if not pd.isna(row["n_planned_seeds"]) else row["n_seeds"])
+                 for arm, row in rows.items()}
+    decisions = rule.decide(array, data.baseline, attempted)
+    return {arm: decision.stop_reason for arm, decision in decisions.items()
+            if arm != data.baseline and rows.get(arm, {}).get("n_seeds")}
+
+
 def verdict(row: dict, baseline: str, alpha: float = SIGNIFICANCE_LEVEL) -> str:
     """What the data can say about one arm: matters, negligible, inconclusive (or why nothing can be said)."""
     if row["arm"] == baseline:
         return BASELINE if row["n_seeds"] else FAILED
     if not row["n_seeds"]:
         return FAILED
-    if row["n_pairs"] < 2 or pd.isna(row["p_value"]):
+    if (row["n_pairs"] < 2 and row.get("comparison") != stats.UNPAIRED) or pd.isna(row["p_value"]):
         return IDENTICAL if row["identical_to_baseline"] else TOO_FEW
     if row["p_value_holm"] < alpha:
         return MATTERS
@@ -203,17 +220,63 @@ def _interval(low: float, high: float, level: str) -> str:
     return f"{level} CI [{points(low, signed=True)}, {points(high, signed=True)}]"
 
 
-def _seeds_phrase(row: pd.Series, n_images: int) -> str:
-    needed = row["seeds_needed"]
-    floor = row["ci_width_floor"]
-    if pd.isna(needed) or row["identical_to_baseline"]:
+def possible_range(row) -> tuple[float, float]:
+    """The differences arm - baseline that accuracy allows, given the baseline's accuracy on the paired seeds."""
+    base = row["baseline_accuracy_paired"]
+    return (-1.0, 1.0) if pd.isna(base) else (-float(base), 1 - float(base))
+
+
+def shown_difference_interval(row, low_column: str = "delta_ci_low", high_column: str = "delta_ci_high"):
+    """(low, high, clipped): a difference interval as the page shows it, never beyond what accuracy allows (a
+    t interval with 1-2 df can reach past it; the CSV keeps the unclipped bounds)."""
+    low, high = row[low_column], row[high_column]
+    if pd.isna(low):
+        return low, high, False
+    floor, ceiling = possible_range(row)
+    return max(low, floor), min(high, ceiling), low < floor or high > ceiling
+
+
+def largest_possible_difference(row) -> float:
+    """The largest |arm - baseline| accuracy difference there can be, given the baseline's accuracy."""
+    return max(abs(bound) for bound in possible_range(row))
+
+
+def visible_beyond_range(row) -> bool:
+    """Whether an arm's smallest visible effect is past every difference accuracy allows (shown as such)."""
+    return bool(not pd.isna(row["mde"]) and row["mde"] >= largest_possible_difference(row))
+
+
+def visible_phrase(mde: float, limit: float) -> str:
+    """'effects smaller than X points cannot be seen here', never with an X beyond the metric's range."""
+    if pd.isna(mde):
         return ""
+    if mde >= limit:
+        return "no difference accuracy could show (not even ±100 points) would be seen reliably here"
+    return f"effects smaller than {points(mde)} points cannot be seen here"
+
+
+def seeds_phrase(row, n_images: int, n_compared: int) -> str:
+    """Planning for the stated smallest effect (``smallest_effect``), never for the observed difference."""
+    needed, effect = row["seeds_needed"], row["smallest_effect"]
+    if pd.isna(needed) or pd.isna(effect) or row["identical_to_baseline"]:
+        return ""
+    target = (f"a difference of {points(effect)} points (--smallest-effect) with 80% power after Holm over "
+              f"{n_compared} arm(s)")
     if math.isinf(needed):
-        return (f" No number of seeds would resolve it: the {n_images:,}-image test set limits this difference to "
-                f"±{points(floor / 2)} points.")
+        return (f" No number of seeds would detect {target}: the {n_images:,}-image test set alone limits this "
+                f"comparison to ±{points(row['ci_width_floor'] / 2)} points.")
     if needed <= row["n_pairs"]:
-        return " A difference this small is below what these seeds can separate from chance."
-    return f" About {int(math.ceil(needed))} seeds per arm would resolve a difference of this size."
+        return f" These {int(row['n_pairs'])} seeds already detect {target}, so a real effect is likely smaller."
+    return f" About {int(math.ceil(needed))} seeds per arm would detect {target}."
+
+
+def two_seed_phrase(row) -> str:
+    """What 2 seeds can and cannot see, said plainly."""
+    if row["n_pairs"] != 2:
+        return ""
+    return (" With 2 seeds the seed-to-seed variation is estimated from one difference (1 degree of freedom): "
+            "only large effects can be told from chance, and a failure that shows in 1 seed of 3 is missed most "
+            "of the time; run 3 or more seeds for anything finer.")
 
 
 def arm_sentence(data: StudyData, row: pd.Series, n_compared: int, confidence: float) -> str:
@@ -243,11 +306,16 @@ def arm_sentence(data: StudyData, row: pd.Series, n_compared: int, confidence: f
     delta = row["delta_vs_baseline"]
     verb = "costs" if delta < 0 else "gains"
     n_pairs = int(row["n_pairs"])
+    unpaired = row.get("comparison") == stats.UNPAIRED
     paired = ""
-    if n_pairs != row["n_seeds"]:
+    if unpaired:
+        n_pairs = int(row["n_seeds"])
+        paired = (f" (an unpaired comparison: no seed in common with the baseline, so its {n_pairs} seed(s) are "
+                  "compared with the baseline's, and seed effects the arms share do not cancel)")
+    elif n_pairs != row["n_seeds"]:
         paired = (f" (on the {n_pairs} seed(s) both arms finished: {points(row['arm_accuracy_paired'])}% against "
                   f"the baseline's {points(row['baseline_accuracy_paired'])}%)")
-    if row["verdict"] in (TOO_FEW, IDENTICAL) and (n_pairs < 2 or pd.isna(row["p_value"])):
+    if row["verdict"] in (TOO_FEW, IDENTICAL) and ((n_pairs < 2 and not unpaired) or pd.isna(row["p_value"])):
         identical = (" It is the same training run as the baseline at this budget (flagged before training), so "
                      "any difference is chance." if row["identical_to_baseline"] else "")
         if n_pairs == 0:
@@ -255,8 +323,12 @@ def arm_sentence(data: StudyData, row: pd.Series, n_compared: int, confidence: f
         return (f"{subject} {verb} {points(abs(delta))} points of test accuracy{paired} with {n_pairs} paired "
                 f"seed(s); with fewer than two seeds, or no spread between them, no interval or test can be "
                 f"computed (run --seeds 3 or more).{identical}{failed}")
-    interval = _interval(row["delta_ci_low"], row["delta_ci_high"], level)
+    low, high, clipped = shown_difference_interval(row)
+    interval = _interval(low, high, level) + (" (cut at the differences accuracy allows)" if clipped else "")
     holm = f"after Holm over {n_compared} arm(s)"
+    if not pd.isna(row.get("worst_seed_delta", np.nan)):
+        failed = (f" Per seed (arm minus baseline), the worst is seed {row['worst_seed']} at "
+                  f"{points(row['worst_seed_delta'], signed=True)} points.{failed}")
     if row["verdict"] == MATTERS:
         return (f"{subject} matters: it {verb} {points(abs(delta))} points of test accuracy{paired}, {interval} "
                 f"(training seeds and test images random), {p_phrase(row['p_value_holm'])} {holm}.{failed}")
@@ -267,8 +339,9 @@ def arm_sentence(data: StudyData, row: pd.Series, n_compared: int, confidence: f
     identical = (" It is the same training run as the baseline at this budget (flagged before training); the "
                  "difference is chance." if row["verdict"] == IDENTICAL else "")
     return (f"{subject} is inconclusive with {n_pairs} seeds: it {verb} {points(abs(delta))} points{paired}, "
-            f"{interval}, {p_phrase(row['p_value_holm'])} {holm}; effects smaller than {points(row['mde'])} points "
-            f"cannot be seen here.{_seeds_phrase(row, n_images)}{identical}{failed}")
+            f"{interval}, {p_phrase(row['p_value_holm'])} {holm}; "
+            f"{visible_phrase(row['mde'], largest_possible_difference(row))}."
+            f"{seeds_phrase(row, n_images, n_compared)}{two_seed_phrase(row)}{identical}{failed}")
 
 
 def findings(data: StudyData, summary: pd.DataFrame, confidence: float) -> list[dict]:
@@ -279,7 +352,8 @@ def findings(data: StudyData, summary: pd.DataFrame, confidence: float) -> list[
 
 
 def seeds_plan(data: StudyData, target_width: float, confidence: float = stats.DEFAULT_CONFIDENCE) -> pd.DataFrame:
-    """Per compared arm: how many seeds would make its difference interval at most ``target_width`` wide."""
+    """Per compared arm: how many seeds would make its difference interval at most ``target_width`` wide with 80%
+    probability (from the variance components, not from the observed difference)."""
     array = data.correctness
     estimates = stats.contrasts_to_baseline(array, data.baseline) if array is not None else {}
     rows = []
@@ -288,7 +362,7 @@ def seeds_plan(data: StudyData, target_width: float, confidence: float = stats.D
         if estimate is not None and estimate.estimable:
             low, high = estimate.interval(confidence)
             width, floor = high - low, estimate.floor_width(confidence)
-            needed = estimate.seeds_for_width(target_width, confidence)
+            needed = estimate.seeds_for_width(target_width, confidence, probability=stats.DEFAULT_POWER)
         rows.append({"arm": arm, "n_pairs": 0 if estimate is None else estimate.n_seeds, "ci_width": width,
                      "ci_width_floor": floor, "target_ci_width": target_width, "seeds_needed": needed})
     return pd.DataFrame(rows, columns=["arm", "n_pairs", "ci_width", "ci_width_floor", "target_ci_width",
@@ -312,20 +386,28 @@ def notes(data: StudyData, summary: pd.DataFrame, confidence: float) -> list[str
     compared = summary[(summary["arm"] != data.baseline) & (summary["n_pairs"] >= 2) & summary["mde"].notna()]
     if len(compared):
         n = int(compared["n_pairs"].min())
-        notes.append(f"With {n} paired seed(s), differences smaller than the “smallest visible effect” column (median "
-                     f"{points(float(compared['mde'].median()))} points) cannot be told from chance here (80% power "
-                     "after Holm); “inconclusive” means exactly that, not “no effect”.")
+        median = float(compared["mde"].median())
+        limit = float(compared.apply(largest_possible_difference, axis=1).min())
+        seen = (f"differences smaller than the “smallest visible effect” column (median {points(median)} points) "
+                "cannot be told from chance here" if median < limit else
+                "even the largest difference accuracy allows would not be told from chance reliably here")
+        notes.append(f"With {n} paired seed(s), {seen} (80% power after Holm); "
+                     "“inconclusive” means exactly that, not “no effect”."
+                     + (" Two seeds estimate the seed-to-seed variation from a single difference: they can show "
+                        "only large effects; run 3 or more seeds for anything finer." if n == 2 else ""))
+    if summary["worst_seed_delta"].notna().any():
+        n = int(summary.loc[summary["worst_seed_delta"].notna(), "n_pairs"].max())
+        notes.append(f"Each arm's per-seed differences and its worst seed are shown below. A failure rarer than about "
+                     f"1 in {max(n, 1)} seeds (an arm that is fine on most seeds and breaks on a few) cannot be seen "
+                     f"with {n} seeds: most studies of that size never draw it.")
     return notes
 
 
 # -- the factorial study --------------------------------------------------------------------------------
 
-TERM_NAMES = {"augmentation": "augmentation", "batch_norm": "batch norm", "dropout": "dropout",
-              "step_lr": "the step LR schedule"}
-
-
 def _term_name(term: str) -> str:
-    return " × ".join(TERM_NAMES.get(part, part) for part in term.split(":"))
+    """'batch norm × dropout': each component's label from the study definitions (its own name otherwise)."""
+    return " × ".join(COMPONENTS.get(part, {}).get("label", part.replace("_", " ")) for part in term.split(":"))
 
 
 def factorial_section(data: StudyData, confidence: float) -> dict | None:
@@ -341,7 +423,7 @@ def factorial_section(data: StudyData, confidence: float) -> dict | None:
     level = f"{round(100 * confidence)}%"
     present = set(array.arms)
     design = pd.DataFrame([{"arm": arm, **on} for arm, on in factors.items() if arm in present])
-    components = [c for c in stats.FACTORIAL_COMPONENTS if c in design.columns]
+    components = [c for c in design.columns if c != "arm"]  # the study's own (its factors), built-in or a file's
     section: dict = {"notes": [], "warnings": []}
     try:
         contrasts = stats.factorial_contrasts(array, design, confidence, components=components)
@@ -372,16 +454,24 @@ def factorial_section(data: StudyData, confidence: float) -> dict | None:
                     f"the {len(leading)} main effects and two-way interactions.")
         section["findings"].append({"term": name[0].upper() + name[1:], "kind": kind.replace(" ", "-"),
                                     "text": text})
+    k = contrasts.pooled_terms
+    zero = (f"; the other {len(effects) - k}, between cells that are the same training run, are exactly zero"
+            if k < len(effects) else "")
+    pooled = (f" The seed-to-seed variation is pooled over the {k} orthogonal terms (the standard factorial "
+              f"analysis: {k} x {contrasts.n_seeds - 1} degrees of freedom instead of {contrasts.n_seeds - 1} per "
+              f"term; Cochran's test p = {contrasts.homogeneity_p_value:.2f} finds no term that varies more than the "
+              f"others{zero})." if contrasts.pooled else "")
     section["lead"] = (f"{contrasts.n_seeds} seed(s) with all {len(design)} cells. Each effect is a contrast "
                        "over the cells, paired by seed, with training seeds and test images random; three- and "
-                       "four-way interactions are in the table below (their own Holm family).")
+                       f"four-way interactions are in the table below (their own Holm family).{pooled}")
     try:
-        ols = stats.factorial_block_ols(data.finished, confidence)
+        ols = stats.factorial_block_ols(data.finished, design, confidence, components=components)
     except ValueError as error:
         section["notes"].append(f"The run-level block model is not shown: {error}")
         section["anova"] = None
     else:
         section["anova"] = ols.anova
+        section["formula"] = ols.formula
         if ols.warning:
             section["warnings"].append(ols.warning)
     if identical_groups(data):

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from .. import stats
 from ..plots import confusion_matrix, new_figure
+from .analysis import shown_difference_interval
 from .gather import StudyData
 
 BASELINE_COLOR, ARM_COLOR, FAILED_COLOR = "#1f4e79", "#c55a11", "#999999"
@@ -95,17 +96,19 @@ def difference_figure(summary: pd.DataFrame, baseline: str, confidence: float) -
     margin = 100 * float(rows["equivalence_margin"].iloc[0])
     ax.axvspan(-margin, margin, color="#2e7d32", alpha=0.08, lw=0, label=f"equivalence margin ±{margin:.2f}")
     ax.axvline(0, color="black", lw=0.8)
-    for y, row in zip(positions, rows.itertuples()):
+    for y, (_, line), row in zip(positions, rows.iterrows(), rows.itertuples()):
         delta = 100 * row.delta_vs_baseline
-        if not pd.isna(row.delta_ci_low):
-            ax.errorbar(delta, y, xerr=[[delta - 100 * row.delta_ci_low], [100 * row.delta_ci_high - delta]],
+        low, high, _ = shown_difference_interval(line)  # never beyond the differences accuracy allows
+        low_fixed, high_fixed, _ = shown_difference_interval(line, "delta_ci_low_this_test_set",
+                                                             "delta_ci_high_this_test_set")
+        if not pd.isna(low):
+            ax.errorbar(delta, y, xerr=[[delta - 100 * low], [100 * high - delta]],
                         fmt="o", color=ARM_COLOR, capsize=4, lw=2, markersize=7,
                         label="seeds and test images random" if y == positions[0] else None)
         else:
             ax.plot(delta, y, "o", color=ARM_COLOR, markersize=7)
-        if not pd.isna(row.delta_ci_low_this_test_set):
-            ax.errorbar(delta, y - 0.22, xerr=[[delta - 100 * row.delta_ci_low_this_test_set],
-                                               [100 * row.delta_ci_high_this_test_set - delta]],
+        if not pd.isna(low_fixed):
+            ax.errorbar(delta, y - 0.22, xerr=[[delta - 100 * low_fixed], [100 * high_fixed - delta]],
                         fmt="none", color=FAILED_COLOR, capsize=2, lw=1.2,
                         label="this test set only (seeds)" if y == positions[0] else None)
     ax.set_yticks(positions, rows["arm"])
@@ -113,6 +116,35 @@ def difference_figure(summary: pd.DataFrame, baseline: str, confidence: float) -
     ax.set_title("Each arm against the baseline (paired by seed)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_ylim(-0.8, len(rows) - 0.4)
+    ax.legend(loc="best", fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def per_seed_figure(per_seed: pd.DataFrame, summary: pd.DataFrame, baseline: str) -> Figure | None:
+    """Each arm minus the baseline on every paired seed (dots), its mean (bar) and its worst seed (ring), in points."""
+    arms = [arm for arm in summary["arm"] if arm != baseline and arm in set(per_seed["arm"])]
+    if not arms:
+        return None
+    fig = new_figure(figsize=(9, 0.55 * len(arms) + 1.8))
+    ax = fig.subplots()
+    ax.axvline(0, color="black", lw=0.8)
+    positions = np.arange(len(arms))[::-1]
+    for y, arm in zip(positions, arms):
+        deltas = 100 * per_seed.loc[per_seed["arm"] == arm, "delta"].to_numpy()
+        jitter = np.linspace(-0.12, 0.12, len(deltas)) if len(deltas) > 1 else np.zeros(1)
+        ax.plot(deltas, y + jitter, "o", color=ARM_COLOR, alpha=0.75, markersize=5,
+                label="one paired seed" if y == positions[0] else None)
+        ax.plot([deltas.mean()] * 2, [y - 0.3, y + 0.3], color="black", lw=2,
+                label="mean over seeds" if y == positions[0] else None)
+        worst = int(np.argmin(deltas))
+        ax.plot(deltas[worst], y + jitter[worst], "o", markersize=11, markerfacecolor="none",
+                markeredgecolor=BASELINE_COLOR, label="worst seed" if y == positions[0] else None)
+    ax.set_yticks(positions, arms)
+    ax.set_xlabel(f"arm minus {baseline} on the same seed (points of test accuracy)")
+    ax.set_title("Per-seed differences from the baseline")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_ylim(-0.8, len(arms) - 0.4)
     ax.legend(loc="best", fontsize=8, frameon=False)
     fig.tight_layout()
     return fig

@@ -14,6 +14,7 @@ from .. import naming, stats, store, tracking
 from ..errors import StudyError
 from ..redaction import redact
 from ..studies import STUDIES
+from ..sweep import usable_runs
 
 HISTORY_METRICS = ("accuracy", "val_accuracy", "loss", "val_loss")
 
@@ -28,7 +29,7 @@ class StudyData:
     definition: dict | None
     baseline: str
     runs: pd.DataFrame  # every cell run of the current definition, any status
-    finished: pd.DataFrame  # one usable FINISHED run per (arm, seed)
+    finished: pd.DataFrame  # one usable FINISHED run per (arm, seed): ``sweep.usable_runs``
     planned: pd.DataFrame | None  # (arm, seed) cells of study.json
     unusable: pd.DataFrame = field(default_factory=pd.DataFrame)  # FINISHED runs without a finite test accuracy
     histories: pd.DataFrame = field(default_factory=pd.DataFrame)  # run_id, arm, seed, epoch, metrics
@@ -69,14 +70,6 @@ def _baseline_arm(study: str, definition: dict | None) -> str:
     return STUDIES[study].baseline_arm if study in STUDIES else "baseline"
 
 
-def latest_finished(runs: pd.DataFrame) -> pd.DataFrame:
-    """One FINISHED run per (arm, seed): the latest, should a cell have been run twice."""
-    finished = runs[runs["status"] == "FINISHED"]
-    if "start_time" in finished:
-        finished = finished.sort_values("start_time", kind="stable")
-    return finished.drop_duplicates(["arm", "seed"], keep="last").reset_index(drop=True)
-
-
 def gather_study(study: str, tracking_uri: str | None = None, predictions: bool = True,
                  histories: bool = True) -> StudyData:
     """Read a study's runs (all statuses), definition, metric histories and test predictions from the store."""
@@ -93,13 +86,10 @@ def gather_study(study: str, tracking_uri: str | None = None, predictions: bool 
     planned = None
     if definition and definition.get("cells"):
         planned = pd.DataFrame([{"arm": c["arm"], "seed": int(c["seed"])} for c in definition["cells"]])
-    finished = latest_finished(runs) if len(runs) else runs
-    # A run that FINISHED with a NaN accuracy (a diverged evaluation, say) is a failed cell, not a result.
-    usable = np.isfinite(pd.to_numeric(finished.get("test_accuracy", pd.Series(dtype=float)), errors="coerce"))
-    unusable = finished[~usable].reset_index(drop=True) if len(finished) else finished
-    finished = finished[usable].reset_index(drop=True) if len(finished) else finished
+    counted = usable_runs(runs)  # the one rule for which run of a cell counts
+    finished = counted.usable
     data = StudyData(study, redact(uri), parent.info.run_id, definition, _baseline_arm(study, definition), runs,
-                     finished, planned, unusable=unusable)
+                     finished, planned, unusable=counted.unusable)
     data.environment = _environment(data)
     if histories and len(finished):
         data.histories = store.metric_histories(finished, HISTORY_METRICS)

@@ -1,27 +1,53 @@
-"""Rendering the report: tables for display, and the HTML and Markdown pages from Jinja2 templates.
+r"""Rendering the report: tables for display, and the HTML and Markdown pages from Jinja2 templates.
 
-Both templates are autoescaped, so a run name, arm or description holding markup shows as text. The CSS is a
-package file inlined into the page, which stays one self-contained file.
+Both templates are autoescaped, each for its own format, so a run name, arm or description holding markup shows as
+text: HTML entities in the HTML page, Markdown backslash escapes in the Markdown page (``trainer's`` stays
+``trainer's``, ``<`` becomes ``\<``, ``*`` becomes ``\*``). The CSS is a package file inlined into the page, which
+stays one self-contained file.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from importlib import resources
 
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
-from .analysis import format_p, points
+from .analysis import format_p, points, shown_difference_interval, visible_beyond_range
 
 TEMPLATES = "mnist_ablation.report"
 
 
+# Characters that Markdown (CommonMark and GitHub's tables) may read as markup anywhere in a line; `'` and `"` are
+# plain text there and stay as they are.
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*\[\]<>#|~])")
+# `_` opens or closes emphasis only at a word's edge: no_batch_norm stays readable, _x_ is escaped.
+_EDGE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+_ENTITY = re.compile(r"&(?=#?\w+;)")  # &lt; &#39; would render as < '
+_LIST_MARKER = re.compile(r"^(\s*)([-+]|\d+(?=[.)]))(?=[.)]?(\s|$))", re.MULTILINE)  # "- x", "1. x": a list
+
+
+def markdown_escape(text: str) -> str:
+    """``text`` as Markdown that renders as exactly this text (backslash escapes; no HTML entities)."""
+    text = _MARKDOWN_PUNCTUATION.sub(r"\\\1", text)
+    text = _EDGE_UNDERSCORE.sub(r"\\_", text)
+    text = _ENTITY.sub(r"\\&", text)
+    return _LIST_MARKER.sub(lambda m: m.group(1) + (f"\\{m.group(2)}" if not m.group(2).isdigit()
+                                                    else m.group(2) + "\\"), text)
+
+
+def _md_text(value):
+    """The Markdown template's autoescape: every value it inserts, unless already Markdown (a filter's, a macro's)."""
+    return value if hasattr(value, "__html__") else Markup(markdown_escape(str(value)))
+
+
 def _md_cell(value) -> Markup:
-    """A Markdown table cell: HTML-escaped, pipes escaped, one line."""
-    return Markup(str(escape(str(value))).replace("|", "\\|").replace("\n", " "))
+    """A Markdown table cell: escaped for Markdown, one line."""
+    return Markup(markdown_escape(str(value)).replace("\n", " "))
 
 
 def _md_code(value) -> Markup:
@@ -29,10 +55,14 @@ def _md_code(value) -> Markup:
     return Markup(str(value).replace("`", "'"))
 
 
-def environment() -> Environment:
+def environment(markdown: bool = False) -> Environment:
+    """The templates' environment; ``markdown``: values are escaped for Markdown instead of HTML."""
     env = Environment(loader=PackageLoader(TEMPLATES, "templates"),
                       autoescape=select_autoescape(enabled_extensions=("html", "md", "j2"), default=True),
-                      trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True)
+                      trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True,
+                      # Autoescape HTML-escapes what finalize returns unless it is already markup: returning every
+                      # value Markdown-escaped (as Markup) makes the escaping Markdown's.
+                      finalize=_md_text if markdown else None)
     env.filters["md_cell"] = _md_cell
     env.filters["md_code"] = _md_code
     return env
@@ -47,7 +77,7 @@ def render_html(context: dict) -> str:
 
 
 def render_markdown(context: dict) -> str:
-    return environment().get_template("report.md.j2").render(**context)
+    return environment(markdown=True).get_template("report.md.j2").render(**context)
 
 
 def data_uri(png: bytes) -> str:
@@ -77,7 +107,7 @@ def summary_display(summary: pd.DataFrame, baseline: str, confidence: float) -> 
     """The summary table as the page shows it: percentages and points, intervals in brackets, verdicts."""
     level = f"{round(100 * confidence)}%"
     rows = []
-    for row in summary.itertuples():
+    for (_, line), row in zip(summary.iterrows(), summary.itertuples()):
         is_baseline = row.arm == baseline
         seeds = f"{row.n_seeds}" + (f" ({row.n_failed} failed)" if row.n_failed else "")
         if not is_baseline and row.n_pairs != row.n_seeds and row.n_seeds:
@@ -88,13 +118,15 @@ def summary_display(summary: pd.DataFrame, baseline: str, confidence: float) -> 
             f"test accuracy % [{level} CI]": _interval(row.test_accuracy_mean, row.test_accuracy_ci_low,
                                                        row.test_accuracy_ci_high),
             f"Δ vs baseline, points [{level} CI]": "reference" if is_baseline else _interval(
-                row.delta_vs_baseline, row.delta_ci_low, row.delta_ci_high, signed=True),
+                row.delta_vs_baseline, *shown_difference_interval(line)[:2], signed=True),
             "Holm p": "" if is_baseline else format_p(row.p_value_holm),
-            "smallest visible effect (points)": "" if is_baseline or pd.isna(row.mde) else points(row.mde),
+            "smallest visible effect (points)": "" if is_baseline or pd.isna(row.mde) else (
+                "beyond the range" if visible_beyond_range(line) else points(row.mde)),
             f"TOST p (±{points(row.equivalence_margin)})": "" if is_baseline else format_p(
                 row.equivalence_p_value_holm),
             f"Δ [{level} CI], this test set only": "" if is_baseline else _interval(
-                row.delta_vs_baseline, row.delta_ci_low_this_test_set, row.delta_ci_high_this_test_set, signed=True),
+                row.delta_vs_baseline, *shown_difference_interval(
+                    line, "delta_ci_low_this_test_set", "delta_ci_high_this_test_set")[:2], signed=True),
             "verdict": row.verdict,
         })
     classes = [row.verdict.replace(" ", "-") for row in summary.itertuples()]
