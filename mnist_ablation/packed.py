@@ -60,7 +60,6 @@ from .train import (
 
 logger = logging.getLogger(__name__)
 BACKEND = "jax"
-PACK_TAG = "pack"  # MLflow tag on each member's run: "<index>/<size>:<pack id>"
 # Training steps per compiled call. On an accelerator the step is scanned over a chunk of batches (fewer host
 # round trips); XLA on the CPU runs the convolutions inside a loop about 30 times slower than alone, so there
 # every batch is its own call (measured on a 2-core VM). The divergence guard reads each member's running loss

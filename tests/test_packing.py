@@ -101,3 +101,55 @@ def test_each_member_trains_as_its_unpacked_run_and_fails_or_stops_alone(probe):
     assert early["history"]["learning_rate"] == pytest.approx([0.02])  # its own schedule
     assert diverged["outcome"] == diverged["alone_outcome"] == "TrainingDiverged"  # failed alone
     assert diverged["message"] == diverged["alone_message"]
+
+
+# -- ablate --pack: the same child runs as unpacked, member by member -----------------------------------------------
+
+PACK_STUDY = ("--study", "architecture", "--arms", "baseline", "--seeds", "2", "--train-subset", "200", "--epochs", "1",
+              "--no-report")
+
+
+def _cells(tracking_uri: str) -> dict:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mnist_ablation import naming
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(naming.ablation_experiment("architecture"))
+    runs = client.search_runs([experiment.experiment_id], "tags.`mnist_ablation.role` = 'cell'")
+    return {run.info.run_name: {
+        "status": run.info.status, "params": run.data.params, "metrics": run.data.metrics, "tags": run.data.tags,
+        "artifacts": sorted(a.path for a in client.list_artifacts(run.info.run_id)),
+        "history": [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")],
+    } for run in runs}
+
+
+@pytest.mark.slow
+def test_ablate_pack_logs_the_same_child_runs_as_unpacked(tmp_path, data_dir):
+    pytest.importorskip("jax")
+    from helpers import run_module
+
+    packed_uri, alone_uri = f"sqlite:///{tmp_path}/packed.db", f"sqlite:///{tmp_path}/alone.db"
+    out = run_module("experiments.ablate", *PACK_STUDY, "--pack", "2", env=command_env(packed_uri, data_dir),
+                     cwd=tmp_path)
+    assert "pack of 2" in out.stdout + out.stderr
+    # The unpacked route on the same backend, so that the members' figures are comparable.
+    run_module("experiments.ablate", *PACK_STUDY, env=command_env(alone_uri, data_dir, KERAS_BACKEND="jax"),
+               cwd=tmp_path)
+    packed, alone = _cells(packed_uri), _cells(alone_uri)
+    assert sorted(packed) == sorted(alone) == ["baseline-seed0", "baseline-seed1"]
+    pack_ids = set()
+    for name in packed:
+        mine, theirs = packed[name], alone[name]
+        assert mine["status"] == theirs["status"] == "FINISHED"
+        assert mine["params"] == theirs["params"]
+        assert set(mine["metrics"]) == set(theirs["metrics"])
+        assert mine["artifacts"] == theirs["artifacts"]
+        assert set(mine["tags"]) - set(theirs["tags"]) == {"pack"}
+        pack_ids.add(mine["tags"]["pack"].split(":")[1])
+        assert mine["tags"]["config_hash"] == theirs["tags"]["config_hash"]
+        assert mine["history"] == pytest.approx(theirs["history"], abs=0.02)
+        assert mine["metrics"]["test_accuracy"] == pytest.approx(theirs["metrics"]["test_accuracy"], abs=0.02)
+    assert len(pack_ids) == 1  # both cells trained in one pack
