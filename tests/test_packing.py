@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -153,3 +154,50 @@ def test_ablate_pack_logs_the_same_child_runs_as_unpacked(tmp_path, data_dir):
         assert mine["history"] == pytest.approx(theirs["history"], abs=0.02)
         assert mine["metrics"]["test_accuracy"] == pytest.approx(theirs["metrics"]["test_accuracy"], abs=0.02)
     assert len(pack_ids) == 1  # both cells trained in one pack
+
+
+def _checkpointed(store) -> int:
+    """How many cells have a checkpoint of at least one epoch."""
+    count = 0
+    for state in store.glob("checkpoints/*/state.json"):
+        with contextlib.suppress(json.JSONDecodeError, OSError, KeyError):  # being replaced right now
+            count += json.loads(state.read_text())["epochs_completed"] >= 1
+    return count
+
+
+@pytest.mark.slow
+def test_a_pack_killed_mid_run_resumes_every_member_from_its_own_checkpoint(tmp_path, tracking_uri, data_dir):
+    pytest.importorskip("jax")
+    import signal
+    import time
+    from collections import Counter
+
+    from mlflow.tracking import MlflowClient
+    from test_reliability import _cells, _wait_for
+
+    from helpers import run_module, start_module
+
+    env = command_env(tracking_uri, data_dir)
+    store = tmp_path / "store"
+    args = ("--study", "leave-one-out", "--arms", "baseline", "--seeds", "2", "--epochs", "3", "--train-subset", "300",
+            "--no-report", "--pack", "2", "--heartbeat-interval", "1", "--grace-period", "4")
+    process = start_module("experiments.ablate", *args, env=env, cwd=tmp_path)
+    try:
+        _wait_for(lambda: _checkpointed(store) == 2, 600, "both members' first checkpoints", process)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    killed = [r for r in _cells("leave-one-out") if r.info.status == "RUNNING"]
+    assert len(killed) == 2, "both members' runs are left RUNNING by SIGKILL"
+
+    time.sleep(5)  # past the grace period: the dead pack's heartbeats are stale, its cells are retried
+    rerun = run_module("experiments.ablate", *args, env=env, cwd=tmp_path)
+    runs = _cells("leave-one-out")
+    finished = Counter(r.data.tags["seed"] for r in runs if r.info.status == "FINISHED")
+    assert finished == {"0": 1, "1": 1}, rerun.stdout  # none lost, none twice
+    assert all(MlflowClient().get_run(r.info.run_id).info.status != "FINISHED" for r in killed)
+    for run in (r for r in runs if r.info.status == "FINISHED"):
+        assert int(run.data.tags["resumed_from_epoch"]) >= 1 and "pack" in run.data.tags
+        history = MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == [0, 1, 2]
+    assert not list(store.glob("checkpoints/*/state.json")), "finished runs' checkpoints are removed"
