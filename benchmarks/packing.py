@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
+
+from benchmarks.common import Benchmark, Rendered, finish_machine_record, machine_record, number, table
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "packing.json"
 FULL_RUN_IMAGES = 15 * 55_000  # the seed recipe: 15 epochs of the 55,000 training images
@@ -84,10 +85,6 @@ def _measure(mode: str, args) -> dict:
     }
 
 
-def _load_average() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else []
-
-
 def format_table(payload: dict) -> str:
     lines = [f"{'route':<28} {'images/s':>10} {'x today':>8} {'runs/h (15 ep)':>15} {'compile s':>10}"]
     for row in payload["rows"]:
@@ -115,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 2:
         parser.error(f"--epochs {args.epochs}: expected at least 2 (the first epoch compiles).")
     packs = [int(k) for k in args.packs.split(",")]
-    load_before = _load_average()
+    machine = machine_record()
     rows = [dict(_measure(TODAY, args), label="today: one run per process")]
     for k in packs:
         print(f"measuring a pack of {k} ...", file=sys.stderr, flush=True)
@@ -128,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "packing",
         "date": date.today().isoformat(),
         "command": "python -m benchmarks.packing " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),
-                    "load_average_before": load_before, "load_average_after": _load_average()},
+        "machine": finish_machine_record(machine),
         "settings": {"train_subset": args.train_subset, "epochs": args.epochs, "validation_size": VALIDATION_SIZE,
                      "member_axis": args.member_axis, "full_run_images": FULL_RUN_IMAGES},
         "rows": rows,
@@ -139,6 +135,28 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0
+
+
+def render_report(data: dict, out: Rendered) -> None:
+    rows = [[row["label"], "failed: " + row["error"]] + [""] * 3 if "error" in row else
+            [row["label"], number(row.get("images_per_second"), 0), number(row.get("ratio_to_today"), 2),
+             number(row.get("full_runs_per_hour"), 1), number(row.get("first_epoch_extra_seconds"), 1)]
+            for row in data.get("rows", [])]
+    out.tables.append(table(["route", "training images/s", "× today", "full-length runs/hour (extrapolated)",
+                             "first epoch's extra seconds (compilation)"], rows))
+    settings = data.get("settings", {})
+    out.lines.append(f"{settings.get('train_subset', 0):,} training images × {settings.get('epochs')} epochs per run "
+                     f"({settings.get('validation_size')} validation images); the rate is the last epoch's, and "
+                     "runs/hour extrapolate it to 15 epochs of 55,000 images without per-run fixed costs.")
+    out.lines.extend(data.get("notes", []))
+
+
+REPORT = Benchmark(
+    key="packing", title="Packed training", command="python -m benchmarks.packing", order=80,
+    about=("K seed-recipe runs trained as one pack (`ablate --pack K`: one compiled, `jax.vmap`-ed step per batch "
+           "on Keras' JAX backend, data and augmentation on the device) against today's route, one run per process "
+           "on the default backend (TensorFlow), each in its own process, one after the other on the same machine."),
+    render=render_report)
 
 
 if __name__ == "__main__":
