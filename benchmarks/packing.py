@@ -148,7 +148,6 @@ def render_report(data: dict, out: Rendered) -> None:
     out.lines.append(f"{settings.get('train_subset', 0):,} training images × {settings.get('epochs')} epochs per run "
                      f"({settings.get('validation_size')} validation images); the rate is the last epoch's, and "
                      "runs/hour extrapolate it to 15 epochs of 55,000 images without per-run fixed costs.")
-    out.lines.extend(data.get("notes", []))
 
 
 REPORT = Benchmark(
