@@ -14,6 +14,7 @@ then logs them into the study from a machine that has the store.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -71,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="print the studies and their arms, then exit")
     parser.add_argument("--workers", type=int, default=1,
                         help="run N worker processes on this machine, sharing the cores (default 1)")
+    parser.add_argument("--pack", type=int, default=1, metavar="K",
+                        help="train up to K claimed cells that share a model structure together in one process, one "
+                             "compiled step per batch (Keras on JAX, selected for this command's processes); "
+                             "1 = one cell at a time, the default trainer (see docs/ablate.md#packing)")
     parser.add_argument("--storage", default=None,
                         help="Optuna RDB storage URL for the cell queue (default sqlite:///mlruns/optuna.db; "
                              "postgresql://... to share a study between machines)")
@@ -108,6 +113,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_smallest_effect(parser, args)
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: expected an integer >= 1")
+    if args.pack < 1:
+        parser.error(f"--pack {args.pack}: expected an integer >= 1 (1 = no packing)")
+    if args.pack > 1 and args.offline:
+        parser.error("--pack with --offline: packing logs into a tracking store; train offline with --pack 1")
+    if args.pack > 1 and importlib.util.find_spec("jax") is None:
+        parser.error(f"--pack {args.pack} needs JAX (Keras' JAX backend), which is not installed: "
+                     'pip install -e ".[test]" (or ".[jax]") installs it; or use --pack 1')
     return args
 
 
@@ -146,6 +158,8 @@ def study_configs(study: Study, args: argparse.Namespace, paired: bool = False) 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.pack > 1:
+        select_jax_backend()
     if args.study_file:
         from mnist_ablation.study_file import load_study_file
 
@@ -174,7 +188,7 @@ def main(argv=None) -> int:
     runner = ablation.StudyRunner.open(
         study, configs, seeds=range(args.seeds), data_dir=args.data_dir, tracking_uri=args.tracking_uri,
         storage_url=args.storage, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-        command=recorded_command(args, argv), precision=precision, observer=ProgressObserver(),
+        command=recorded_command(args, argv), precision=precision, observer=ProgressObserver(), pack=args.pack,
     )
     if args.import_offline:
         imported, skipped, problems = runner.import_offline(args.import_offline)
@@ -189,6 +203,15 @@ def main(argv=None) -> int:
     if args.worker_only:
         return 1 if outcome.failed else 0
     return finish(runner, args, failed=outcome.failed)
+
+
+def select_jax_backend() -> None:
+    """Packing trains on Keras' JAX backend: select it for this process (and the workers it starts, which inherit
+    the environment) before Keras is imported."""
+    if "keras" in sys.modules and sys.modules["keras"].backend.backend() != "jax":
+        raise SystemExit("--pack needs Keras on JAX, but Keras was already imported on another backend in this "
+                         "process; run the command in a fresh process (python -m experiments.ablate ...).")
+    os.environ["KERAS_BACKEND"] = "jax"
 
 
 def run_offline(study: Study, configs: dict[str, TrainConfig], args: argparse.Namespace) -> int:

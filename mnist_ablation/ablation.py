@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import naming, store, tracking
-from .config import TrainConfig
+from .config import DEFAULT_PIPELINE, TrainConfig, pack_signature
 from .data import Mnist, load_mnist
 from .redaction import redact, redact_argv
 from .storage import default_storage_url, open_storage
@@ -73,8 +73,10 @@ class StudyRunner:
     """One sweep of a study: its plan, its MLflow experiment and parent run, its queue; a worker's loop."""
 
     def __init__(self, plan: Plan, data: Mnist, tracking_uri: str, storage_url: str, heartbeat_interval: int = 10,
-                 grace_period: int = 60, command: Sequence[str] | None = None, observer: Observer | None = None):
+                 grace_period: int = 60, command: Sequence[str] | None = None, observer: Observer | None = None,
+                 pack: int = 1):
         self.plan, self.study, self.data = plan, plan.study, data
+        self.pack = pack  # cells claimed and trained together (packed.py); 1 = one at a time, the trainer
         self.tracking_uri, self.storage_url = tracking_uri, storage_url
         self.command = redact_argv(command or sys.argv)
         self.observer = observer or Observer()
@@ -171,7 +173,7 @@ class StudyRunner:
         progress = self.queue.progress(round_study)
         self.observer.round_started(self.round_label(round_study), len(progress.cells), progress.settled)
         try:
-            for claims in self.queue.iterate(round_study):
+            for claims in self.queue.iterate(round_study, size=self.pack):
                 self.run_claims(claims, outcome)
         finally:
             self.observer.round_ended()
@@ -219,35 +221,70 @@ class StudyRunner:
 
     def train(self, claims: Sequence[Claim], outcome: WorkerOutcome) -> list:
         """Train the claimed cells, each into its own MLflow child run: per claim, (run id, test accuracy,
-        validation accuracy) or the exception that failed it. One at a time today; a packed trainer can train
-        the list together."""
+        validation accuracy) or the exception that failed it. Claims whose configs can pack
+        (``config.pack_signature``) train together as one pack when ``pack`` > 1; the others one at a time."""
+        groups: dict[str, list[Claim]] = {}
+        for claim in claims:
+            config = self.plan.config_of(claim.cell.arm, claim.cell.seed)
+            key = pack_signature(config) if self.pack > 1 and config.pipeline == DEFAULT_PIPELINE else claim.cell.key
+            groups.setdefault(key, []).append(claim)
+        results: dict[int, object] = {}
+        try:
+            for group in groups.values():
+                trained = self._train_pack(group, outcome) if len(group) > 1 else [self._train_one(group[0], outcome)]
+                results.update(zip([claim.number for claim in group], trained, strict=True))
+        except KeyboardInterrupt:
+            for unfinished in claims:
+                if unfinished.number not in results:
+                    self.queue.fail(unfinished, "interrupted")
+            raise
+        return [results[claim.number] for claim in claims]
+
+    def _claim_callbacks(self, claim: Claim, label: str) -> list:
         from .train import EpochEnd
 
-        results = []
-        for claim in claims:
-            cell, config = claim.cell, self.plan.config_of(claim.cell.arm, claim.cell.seed)
-            label = f"{cell.key} (run {outcome.ran + outcome.failed + len(results) + 1})"
-            self.observer.cell_started(label)
-            try:
-                tracked = tracking.run_training(
-                    config, self.data, experiment_name=self.experiment_name, run_name=cell.key,
-                    tags=self._cell_tags(cell, {"optuna_trial_number": str(claim.number),
-                                                naming.WORKER_TAG: WORKER_ID}),
-                    parent_run_id=self._parent_run_id, checkpoint_dir=self.checkpoint_root / cell.config_hash,
-                    callbacks=[EpochEnd(lambda epoch, logs, label=label, epochs=config.epochs:
-                                        self.observer.epoch_ended(label, epoch, epochs, logs))],
-                    verbose=0, on_run_created=lambda run_id, claim=claim: self.queue.record_run_id(claim, run_id),
-                )
-            except KeyboardInterrupt:
-                for unfinished in claims[len(results):]:
-                    self.queue.fail(unfinished, "interrupted")
-                raise
-            except Exception as error:  # noqa: BLE001 - one bad cell (a TrainingDiverged, say) must not stop the study
-                results.append(error)
-                continue
-            result = tracked.result
-            results.append((tracked.run_id, result.test_accuracy, result.history["val_accuracy"][-1]))
-        return results
+        epochs = self.plan.config_of(claim.cell.arm, claim.cell.seed).epochs
+        return [EpochEnd(lambda epoch, logs: self.observer.epoch_ended(label, epoch, epochs, logs))]
+
+    def _claim_tags(self, claim: Claim) -> dict[str, str]:
+        return self._cell_tags(claim.cell, {"optuna_trial_number": str(claim.number), naming.WORKER_TAG: WORKER_ID})
+
+    def _train_one(self, claim: Claim, outcome: WorkerOutcome):
+        cell, config = claim.cell, self.plan.config_of(claim.cell.arm, claim.cell.seed)
+        label = f"{cell.key} (run {outcome.ran + outcome.failed + 1})"
+        self.observer.cell_started(label)
+        try:
+            tracked = tracking.run_training(
+                config, self.data, experiment_name=self.experiment_name, run_name=cell.key,
+                tags=self._claim_tags(claim), parent_run_id=self._parent_run_id,
+                checkpoint_dir=self.checkpoint_root / cell.config_hash, callbacks=self._claim_callbacks(claim, label),
+                verbose=0, on_run_created=lambda run_id: self.queue.record_run_id(claim, run_id),
+            )
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # noqa: BLE001 - one bad cell (a TrainingDiverged, say) must not stop the study
+            return error
+        return tracked.run_id, tracked.result.test_accuracy, tracked.result.history["val_accuracy"][-1]
+
+    def _train_pack(self, claims: Sequence[Claim], outcome: WorkerOutcome) -> list:
+        label = f"pack of {len(claims)}: {', '.join(claim.cell.key for claim in claims)}"
+        self.observer.cell_started(label)
+        members = [tracking.PackMember(
+            config=self.plan.config_of(claim.cell.arm, claim.cell.seed), run_name=claim.cell.key,
+            tags=self._claim_tags(claim), checkpoint_dir=self.checkpoint_root / claim.cell.config_hash,
+            callbacks=self._claim_callbacks(claim, claim.cell.key),
+            on_run_created=lambda run_id, claim=claim: self.queue.record_run_id(claim, run_id),
+        ) for claim in claims]
+        try:
+            outcomes = tracking.run_training_pack(members, self.data, experiment_name=self.experiment_name,
+                                                  parent_run_id=self._parent_run_id)
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # noqa: BLE001 - the pack failed as a whole: each of its cells failed
+            return [error] * len(claims)
+        return [outcome if isinstance(outcome, BaseException) else
+                (outcome.run_id, outcome.result.test_accuracy, outcome.result.history["val_accuracy"][-1])
+                for outcome in outcomes]
 
     def _reuse(self, claim: Claim):
         """Log the claimed cell as a run that reuses its source cell's run: (run id, test and val accuracy), or

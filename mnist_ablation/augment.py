@@ -10,7 +10,8 @@ resumed at epoch k sees exactly the images an uninterrupted run would have seen.
 
 Keras backends other than TensorFlow (JAX on a GPU machine without TensorFlow, say) get the same maths in
 NumPy: ``numpy_augment_batch`` resamples exactly as the TensorFlow op does (to float rounding), drawing
-from NumPy generators seeded the same way. TensorFlow is imported only by the TensorFlow functions.
+from NumPy generators seeded the same way. The packed trainer (``packed.py``) resamples on the device with
+``jax_apply_transforms``, the same arithmetic in JAX. TensorFlow and JAX are imported only by their functions.
 """
 
 from __future__ import annotations
@@ -155,6 +156,38 @@ def numpy_augment_batch(images: np.ndarray, seed: tuple[int, int], params: Augme
     """``augment_batch`` for NumPy arrays (used when Keras runs on a backend other than TensorFlow)."""
     transforms = numpy_random_transforms(seed, len(images), images.shape[1], images.shape[2], params)
     return numpy_apply_transforms(images, transforms)
+
+
+def jax_apply_transforms(images, transforms):
+    """``numpy_apply_transforms`` in JAX (jit- and vmap-able): the packed trainer augments on the device.
+
+    ``images`` (B, H, W, C) and ``transforms`` (B, 8) are JAX (or NumPy) arrays; the result equals the
+    TensorFlow op and the NumPy path to float rounding (tested).
+    """
+    import jax.numpy as jnp
+
+    images = jnp.asarray(images, dtype=jnp.float32)
+    batch, height, width, _ = images.shape
+    m = jnp.asarray(transforms, dtype=jnp.float32)[:, :6, None, None]
+    y_out, x_out = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
+                                indexing="ij")
+    x = jnp.clip(m[:, 0] * x_out + m[:, 1] * y_out + m[:, 2], 0.0, width - 1.0)
+    y = jnp.clip(m[:, 3] * x_out + m[:, 4] * y_out + m[:, 5], 0.0, height - 1.0)
+    x0, y0 = jnp.floor(x), jnp.floor(y)
+    wx, wy = (x - x0)[..., None], (y - y0)[..., None]
+    x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+    x1, y1 = jnp.minimum(x0 + 1, width - 1), jnp.minimum(y0 + 1, height - 1)
+    b = jnp.arange(batch)[:, None, None]
+    top = (1 - wx) * images[b, y0, x0] + wx * images[b, y0, x1]
+    bottom = (1 - wx) * images[b, y1, x0] + wx * images[b, y1, x1]
+    return (1 - wy) * top + wy * bottom
+
+
+def jax_transforms_from_uniform(u, height: int, width: int, params: AugmentationParams):
+    """(B, 8) matrices from (B, 6) uniform draws in [-1, 1), in JAX; ``params`` fields may be traced scalars."""
+    import jax.numpy as jnp
+
+    return _transforms_from_uniform(jnp.asarray(u, jnp.float32), height, width, params, jnp)
 
 
 def image_data_generator(params: AugmentationParams):

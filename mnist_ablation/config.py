@@ -340,4 +340,37 @@ def effective_settings(config: TrainConfig) -> dict[str, Any]:
     return settings
 
 
+# Fields that may differ between the members of one pack (``packed.train_pack``): the packed step reads them per
+# member (seed: weights, data order, augmentation and dropout draws; augmentation and its strengths; the
+# learning-rate schedule, set per member every epoch), or only the evaluation reads them (tta_views); the speed
+# fields are the pack's. Every other field is a Python constant of the compiled graph (layers, dropout rates,
+# loss, optimizer and its weight decay) or fixes the data every member walks (split, subset, batch size, epochs),
+# so it must be equal across a pack.
+PACK_MEMBER_FIELDS = ("seed", "augmentation", *AUGMENTATION_STRENGTHS, *SCHEDULE_FIELDS, "tta_views", *SPEED_FIELDS)
+
+
+def pack_signature(config: TrainConfig) -> str:
+    """Configs with the same signature can train in one pack: every field but PACK_MEMBER_FIELDS is equal."""
+    shared = {k: v for k, v in config.to_dict().items() if k not in PACK_MEMBER_FIELDS}
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_packable(configs: Sequence[TrainConfig]) -> None:
+    """Raise ConfigError naming the first field that differs between ``configs`` and cannot differ in a pack."""
+    if not configs:
+        raise ConfigError("a pack needs at least one config; got none.")
+    first = configs[0].to_dict()
+    for config in configs[1:]:
+        for name, value in config.to_dict().items():
+            if name not in PACK_MEMBER_FIELDS and value != first[name]:
+                raise ConfigError(
+                    f"{name}={value!r} differs from {first[name]!r} within one pack: only "
+                    f"{', '.join(PACK_MEMBER_FIELDS)} may differ between members. Train these configs in "
+                    "separate packs (group them by config.pack_signature)."
+                )
+    if configs[0].pipeline != DEFAULT_PIPELINE:
+        raise ConfigError(f"pipeline={configs[0].pipeline!r} cannot be packed: only pipeline={DEFAULT_PIPELINE!r} "
+                          "(the trainer) trains in packs. Use --pack 1 for it.")
+
+
 BASELINE = TrainConfig()  # the seed's recipe

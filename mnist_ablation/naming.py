@@ -24,6 +24,7 @@ TRIAL_ROLE, BEST_RETRAIN_ROLE = "trial", "best_retrain"  # tuning studies
 STUDY_TAG, ARM_TAG, SEED_TAG, CONFIG_HASH_TAG = "study", "arm", "seed", "config_hash"
 FAILURE_REASON_TAG = "failure_reason"
 WORKER_TAG = "worker"
+PACK_TAG = "pack"  # on each member run of a packed pack: "<member>/<size>:<pack id>" (packed.py)
 MEMBER_RUN_IDS_TAG = "member_run_ids"
 REUSES_RUN_TAG = "mnist_ablation.reuses_run"  # a cell run that is another cell's training run (identical arms)
 SWEEP_TAG = "mnist_ablation.sweep"  # a study's parent run: the digest of its sweep (arms, configs, seeds, rule)

@@ -592,6 +592,82 @@ def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEF
     return TrackedRun(run_id, result)
 
 
+@dataclass(frozen=True)
+class PackMember:
+    """One cell of a pack for ``run_training_pack``: what ``run_training`` takes for one run."""
+
+    config: TrainConfig
+    run_name: str
+    tags: Mapping[str, str]
+    checkpoint_dir: str | os.PathLike | None = None
+    callbacks: Sequence[keras.callbacks.Callback] = ()
+    on_run_created: object = None  # called with the member's run id as soon as its run exists
+
+
+def run_training_pack(members: Sequence[PackMember], data: Mnist, *, experiment_name: str = DEFAULT_EXPERIMENT,
+                      parent_run_id: str | None = None) -> list[TrackedRun | BaseException]:
+    """Train ``members`` as one pack (``packed.train_pack``, Keras on JAX), each into its own MLflow run.
+
+    Each member's run holds what ``run_training`` logs (params, config, environment, datasets, per-epoch and final
+    metrics, figures, predictions, the model) plus a ``pack`` tag naming the pack; a member that fails ends its
+    own run FAILED with its ``failure_reason`` and comes back as its exception, the others are logged as usual.
+    An interrupt ends every member's run KILLED. System metrics are not sampled for packed runs.
+    """
+    from .naming import PACK_TAG
+    from .packed import train_pack
+
+    experiment_id = get_or_create_experiment(experiment_name)
+    pack_id = hashlib.sha256("".join(m.run_name for m in members).encode() + os.urandom(8)).hexdigest()[:8]
+    client = MlflowClient()
+    run_ids = []
+    for index, member in enumerate(members):
+        tags = {CONFIG_HASH_TAG: member.config.hash(data.checksums), SEED_TAG: str(member.config.seed),
+                **dict(member.tags), PACK_TAG: f"{index + 1}/{len(members)}:{pack_id}"}
+        if parent_run_id:
+            tags[PARENT_RUN_TAG] = parent_run_id
+        run_id = client.create_run(experiment_id, run_name=member.run_name, tags=tags).info.run_id
+        run_ids.append(run_id)
+        if member.on_run_created is not None:
+            member.on_run_created(run_id)
+        client.log_batch(run_id, params=[Param(k, v) for k, v in flatten_params(member.config).items()])
+        client.log_dict(run_id, member.config.to_dict(), CONFIG_ARTIFACT)
+        client.log_dict(run_id, environment_record(data.checksums, data.source), ENVIRONMENT_ARTIFACT)
+    try:
+        callbacks = [[MlflowEpochLogger(run_id), *m.callbacks] for m, run_id in zip(members, run_ids, strict=True)]
+        results = train_pack([m.config for m in members], data, callbacks=callbacks,
+                             checkpoint_dirs=[m.checkpoint_dir for m in members])
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        for run_id in run_ids:
+            client.set_tag(run_id, FAILURE_REASON_TAG, redact(f"{type(error).__name__}: {error}")[:4900])
+            client.set_terminated(run_id, status)
+        raise
+    outcomes: list[TrackedRun | BaseException] = []
+    for member, run_id, result in zip(members, run_ids, results, strict=True):
+        mlflow.start_run(run_id=run_id)  # the member's run becomes the active one for the fluent logging
+        if isinstance(result, BaseException):
+            _end_failed(run_id, "FAILED", f"{type(result).__name__}: {result}")
+            outcomes.append(result)
+            continue
+        try:
+            with _finished_only_if_complete(run_id):
+                datasets = mnist_datasets(member.config, data.checksums, data.source,
+                                          split_sizes(member.config, len(data.y_train), len(data.y_test)))
+                log_datasets(datasets)
+                for epoch in range(result.initial_epoch):
+                    log_epoch_metrics(client, run_id, epoch, {k: v[epoch] for k, v in result.history.items()})
+                if result.initial_epoch:
+                    mlflow.set_tag("resumed_from_epoch", str(result.initial_epoch))
+                log_result_artifacts(result, member.run_name, input_example=data.x_test[:1], datasets=datasets)
+        except Exception as error:  # noqa: BLE001 - logged FAILED by the context manager; the others go on
+            outcomes.append(error)
+            continue
+        if member.checkpoint_dir is not None:
+            shutil.rmtree(member.checkpoint_dir, ignore_errors=True)
+        outcomes.append(TrackedRun(run_id, result))
+    return outcomes
+
+
 def log_offline_result(result: RunResult, record: Mapping, *, experiment_name: str = DEFAULT_EXPERIMENT,
                        run_name: str | None = None, tags: Mapping[str, str] | None = None,
                        parent_run_id: str | None = None, input_example: np.ndarray | None = None) -> TrackedRun:

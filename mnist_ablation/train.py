@@ -286,6 +286,17 @@ def load_checkpoint(directory: Path | None, config: TrainConfig):
     return model, int(state["epochs_completed"]), state["history"]
 
 
+def build_state(model: keras.Model, images: np.ndarray) -> None:
+    """Create every variable ``fit`` would (layers, optimizer, loss and metrics) from one image, without fitting.
+
+    On backends other than TensorFlow, ``fit`` otherwise creates them by peeking at the first batch of the
+    ``AugmentedBatches`` sequence, which that sequence then never gives back: every epoch trained its
+    batches shifted by one and the run's first batch came last. Building first keeps the stream whole, so a
+    run trains batch (epoch, step) at that step, resumed or not, and a packed member matches it.
+    """
+    model._symbolic_build(data_batch=(images[:1], np.zeros((1, NUM_CLASSES), np.float32)))
+
+
 def categorical_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
     # Keras' categorical cross-entropy on probabilities: clip to [eps, 1 - eps], mean of -log p(true).
     eps = keras.config.epsilon()
@@ -354,6 +365,8 @@ def train(config: TrainConfig, data: Mnist, callbacks: Sequence[keras.callbacks.
     history = {key: list(history.get(key, [])) for key in EPOCH_METRICS}
     if initial_epoch >= config.epochs:
         return evaluate(config, model, split, history, 0.0, initial_epoch)
+    if not on_tensorflow():
+        build_state(model, split.x_val)
     recorder = EpochCheckpoint(checkpoint_path, config, history) if checkpoint_path else HistoryRecorder(history)
     n_train = len(split.y_train)
     train_batches = build_dataset(config, data.x_train, split.y_train, initial_epoch, rows=rows.x_train)

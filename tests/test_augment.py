@@ -12,6 +12,8 @@ from mnist_ablation.augment import (
     affine_transforms,
     apply_transforms,
     image_data_generator,
+    jax_apply_transforms,
+    jax_transforms_from_uniform,
     numpy_apply_transforms,
     numpy_random_transforms,
     random_transforms,
@@ -32,6 +34,11 @@ TRANSFORMS = [
 
 
 def _ours(image: np.ndarray, theta, tx, ty, shear, zx, zy, implementation: str = "tensorflow") -> np.ndarray:
+    if implementation == "jax":  # the packed trainer's, on the device
+        pytest.importorskip("jax")
+        matrix = affine_transforms(*(np.array([value], np.float32) for value in (theta, tx, ty, shear, zx, zy)),
+                                   height=28, width=28, xp=np)
+        return np.asarray(jax_apply_transforms(image[None], matrix))[0]
     if implementation == "numpy":  # the path for Keras backends other than TensorFlow
         matrix = affine_transforms(*(np.array([value], np.float32) for value in (theta, tx, ty, shear, zx, zy)),
                                    height=28, width=28, xp=np)
@@ -41,7 +48,7 @@ def _ours(image: np.ndarray, theta, tx, ty, shear, zx, zy, implementation: str =
     return apply_transforms(tf.constant(image[None]), matrix).numpy()[0]
 
 
-IMPLEMENTATIONS = ["tensorflow", "numpy"]
+IMPLEMENTATIONS = ["tensorflow", "numpy", "jax"]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -80,6 +87,19 @@ def test_numpy_resampling_equals_the_tensorflow_op_on_strong_random_transforms(m
     assert not np.allclose(transforms, numpy_random_transforms((5, 7), len(images), 28, 28, strong))
 
 
+def test_jax_resampling_equals_the_tensorflow_op_on_strong_random_transforms(mnist):
+    pytest.importorskip("jax")
+    strong = AugmentationParams(rotation_range=60.0, width_shift_range=0.4, height_shift_range=0.4,
+                                zoom_range=0.5, shear_range=30.0)
+    images = mnist.x_train[:256].astype(np.float32)
+    transforms = numpy_random_transforms((5, 6), len(images), 28, 28, strong)
+    expected = apply_transforms(tf.constant(images), tf.constant(transforms)).numpy()
+    assert np.max(np.abs(np.asarray(jax_apply_transforms(images, transforms)) - expected)) < 1e-5
+    # The matrices built on the device from the same draws equal NumPy's (float rounding of cos/sin).
+    draws = np.random.default_rng([5, 6]).uniform(-1.0, 1.0, size=(len(images), 6)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(jax_transforms_from_uniform(draws, 28, 28, strong)), transforms, atol=1e-4)
+
+
 def _generator_matrices(params: AugmentationParams, count: int) -> np.ndarray:
     """Matrices for ``count`` of ImageDataGenerator's own random draws."""
     generator = image_data_generator(params)
@@ -90,6 +110,10 @@ def _generator_matrices(params: AugmentationParams, count: int) -> np.ndarray:
 
 
 def _our_matrices(params: AugmentationParams, count: int, implementation: str = "tensorflow") -> np.ndarray:
+    if implementation == "jax":  # the packed trainer: draws from the batch's NumPy generator, matrices on the device
+        pytest.importorskip("jax")
+        draws = np.random.default_rng([3, 4]).uniform(-1.0, 1.0, size=(count, 6)).astype(np.float32)
+        return np.asarray(jax_transforms_from_uniform(draws, 28, 28, params))
     if implementation == "numpy":
         return numpy_random_transforms((3, 4), count, 28, 28, params)
     return random_transforms(tf.constant([3, 4], tf.int64), count, 28, 28, params).numpy()
