@@ -58,10 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arms", default=None, help="comma-separated subset of the study's arms (default: all)")
     parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 per arm (default 3)")
     parser.add_argument("--target-ci-width", type=float, default=None, metavar="W",
-                        help="precision-driven seeding: after the first --seeds, add seeds in rounds to every arm "
-                             f"whose {100 * defaults.CONFIDENCE:.0f}%% interval of the difference from the baseline "
-                             "is wider than W (0.001 = 0.1 points), until it is narrower, has --max-seeds seeds, or "
-                             "the test set limits it")
+                        help="precision-driven seeding (Stein's two-stage rule): from each arm's first --seeds "
+                             "alone, decide once how many seeds make its "
+                             f"{100 * defaults.CONFIDENCE:.0f}%% interval of the difference from the baseline at most "
+                             "W wide (0.001 = 0.1 points), capped at --max-seeds and stopped where the test set "
+                             "limits it; the final interval keeps the first stage's seed variance")
     parser.add_argument("--max-seeds", type=int, default=None, metavar="M",
                         help=f"with --target-ci-width: at most M seeds per arm (default: {defaults.MAX_SEEDS})")
     add_equivalence_margin_argument(parser)
