@@ -341,3 +341,14 @@ def test_one_paired_seed_gives_no_interval():
         assert summary[column].isna().all(), column
     text = analysis.findings(data, summary, 0.95)[1]["text"]
     assert "no interval or test can be computed" in text and math.isnan(summary["mde"].iloc[1])
+
+
+def test_the_visible_effect_note_leaves_out_arms_identical_to_the_baseline():
+    """An arm that is the baseline's own training run says nothing about what the seeds can see."""
+    data = simulated_study(LEAVE_ONE_OUT, n_seeds=3)
+    summary = summary_table(data)
+    compared = summary[summary["arm"].isin(["no_batch_norm", "no_dropout"])]
+    assert summary.set_index("arm").loc["constant_lr", "identical_to_baseline"]
+    note = next(n for n in analysis.notes(data, summary, 0.95) if "smallest visible effect" in n)
+    assert f"median {analysis.points(float(compared['mde'].median()))} points" in note
+    assert summary.set_index("arm")["worst_seed"].dropna().map(type).eq(int).all()  # seed numbers, not 1.0

@@ -138,6 +138,7 @@ def summary_table(data: StudyData, confidence: float = stats.DEFAULT_CONFIDENCE,
     table = pd.DataFrame(list(rows.values()), columns=SUMMARY_COLUMNS + EXTRA_SUMMARY_COLUMNS)
     for column in ("n_seeds", "n_pairs", "n_failed", "n_running"):
         table[column] = table[column].astype(int)
+    table["worst_seed"] = table["worst_seed"].astype("Int64")  # a seed number, missing for the baseline
     return table
 
 
@@ -383,7 +384,9 @@ def notes(data: StudyData, summary: pd.DataFrame, confidence: float) -> list[str
         notes.append(f"{len(data.unusable)} run(s) FINISHED without a finite test accuracy; they count as failed "
                      "cells and are left out of every statistic.")
     notes += [f"Identical by construction: {note}" for note in identical_notes(data)]
-    compared = summary[(summary["arm"] != data.baseline) & (summary["n_pairs"] >= 2) & summary["mde"].notna()]
+    # Arms identical to the baseline by construction differ by exactly zero: their "visible effect" says nothing.
+    compared = summary[(summary["arm"] != data.baseline) & (summary["n_pairs"] >= 2) & summary["mde"].notna()
+                       & ~summary["identical_to_baseline"].astype(bool)]
     if len(compared):
         n = int(compared["n_pairs"].min())
         median = float(compared["mde"].median())
