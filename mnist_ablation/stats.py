@@ -206,8 +206,23 @@ def _nonnegative(value: float) -> float:
     return float(np.maximum(value, 0.0))  # unlike max(), keeps NaN
 
 
+class _TInference:
+    """Student-t interval and test of ``estimate`` from its ``standard_error`` and ``df`` (both contrast kinds)."""
+
+    def interval(self, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+        """Student-t interval ``estimate +- t(df) * standard_error`` (NaN with one seed or when it cannot be
+        computed)."""
+        check_confidence(confidence)
+        return _t_interval(self.estimate, self.standard_error, self.df, confidence)
+
+    @property
+    def p_value(self) -> float:
+        """Two-sided p-value for "the recipe-level contrast is zero" (NaN where it cannot be computed)."""
+        return _t_test_p(self.estimate, self.standard_error, self.df)
+
+
 @dataclass(frozen=True)
-class ContrastEstimate:
+class ContrastEstimate(_TInference):
     """The mean of a contrast over a seeds x test-images design, with seeds and images both random.
 
     The model is two-way random effects without replication, ``d_si = mu + S_s + I_i + E_si``, for the contrast
@@ -321,16 +336,6 @@ class ContrastEstimate:
         return self.df_at(self.n_seeds)
 
     # -- intervals and tests ------------------------------------------------------------------------------
-
-    def interval(self, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
-        """Student-t interval ``estimate +- t(df) * standard_error`` (NaN with one seed; zero width with no spread)."""
-        check_confidence(confidence)
-        return _t_interval(self.estimate, self.standard_error, self.df, confidence)
-
-    @property
-    def p_value(self) -> float:
-        """Two-sided p-value for "the recipe-level contrast is zero" (NaN with one seed or no spread at all)."""
-        return _t_test_p(self.estimate, self.standard_error, self.df)
 
     def equivalence_p_value(self, margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> float:
         """Two one-sided tests (Schuirmann 1987) of "|contrast| >= margin"; small p: equivalent within +-margin.
@@ -781,7 +786,7 @@ def wilcoxon_counts(arm_counts, baseline_counts) -> float:
 
 
 @dataclass(frozen=True)
-class UnpairedContrast:
+class UnpairedContrast(_TInference):
     """Arm minus baseline when they share no seed: two independent samples of seeds, the same test images.
 
     ``standard_error**2 = arm_seed_term / n_arm + baseline_seed_term / n_baseline + image_variance / n_images``:
@@ -820,14 +825,6 @@ class UnpairedContrast:
         return _satterthwaite([(self.arm_seed_term / self.n_arm, self.n_arm - 1),
                                (self.baseline_seed_term / self.n_baseline, self.n_baseline - 1),
                                (self.image_variance / self.n_images, self.image_df)])
-
-    def interval(self, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
-        check_confidence(confidence)
-        return _t_interval(self.estimate, self.standard_error, self.df, confidence)
-
-    @property
-    def p_value(self) -> float:
-        return _t_test_p(self.estimate, self.standard_error, self.df)
 
     def equivalence_p_value(self, margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> float:
         """Plain two one-sided tests against +-margin (no skewness correction: the df are small)."""
