@@ -128,28 +128,31 @@ def numpy_random_transforms(seed: tuple[int, int], batch: int, height: int, widt
     return _transforms_from_uniform(u, height, width, params, np).astype(np.float32)
 
 
-def numpy_apply_transforms(images: np.ndarray, transforms: np.ndarray) -> np.ndarray:
-    """``apply_transforms`` in NumPy, with ``ImageProjectiveTransformV3``'s arithmetic.
-
-    Each output pixel (x, y) samples the input at (a0 x + a1 y + a2, b0 x + b1 y + b2); fill_mode
-    'nearest' clamps that point into [0, size - 1], then bilinear interpolation weighs the four pixels
-    around it (a neighbour past the last row or column has weight 0).
-    """
-    images = np.asarray(images, dtype=np.float32)
+def _bilinear_sample(xp, images, transforms, index_dtype):
+    """Each output pixel (x, y) samples the input at (a0 x + a1 y + a2, b0 x + b1 y + b2); fill_mode 'nearest'
+    clamps that point into [0, size - 1], then bilinear interpolation weighs the four pixels around it (a
+    neighbour past the last row or column has weight 0). ``xp`` is NumPy or ``jax.numpy``: one arithmetic for
+    both paths."""
+    images = xp.asarray(images, dtype=xp.float32)
     batch, height, width, _ = images.shape
-    m = np.asarray(transforms, dtype=np.float32)[:, :6, None, None]
-    y_out, x_out = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32),
+    m = xp.asarray(transforms, dtype=xp.float32)[:, :6, None, None]
+    y_out, x_out = xp.meshgrid(xp.arange(height, dtype=xp.float32), xp.arange(width, dtype=xp.float32),
                                indexing="ij")
-    x = np.clip(m[:, 0] * x_out + m[:, 1] * y_out + m[:, 2], 0.0, width - 1.0)
-    y = np.clip(m[:, 3] * x_out + m[:, 4] * y_out + m[:, 5], 0.0, height - 1.0)
-    x0, y0 = np.floor(x), np.floor(y)
+    x = xp.clip(m[:, 0] * x_out + m[:, 1] * y_out + m[:, 2], 0.0, width - 1.0)
+    y = xp.clip(m[:, 3] * x_out + m[:, 4] * y_out + m[:, 5], 0.0, height - 1.0)
+    x0, y0 = xp.floor(x), xp.floor(y)
     wx, wy = (x - x0)[..., None], (y - y0)[..., None]
-    x0, y0 = x0.astype(np.intp), y0.astype(np.intp)
-    x1, y1 = np.minimum(x0 + 1, width - 1), np.minimum(y0 + 1, height - 1)
-    b = np.arange(batch)[:, None, None]
+    x0, y0 = x0.astype(index_dtype), y0.astype(index_dtype)
+    x1, y1 = xp.minimum(x0 + 1, width - 1), xp.minimum(y0 + 1, height - 1)
+    b = xp.arange(batch)[:, None, None]
     top = (1 - wx) * images[b, y0, x0] + wx * images[b, y0, x1]
     bottom = (1 - wx) * images[b, y1, x0] + wx * images[b, y1, x1]
-    return ((1 - wy) * top + wy * bottom).astype(np.float32)
+    return (1 - wy) * top + wy * bottom
+
+
+def numpy_apply_transforms(images: np.ndarray, transforms: np.ndarray) -> np.ndarray:
+    """``apply_transforms`` in NumPy, with ``ImageProjectiveTransformV3``'s arithmetic (``_bilinear_sample``)."""
+    return _bilinear_sample(np, images, transforms, np.intp).astype(np.float32)
 
 
 def numpy_augment_batch(images: np.ndarray, seed: tuple[int, int], params: AugmentationParams) -> np.ndarray:
@@ -166,21 +169,7 @@ def jax_apply_transforms(images, transforms):
     """
     import jax.numpy as jnp
 
-    images = jnp.asarray(images, dtype=jnp.float32)
-    batch, height, width, _ = images.shape
-    m = jnp.asarray(transforms, dtype=jnp.float32)[:, :6, None, None]
-    y_out, x_out = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
-                                indexing="ij")
-    x = jnp.clip(m[:, 0] * x_out + m[:, 1] * y_out + m[:, 2], 0.0, width - 1.0)
-    y = jnp.clip(m[:, 3] * x_out + m[:, 4] * y_out + m[:, 5], 0.0, height - 1.0)
-    x0, y0 = jnp.floor(x), jnp.floor(y)
-    wx, wy = (x - x0)[..., None], (y - y0)[..., None]
-    x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-    x1, y1 = jnp.minimum(x0 + 1, width - 1), jnp.minimum(y0 + 1, height - 1)
-    b = jnp.arange(batch)[:, None, None]
-    top = (1 - wx) * images[b, y0, x0] + wx * images[b, y0, x1]
-    bottom = (1 - wx) * images[b, y1, x0] + wx * images[b, y1, x1]
-    return (1 - wy) * top + wy * bottom
+    return _bilinear_sample(jnp, images, transforms, jnp.int32)
 
 
 def jax_transforms_from_uniform(u, height: int, width: int, params: AugmentationParams):
