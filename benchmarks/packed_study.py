@@ -53,13 +53,17 @@ def _finite(value) -> float | None:
 
 
 def route_figures(study: str, tracking_uri: str):
-    """Today's figures of one route's store: its cell runs, and counts and seconds of the cells it trained."""
-    from mnist_ablation import compare
+    """One route's store: per trained cell and test image whether it was right, and the route's figures.
+
+    A cell that reuses an identical arm's run is that run again, so only trained cells are read.
+    """
+    from mnist_ablation import compare, store
 
     runs = compare.study_runs(study, tracking_uri=tracking_uri)
     trained = runs[runs["reuses_run"].isna()]
     seconds = (trained["end_time"] - trained["start_time"]).dt.total_seconds()
-    return runs, {
+    correct = store.prediction_correctness(trained[["run_id", "arm", "seed"]])
+    return correct, {
         "cells": len(runs), "cells_trained": len(trained), "cells_reusing": len(runs) - len(trained),
         "trained_cell_seconds_mean": _finite(seconds.mean()) if len(seconds) else None,
         "test_accuracy_mean": {arm: float(g["test_accuracy"].astype(float).mean())
@@ -80,20 +84,12 @@ def _comparison(correct, label: str) -> dict:
     }
 
 
-def compare_routes(today_runs, packed_runs, route: str) -> list[dict]:
-    """``route`` minus today's, arm by arm and pooled, from the two stores' per-image predictions."""
+def compare_routes(today_correct, packed_correct, route: str) -> list[dict]:
+    """``route`` minus today's, arm by arm and pooled, from the two routes' per-image correctness."""
     import pandas as pd
 
-    from mnist_ablation import store
-
-    frames = []
-    for label, runs in ((TODAY, today_runs), (route, packed_runs)):
-        trained = runs[runs["reuses_run"].isna()]  # an identical arm's cells are its source's run again
-        frames.append(store.prediction_correctness(trained[["run_id", "arm", "seed"]]).assign(route=label))
-    both = pd.concat(frames, ignore_index=True)
-    rows = []
-    for arm, cells in both.groupby("arm", sort=False):
-        rows.append(_comparison(cells.assign(arm=cells["route"]), arm))
+    both = pd.concat([today_correct.assign(route=TODAY), packed_correct.assign(route=route)], ignore_index=True)
+    rows = [_comparison(cells.assign(arm=cells["route"]), arm) for arm, cells in both.groupby("arm", sort=False)]
     # Pooled: each trained (arm, seed) cell is a unit, paired across the two routes.
     unit = both.groupby(["arm", "seed"], sort=False).ngroup()
     rows.append(_comparison(both.assign(arm=both["route"], seed=unit), POOLED))
@@ -148,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading predictions, as commands do
     machine = machine_record()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    routes, stores = [], {}
+    routes, correct = [], {}
     with tempfile.TemporaryDirectory(prefix="packed_study_") as tmp:
         for pack in packs:
             store = Path(tmp) / f"pack{pack}"
@@ -163,10 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - started
             if done.returncode != 0:
                 raise SystemExit(f"--pack {pack} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-            runs, figures = route_figures(args.study, f"sqlite:///{store / 'mlflow.db'}")
-            stores[pack] = runs
+            correct[pack], figures = route_figures(args.study, f"sqlite:///{store / 'mlflow.db'}")
             routes.append({"route": _route(pack), "pack": pack, "wall_seconds": wall, **figures})
-        comparisons = {_route(pack): compare_routes(stores[1], stores[pack], _route(pack)) for pack in packs[1:]}
+        comparisons = {_route(pack): compare_routes(correct[1], correct[pack], _route(pack)) for pack in packs[1:]}
     for row in routes:
         row["wall_ratio_to_today"] = row["wall_seconds"] / routes[0]["wall_seconds"]
     result = {

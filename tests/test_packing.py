@@ -155,6 +155,19 @@ def test_ablate_pack_logs_the_same_child_runs_as_unpacked(tmp_path, data_dir):
         assert mine["metrics"]["test_accuracy"] == pytest.approx(theirs["metrics"]["test_accuracy"], abs=0.02)
     assert len(pack_ids) == 1  # both cells trained in one pack
 
+    # benchmarks.packed_study reads the two stores with the project's tests: per arm and pooled over the cells.
+    from benchmarks.packed_study import compare_routes, route_figures, verdict
+
+    (alone_correct, alone_figures), (packed_correct, packed_figures) = (
+        route_figures("architecture", uri) for uri in (alone_uri, packed_uri))
+    assert alone_figures["cells_trained"] == packed_figures["cells_trained"] == 2
+    rows = compare_routes(alone_correct, packed_correct, "pack 2")
+    assert [row["cells"] for row in rows] == ["baseline", "all trained cells"]
+    for row in rows:
+        assert row["n_pairs"] == 2 and abs(row["delta"]) < 0.02  # the same runs to float rounding
+        assert row["delta_ci_low"] <= row["delta"] <= row["delta_ci_high"]
+        assert verdict(row) != "no estimate"
+
 
 def _checkpointed(store) -> int:
     """How many cells have a checkpoint of at least one epoch."""
