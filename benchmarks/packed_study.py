@@ -1,6 +1,6 @@
 """A whole study packed against today's route: wall time side by side, and whether packing changes the verdict.
 
-    python -m benchmarks.packed_study [--study leave_one_out] [--arms A,B] [--packs 1,2] [--seeds 2]
+    python -m benchmarks.packed_study [--study leave-one-out] [--arms A,B] [--packs 1,2] [--seeds 2]
                                       [--train-subset 12000] [--epochs 2] [--output FILE]
 
 Runs ``python -m experiments.ablate --study S --pack K`` once per K in ``--packs``, one after the other, each in a
@@ -124,7 +124,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.packed_study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", default="leave_one_out", help="a built-in study (default: %(default)s)")
+    parser.add_argument("--study", default="leave-one-out", help="a built-in study (default: %(default)s)")
     parser.add_argument("--arms", default=None, help="only these arms (comma-separated; default: all)")
     parser.add_argument("--packs", default="1,2",
                         help="pack sizes K, one study each; 1 (today's route) is always measured first "

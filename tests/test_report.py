@@ -352,3 +352,11 @@ def test_the_visible_effect_note_leaves_out_arms_identical_to_the_baseline():
     note = next(n for n in analysis.notes(data, summary, 0.95) if "smallest visible effect" in n)
     assert f"median {analysis.points(float(compared['mde'].median()))} points" in note
     assert summary.set_index("arm")["worst_seed"].dropna().map(type).eq(int).all()  # seed numbers, not 1.0
+    # Its row shows no "smallest visible effect" (its difference is exactly zero): the CSV keeps the number.
+    from mnist_ablation.report import render
+
+    shown = render.summary_display(summary, "baseline", 0.95)
+    column = shown["columns"].index("smallest visible effect (points)")
+    visible = {row[0]: row[column] for row in shown["rows"]}
+    assert visible["constant_lr"] == render.SAME_RUNS
+    assert visible["no_dropout"] not in ("", render.SAME_RUNS)

@@ -103,6 +103,10 @@ def _interval(mean, low, high, signed=False) -> str:
     return f"{text} [{points(low, signed=signed)}, {points(high, signed=signed)}]"
 
 
+# What an arm that is the baseline's own training run can see: its difference is exactly zero by construction.
+SAME_RUNS = "— (the baseline's runs)"
+
+
 def summary_display(summary: pd.DataFrame, baseline: str, confidence: float) -> dict:
     """The summary table as the page shows it: percentages and points, intervals in brackets, verdicts."""
     level = f"{round(100 * confidence)}%"
@@ -121,6 +125,7 @@ def summary_display(summary: pd.DataFrame, baseline: str, confidence: float) -> 
                 row.delta_vs_baseline, *shown_difference_interval(line)[:2], signed=True),
             "Holm p": "" if is_baseline else format_p(row.p_value_holm),
             "smallest visible effect (points)": "" if is_baseline or pd.isna(row.mde) else (
+                SAME_RUNS if row.identical_to_baseline else
                 "beyond the range" if visible_beyond_range(line) else points(row.mde)),
             f"TOST p (±{points(row.equivalence_margin)})": "" if is_baseline else format_p(
                 row.equivalence_p_value_holm),
