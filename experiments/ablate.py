@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -192,7 +193,9 @@ def main(argv=None) -> int:
         command=recorded_command(args, argv), precision=precision, observer=ProgressObserver(), pack=args.pack,
     )
     if args.import_offline:
-        imported, skipped, problems = runner.import_offline(args.import_offline)
+        from mnist_ablation.offline_import import import_offline
+
+        imported, skipped, problems = import_offline(runner, args.import_offline)
         print(f"imported {imported} cell(s) from {args.import_offline}, {skipped} already in the study")
         for problem in problems:
             print(f"not imported: {problem}", file=sys.stderr)
@@ -241,7 +244,7 @@ def launch_workers(runner, args: argparse.Namespace, argv: list[str]) -> list[in
     Each worker writes its own progress to a log file; this process shows one line for the whole sweep.
     """
     threads = max(1, (os.cpu_count() or 1) // args.workers)
-    log_dir = runner.log_directory()
+    log_dir = worker_log_directory(runner)
     command = [sys.executable, "-m", "experiments.ablate", *argv, "--worker-only", "--set", f"threads={threads}"]
     print(f"starting {args.workers} workers with {threads} thread(s) each; their logs: {log_dir}", flush=True)
     processes = []
@@ -256,6 +259,15 @@ def launch_workers(runner, args: argparse.Namespace, argv: list[str]) -> list[in
         for process in processes:
             process.wait()
         raise
+
+
+def worker_log_directory(runner) -> Path:
+    """Where the worker processes of this sweep on this machine write their output (beside the store)."""
+    from mnist_ablation.tracking import local_state_directory
+
+    directory = local_state_directory(runner.tracking_uri) / "logs" / runner.study.name / runner.plan.digest
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def _print_flushed(text: str) -> None:
@@ -300,9 +312,9 @@ def watch(runner, processes: list[subprocess.Popen], poll_seconds: float = 2.0) 
     interval = 0.5 if sys.stdout.isatty() else 30.0
     try:
         while any(process.poll() is None for process in processes):
-            latest = runner.latest_round()
-            if latest is not None:
-                label, progress = latest
+            round_study = runner.queue.latest_round()
+            if round_study is not None:
+                label, progress = runner.round_label(round_study), runner.queue.progress(round_study)
                 if label != current:
                     if bar is not None:
                         bar.close()
@@ -342,7 +354,10 @@ def recorded_command(args: argparse.Namespace, argv=None) -> list[str]:
 
 def finish(runner, args: argparse.Namespace, failed: int) -> int:
     """Summary table, summary.csv on the parent run, the report, and where to look."""
-    summary = runner.write_summary()
+    from mnist_ablation import compare, tracking
+
+    summary = compare.study_summary(runner.study.name, runner.plan.baseline)
+    tracking.log_study_summary(runner.parent_run_id, summary)
     print()
     print(f"Study {runner.study.name!r}: test accuracy per arm over seeds (finished runs)")
     print(printable(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), lines=True))
@@ -351,8 +366,11 @@ def finish(runner, args: argparse.Namespace, failed: int) -> int:
                           "--tracking-uri", runner.tracking_uri, "--equivalence-margin", str(args.equivalence_margin)]
         if args.smallest_effect is not None:
             report_command += ["--smallest-effect", str(args.smallest_effect)]
-        report = runner.write_report(args.output, equivalence_margin=args.equivalence_margin,
-                                     report_command=redact_argv(report_command), smallest_effect=args.smallest_effect)
+        from mnist_ablation.report import write_study_report
+
+        report = write_study_report(runner.study.name, output_dir=args.output, parent_run_id=runner.parent_run_id,
+                                    equivalence_margin=args.equivalence_margin,
+                                    report_command=redact_argv(report_command), smallest_effect=args.smallest_effect)
         print(f"report: {report.html_path} (also under report/ on the parent run)")
     print()
     print(f"MLflow: experiment {runner.experiment_name!r}, parent run {runner.parent_run_id}")

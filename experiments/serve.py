@@ -1,8 +1,8 @@
 """``python -m experiments.serve``: the model explorer, a web page and JSON API over runs in MLflow.
 
 Offers one or more runs (``--run-id``, repeatable; the first is the default) or the runs of an ablation study
-(``--study``: the best seed of each arm by final validation accuracy, or every finished run with
-``--all-runs``). Listens on 127.0.0.1 by default and answers only requests whose Host header is 127.0.0.1,
+(``--study``: the best seed of each arm by final validation accuracy, or every cell's latest finished run
+with ``--all-runs``). Listens on 127.0.0.1 by default and answers only requests whose Host header is 127.0.0.1,
 localhost, the ``--host`` given or an ``--allowed-host``. Reference: docs/explorer.md.
 
     python -m experiments.serve --study leave-one-out
@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     which.add_argument("--study", metavar="NAME",
                        help="serve the runs of the ablation study NAME (experiment ablation/NAME)")
     parser.add_argument("--all-runs", action="store_true",
-                        help="with --study: offer every finished run, not only the best seed per arm")
+                        help="with --study: offer every cell's latest finished run, not only the best seed per arm")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",

@@ -7,7 +7,8 @@ arm trains reuses that arm's run (tag ``mnist_ablation.reuses_run``) instead of 
 
 With a precision rule the sweep runs in rounds: after each, ``Plan.next_round`` reads the results and names
 the next cells, until every arm has stopped. The runner reports through an ``Observer`` (lines and
-progress); the command layer draws them.
+progress); the command layer draws them. Cells trained offline are logged by ``offline_import``; the summary
+is ``compare.study_summary`` logged by ``tracking.log_study_summary``, the report ``report.write_study_report``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 
@@ -29,8 +29,8 @@ from .data import Mnist, load_mnist
 from .redaction import redact, redact_argv
 from .storage import default_storage_url, open_storage
 from .studies import Study
-from .sweep import Cell, Plan, PrecisionRound, PrecisionRule, study_summary, usable_runs
-from .workqueue import CellQueue, Claim, RoundProgress
+from .sweep import Cell, Plan, PrecisionRound, PrecisionRule, usable_runs, usable_runs_by_cell
+from .workqueue import CellQueue, Claim
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process ran a cell
 PARENT_RUN_ATTR = "parent_run_id"  # queue round user attribute
@@ -69,6 +69,21 @@ class Observer:
         """This worker has nothing left to take in the round."""
 
 
+class ReusableRuns:
+    """The usable run of each cell that another cell may reuse (``sweep.usable_runs_by_cell``): the study's cell
+    runs are read on the first look-up and again only for a cell not among them (its run finished since, in
+    another worker), not once per reusing cell."""
+
+    def __init__(self, study: str):
+        self.study = study
+        self._runs: dict[tuple[str, int, str], pd.Series] | None = None
+
+    def of(self, cell: Cell) -> pd.Series | None:
+        if self._runs is None or cell.identity not in self._runs:
+            self._runs = usable_runs_by_cell(store.cell_runs(self.study, all_sweeps=True))
+        return self._runs.get(cell.identity)
+
+
 class StudyRunner:
     """One sweep of a study: its plan, its MLflow experiment and parent run, its queue; a worker's loop."""
 
@@ -86,6 +101,7 @@ class StudyRunner:
         self.queue = CellQueue(self.storage, naming.queue_name(self.study.name, plan.digest))
         self.checkpoint_root = tracking.local_state_directory(tracking_uri) / "checkpoints"
         self._parent_run_id: str | None = None
+        self._reusable = ReusableRuns(self.study.name)  # read anew each round
 
     @classmethod
     def open(cls, study: Study, configs: Mapping[str, TrainConfig], seeds: Iterable[int], data_dir=None,
@@ -172,11 +188,16 @@ class StudyRunner:
     def _run_round(self, round_study, outcome: WorkerOutcome) -> None:
         progress = self.queue.progress(round_study)
         self.observer.round_started(self.round_label(round_study), len(progress.cells), progress.settled)
+        self._reusable = ReusableRuns(self.study.name)
         try:
             for claims in self.queue.iterate(round_study, size=self.pack):
                 self.run_claims(claims, outcome)
         finally:
             self.observer.round_ended()
+
+    def round_label(self, round_study) -> str:
+        """The study's name and the queue round's (``round-1``): what progress shows for a round."""
+        return f"{self.study.name} {round_study.study_name.rsplit('/', 1)[-1]}"
 
     def run_claims(self, claims: Sequence[Claim], outcome: WorkerOutcome) -> None:
         """Run claimed cells: each reusing cell logs its source's run, the others train (``train``), then each
@@ -247,7 +268,7 @@ class StudyRunner:
         return [EpochEnd(lambda epoch, logs: self.observer.epoch_ended(label, epoch, epochs, logs))]
 
     def _claim_tags(self, claim: Claim) -> dict[str, str]:
-        return self._cell_tags(claim.cell, {"optuna_trial_number": str(claim.number), naming.WORKER_TAG: WORKER_ID})
+        return self.cell_tags(claim.cell, {"optuna_trial_number": str(claim.number), naming.WORKER_TAG: WORKER_ID})
 
     def _train_one(self, claim: Claim, outcome: WorkerOutcome):
         cell, config = claim.cell, self.plan.config_of(claim.cell.arm, claim.cell.seed)
@@ -290,11 +311,11 @@ class StudyRunner:
         """Log the claimed cell as a run that reuses its source cell's run: (run id, test and val accuracy), or
         the exception that failed it."""
         try:
-            source = self._usable_run(claim.source)
+            source = self._reusable.of(claim.source)
             if source is None:
                 raise RuntimeError(f"the cell whose run it reuses, {claim.source.key}, has no usable finished run "
                                    "(it failed); rerun the command to retry both")
-            run_id = self._log_reuse(claim.cell, source, {"optuna_trial_number": str(claim.number)})
+            run_id = self.log_reuse(claim.cell, source, {"optuna_trial_number": str(claim.number)})
         except KeyboardInterrupt:
             self.queue.fail(claim, "interrupted")
             raise
@@ -303,19 +324,15 @@ class StudyRunner:
         self.queue.record_run_id(claim, run_id)
         return run_id, float(source["test_accuracy"]), float(source.get("val_accuracy", float("nan")))
 
-    def _usable_run(self, cell: Cell) -> pd.Series | None:
-        runs = store.cell_runs(self.study.name, all_sweeps=True)
-        runs = usable_runs(runs[runs["config_hash"] == cell.config_hash]).usable
-        mine = runs[(runs["arm"] == cell.arm) & (runs["seed"] == cell.seed)]
-        return mine.iloc[-1] if len(mine) else None
-
-    def _log_reuse(self, cell: Cell, source: pd.Series, extra: Mapping[str, str]) -> str:
+    def log_reuse(self, cell: Cell, source: pd.Series, extra: Mapping[str, str] | None = None) -> str:
+        """Log ``cell`` as a child run that reuses ``source`` (its source cell's usable run); returns its run id."""
         return tracking.log_reused_run(
             source["run_id"], self.plan.config_of(cell.arm, cell.seed), cell.config_hash,
             experiment_name=self.experiment_name, run_name=cell.key, parent_run_id=self.parent_run_id,
-            tags=self._cell_tags(cell, {naming.WORKER_TAG: WORKER_ID, **extra}))
+            tags=self.cell_tags(cell, {naming.WORKER_TAG: WORKER_ID, **(extra or {})}))
 
-    def _cell_tags(self, cell: Cell, extra: Mapping[str, str]) -> dict[str, str]:
+    def cell_tags(self, cell: Cell, extra: Mapping[str, str]) -> dict[str, str]:
+        """The tags of ``cell``'s child run (study, arm, role) and ``extra``."""
         return {naming.STUDY_TAG: self.study.name, naming.ARM_TAG: cell.arm, naming.ROLE_TAG: naming.CELL_ROLE, **extra}
 
     # -- precision-driven seeding -------------------------------------------------------------------------
@@ -335,91 +352,3 @@ class StudyRunner:
         if decided.additions:
             self.observer.line(f"precision round: {decided.description}")
         return decided
-
-    # -- offline cells ------------------------------------------------------------------------------------
-
-    def import_offline(self, directory: Path) -> tuple[int, int, list[str]]:
-        """Log the cells saved by ``offline.run_offline`` in ``directory`` as this study's child runs.
-
-        A folder counts only if it is a cell of this plan with the same config hash; cells already FINISHED
-        here are skipped, so importing twice adds nothing; a cell that reuses another's run is logged as such
-        once that run is here. Returns (imported, skipped, problems).
-        """
-        from . import offline
-
-        planned = self.planned_cells()
-        self.publish_definition(planned)
-        finished = store.finished_cells(self.study.name)
-        by_key = {cell.key: cell for cell in planned}
-        imported, skipped, problems = 0, 0, []
-        for folder in offline.saved_cells(directory):
-            result, record = offline.load_result(folder)
-            cell = by_key.get(record["key"])
-            if cell is None or cell.config_hash != record["config_hash"]:
-                problems.append(f"{folder.name}: not a cell of this study as defined by this command "
-                                f"(config hash {record['config_hash']}); same --study, --seeds, --epochs, "
-                                "--train-subset and --set as the offline run?")
-                continue
-            if cell.identity in finished:
-                skipped += 1
-                continue
-            tracked = tracking.log_offline_result(
-                result, record, experiment_name=self.experiment_name, run_name=cell.key,
-                tags=self._cell_tags(cell, {naming.WORKER_TAG: record["environment"]["machine"]["hostname"]}),
-                parent_run_id=self.parent_run_id, input_example=self.data.x_test[:1],
-            )
-            imported += 1
-            self.observer.line(f"imported {cell.key}: test_accuracy {result.test_accuracy:.4f} "
-                               f"(run {tracked.run_id})")
-        for cell in planned:
-            source = self.plan.source_of(cell)
-            if source is None or cell.identity in finished:
-                continue
-            run = self._usable_run(source)
-            if run is not None:
-                run_id = self._log_reuse(cell, run, {})
-                imported += 1
-                self.observer.line(f"imported {cell.key}: reuses {source.key} (run {run_id})")
-        return imported, skipped, problems
-
-    # -- several workers, the results ---------------------------------------------------------------------
-
-    def log_directory(self) -> Path:
-        """Where worker processes of this sweep on this machine write their own output (beside the store)."""
-        directory = tracking.local_state_directory(self.tracking_uri) / "logs" / self.study.name / self.plan.digest
-        directory.mkdir(parents=True, exist_ok=True)
-        return directory
-
-    def round_label(self, round_study) -> str:
-        return f"{self.study.name} {round_study.study_name.rsplit('/', 1)[-1]}"
-
-    def latest_round(self) -> tuple[str, RoundProgress] | None:
-        """The sweep's latest queue round (its label) and where it stands: what a watcher of workers shows."""
-        round_study = self.queue.latest_round()
-        return None if round_study is None else (self.round_label(round_study), self.queue.progress(round_study))
-
-    def write_summary(self) -> pd.DataFrame:
-        """Per-arm table (``sweep.study_summary``), logged as ``summary.csv`` and as metrics on the parent run,
-        which is then FINISHED."""
-        summary = study_summary(store.cell_runs(self.study.name, include_unfinished=True), self.plan.baseline)
-        tracking.log_text(self.parent_run_id, summary.to_csv(index=False), naming.SUMMARY_ARTIFACT)
-        metrics = {}
-        for row in summary.itertuples():
-            for name in ("n", "test_accuracy_mean", "test_accuracy_std", "delta_vs_baseline", "n_failed"):
-                value = getattr(row, name, None)
-                if value is not None and pd.notna(value):
-                    metrics[_metric_key(name, row.arm)] = float(value)
-        tracking.log_metrics(self.parent_run_id, metrics)
-        tracking.set_status(self.parent_run_id, "FINISHED")
-        return summary
-
-    def write_report(self, output: str | None, **options):
-        """The statistical report (mnist_ablation.report), written to ``output`` and the parent run."""
-        from .report import write_study_report
-
-        return write_study_report(self.study.name, output_dir=output, parent_run_id=self.parent_run_id, **options)
-
-
-def _metric_key(name: str, arm: str) -> str:
-    # MLflow metric names allow letters, digits, _ - . / and spaces; factorial arms join removals with "+".
-    return f"{name}/{arm.replace('+', '_and_')}"

@@ -20,7 +20,8 @@ from .data import NUM_CLASSES
 from .errors import StoreDataError, UserError
 from .preprocess import FIELD_SIZE
 from .redaction import redact
-from .sweep import INDEX_COLUMN, LABEL_COLUMN, PREDICTED_COLUMN, PROBABILITY_COLUMNS
+from .studies import baseline_arm_of
+from .sweep import INDEX_COLUMN, LABEL_COLUMN, PREDICTED_COLUMN, PROBABILITY_COLUMNS, usable_runs
 
 ENSEMBLE = "ensemble"  # run_id meaning: average the probabilities of every offered run
 KEY_METRICS = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "train_seconds", "train_images_per_second")
@@ -84,10 +85,11 @@ def _text_or_none(value: Any) -> str | None:
 
 
 def study_runs_to_offer(study: str, best_per_arm: bool = True) -> list[OfferedRun]:
-    """The study's finished cell runs: the best seed per arm (by final val_accuracy) or all of them.
+    """The study's usable cell runs: the best seed per arm (by final val_accuracy) or all of them.
 
-    Cells of the study's current definition (``store.cell_runs``); the baseline arm first, then the
-    study's arm order. Needs the tracking URI to be set.
+    Each cell of the study's current definition offers its usable run (``sweep.usable_runs``: its latest
+    FINISHED run with a finite test accuracy); the study's baseline arm first (``studies.baseline_arm_of``),
+    then the study's arm order. Needs the tracking URI to be set.
     """
     experiment = store.experiment_id(naming.ablation_experiment(study))
     if experiment is None:
@@ -96,10 +98,12 @@ def study_runs_to_offer(study: str, best_per_arm: bool = True) -> list[OfferedRu
             f"Studies found there: {', '.join(store.ablation_studies()) or 'none'}. Run the study first or pass "
             "--tracking-uri."
         )
-    frame = store.cell_runs(study)
+    frame = usable_runs(store.cell_runs(study)).usable
     if frame.empty:
-        raise ExplorerError(f"study {study!r} has no FINISHED runs yet in {store.redacted_tracking_uri()}.")
-    arm_order = {arm: (arm != "baseline", position) for position, arm in enumerate(dict.fromkeys(frame["arm"]))}
+        raise ExplorerError(f"study {study!r} has no FINISHED runs with a test accuracy yet in "
+                            f"{store.redacted_tracking_uri()}.")
+    baseline = baseline_arm_of(study, store.study_definition(study))
+    arm_order = {arm: (arm != baseline, position) for position, arm in enumerate(dict.fromkeys(frame["arm"]))}
     for column in ("val_accuracy", "test_accuracy"):
         if column not in frame:
             frame[column] = np.nan

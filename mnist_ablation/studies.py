@@ -345,6 +345,14 @@ def _plain(value):
     return value
 
 
+def baseline_arm_of(study: str, definition: Mapping | None) -> str:
+    """The baseline arm of ``study``: as its ``study.json`` (``definition``) records it, else the built-in study's,
+    else ``baseline``. What the report compares with and the explorer offers first."""
+    if definition and definition.get("baseline_arm"):
+        return definition["baseline_arm"]
+    return STUDIES[study].baseline_arm if study in STUDIES else "baseline"
+
+
 def get_study(name: str) -> Study:
     """The built-in study called ``name``; an unknown name raises UnknownNameError listing the known ones.
 

@@ -7,7 +7,8 @@ names the initial cells and their digest, the cell each cell reuses when two arm
 run, and, under a precision rule, the next round's cells as a pure function of the results so far
 (``Plan.next_round``). ``usable_runs`` and ``failure_counts`` are the one rule for which run of a cell
 counts and which cells failed: ``summary.csv``, the report, the precision rule and the doctor all read
-them. ``predictions_frame`` is the one schema of a run's per-image predictions file.
+them. ``study_summary`` is ``summary.csv``'s table and ``summary_metrics`` its numbers on the parent run.
+``predictions_frame`` is the one schema of a run's per-image predictions file.
 """
 
 from __future__ import annotations
@@ -339,6 +340,19 @@ def usable_runs(runs: pd.DataFrame) -> UsableRuns:
     return UsableRuns(finished[usable].reset_index(drop=True), finished[~usable].reset_index(drop=True))
 
 
+def usable_runs_by_cell(runs: pd.DataFrame) -> dict[tuple[str, int, str], pd.Series]:
+    """Each cell's usable run (``usable_runs`` within each config hash), by the cell's identity.
+
+    ``runs``: a study's cell runs of every sweep (``store.cell_runs(..., all_sweeps=True)``), read once to look up
+    the runs that cells of identical arms reuse, rather than once per reusing cell.
+    """
+    found: dict[tuple[str, int, str], pd.Series] = {}
+    for config_hash, runs_of_config in runs.groupby("config_hash", sort=False):
+        for _, run in usable_runs(runs_of_config).usable.iterrows():
+            found[(run["arm"], int(run["seed"]), config_hash)] = run
+    return found
+
+
 def failure_counts(runs: pd.DataFrame, usable: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per arm: ``n_failed`` (cells with no usable run whose latest run failed, was killed or finished without an
     accuracy) and ``n_running`` (cells with no usable run whose latest run is still RUNNING)."""
@@ -384,6 +398,25 @@ def study_summary(runs: pd.DataFrame, baseline: str = "baseline") -> pd.DataFram
     summary = pd.concat([summary, only_failed], ignore_index=True) if len(only_failed) else summary
     summary["n_failed"] = summary["n_failed"].fillna(0).astype(int)
     return summary
+
+
+SUMMARY_METRICS = ("n", "test_accuracy_mean", "test_accuracy_std", "delta_vs_baseline", "n_failed")
+
+
+def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """``study_summary``'s numbers as the parent run's metrics: ``<column>/<arm>`` (``n/baseline``, ...)."""
+    metrics = {}
+    for row in summary.itertuples():
+        for name in SUMMARY_METRICS:
+            value = getattr(row, name, None)
+            if value is not None and pd.notna(value):
+                metrics[_metric_key(name, row.arm)] = float(value)
+    return metrics
+
+
+def _metric_key(name: str, arm: str) -> str:
+    # MLflow metric names allow letters, digits, _ - . / and spaces; factorial arms join removals with "+".
+    return f"{name}/{arm.replace('+', '_and_')}"
 
 
 # -- a run's per-image predictions ---------------------------------------------------------------------------

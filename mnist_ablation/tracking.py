@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
@@ -57,11 +58,12 @@ from .naming import (
     PREDICTIONS_ARTIFACT,
     REUSES_RUN_TAG,
     SEED_TAG,
+    SUMMARY_ARTIFACT,
     TTA_PREDICTIONS_ARTIFACT,
 )
 from .plots import confusion_matrix_figure, training_curves_figure
 from .redaction import redact, remember_secrets
-from .sweep import predictions_frame
+from .sweep import predictions_frame, summary_metrics
 from .train import EPOCH_METRICS, RunResult, train
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -774,6 +776,14 @@ def set_status(run_id: str, status: str) -> None:
         client.update_run(run_id, status="RUNNING")
     else:
         client.set_terminated(run_id, status)
+
+
+def log_study_summary(run_id: str, summary: pd.DataFrame) -> None:
+    """A study's per-arm table (``sweep.study_summary``) on its parent run: ``summary.csv`` and one metric per arm
+    and number (``sweep.summary_metrics``); the parent run then ends FINISHED."""
+    log_text(run_id, summary.to_csv(index=False), SUMMARY_ARTIFACT)
+    log_metrics(run_id, summary_metrics(summary))
+    set_status(run_id, "FINISHED")
 
 
 @contextlib.contextmanager

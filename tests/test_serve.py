@@ -241,12 +241,15 @@ def test_explainer_on_the_jax_backend_matches_tensorflow(tmp_path, mnist):
 
 
 # ---------- which runs a study offers (real MLflow records, no training) ----------
-def _cell_run(client, experiment_id, arm, seed, val_accuracy, status="FINISHED"):
-    run = client.create_run(experiment_id, run_name=f"{arm}-seed{seed}",
-                            tags={"study": "pick", "arm": arm, "seed": str(seed), "config_hash": f"hash-{arm}",
-                                  "mnist_ablation.role": "cell"})
+def _cell_run(client, experiment_id, arm, seed, val_accuracy, status="FINISHED", test_accuracy=0.9, study="pick",
+              config_hash=None, start_time=None):
+    run = client.create_run(experiment_id, run_name=f"{arm}-seed{seed}", start_time=start_time,
+                            tags={"study": study, "arm": arm, "seed": str(seed),
+                                  "config_hash": config_hash or f"hash-{arm}", "mnist_ablation.role": "cell"})
     client.log_metric(run.info.run_id, "val_accuracy", val_accuracy - 0.2, step=0)
     client.log_metric(run.info.run_id, "val_accuracy", val_accuracy, step=1)  # the final epoch's value counts
+    if test_accuracy is not None:
+        client.log_metric(run.info.run_id, "test_accuracy", test_accuracy)
     client.set_terminated(run.info.run_id, status)
     return run.info.run_id
 
@@ -275,6 +278,49 @@ def test_study_offers_best_finished_seed_per_arm_baseline_first(tracking_uri):
     every = study_runs_to_offer("pick", best_per_arm=False)
     assert len(every) == 5 and every[0].run_id == baseline and every[0].label == "baseline (seed 0)"
     assert [run.arm for run in every] == ["baseline", "baseline", "augmentation_only", factorial_arm, factorial_arm]
+
+
+def test_study_offers_each_cells_usable_run_with_its_own_baseline_arm_first(tracking_uri):
+    # The one rule for which run of a cell counts (sweep.usable_runs), and the baseline arm the study.json names.
+    from mlflow.tracking import MlflowClient
+
+    from mnist_ablation import naming, sweep
+    from mnist_ablation.config import BASELINE
+    from mnist_ablation.explorer import study_runs_to_offer
+    from mnist_ablation.studies import Study
+
+    study = Study("ref", "Does a wider dense layer beat the reference?",
+                  {"wide": BASELINE.replace(dense_units=256), "reference": BASELINE}, baseline_arm="reference")
+    plan = sweep.Plan(study, study.arms, range(3), {"train": "a", "test": "b"})
+    client = MlflowClient()
+    experiment_id = client.create_experiment(naming.ablation_experiment(study.name))
+    parent = client.create_run(experiment_id, run_name=study.name,
+                               tags={naming.ROLE_TAG: naming.STUDY_ROLE, naming.STUDY_TAG: study.name})
+    client.log_dict(parent.info.run_id, plan.definition(plan.initial_cells, ["python"], "here"),
+                    naming.STUDY_DEFINITION_ARTIFACT)
+    start = 1_700_000_000_000
+
+    def cell(arm, seed, val_accuracy, test_accuracy, status="FINISHED"):
+        nonlocal start
+        start += 10
+        return _cell_run(client, experiment_id, arm, seed, val_accuracy, status, test_accuracy, study.name,
+                         plan.cell(arm, seed).config_hash, start)
+
+    reference = cell("reference", 0, 0.96, 0.95)
+    cell("reference", 1, 0.94, 0.93)
+    cell("wide", 0, 0.999, float("nan"))  # FINISHED without a test accuracy: a failed cell, not a result
+    cell("wide", 1, 0.99, 0.98)  # the cell ran again: only its latest FINISHED run counts
+    rerun = cell("wide", 1, 0.95, 0.94)
+    cell("wide", 2, 0.93, 0.92)
+    cell("wide", 2, 0.999, None, status="FAILED")  # a failed rerun: the cell's FINISHED run still counts
+
+    offered = study_runs_to_offer(study.name)
+    assert [(run.label, run.run_id) for run in offered] == [("reference", reference), ("wide", rerun)]
+    assert offered[1].val_accuracy == pytest.approx(0.95) and offered[1].test_accuracy == pytest.approx(0.94)
+    every = study_runs_to_offer(study.name, best_per_arm=False)
+    assert [(run.arm, run.seed) for run in every] == [("reference", "0"), ("reference", "1"), ("wide", "1"),
+                                                      ("wide", "2")]
+    assert every[2].run_id == rerun
 
 
 def test_unknown_study_and_run_fail_with_what_exists(tracking_uri):

@@ -153,6 +153,7 @@ def _log_cell(client, experiment_id, parent, plan, arm, seed, status, correct, l
         client.log_artifact(run.info.run_id, str(path), "predictions")
         client.log_metric(run.info.run_id, "test_accuracy", float(np.mean(correct)))
     client.set_terminated(run.info.run_id, status, end_time=start + 1)
+    return run.info.run_id
 
 
 def test_summary_csv_and_the_report_count_the_same_runs(tmp_path, tracking_uri):
@@ -160,7 +161,7 @@ def test_summary_csv_and_the_report_count_the_same_runs(tmp_path, tracking_uri):
 
     from mlflow.tracking import MlflowClient
 
-    from mnist_ablation import naming
+    from mnist_ablation import compare, naming, tracking
     from mnist_ablation.ablation import StudyRunner
     from mnist_ablation.report import ablation_summary
 
@@ -183,7 +184,9 @@ def test_summary_csv_and_the_report_count_the_same_runs(tmp_path, tracking_uri):
                 status, correct = "FAILED", None
             _log_cell(client, runner.experiment_id, runner.parent_run_id, plan, arm, seed, status, correct, labels,
                       start, tmp_path)
-    summary = runner.write_summary().set_index("arm")
+    summary = compare.study_summary(plan.study.name, plan.baseline)  # what ablate writes as summary.csv
+    tracking.log_study_summary(runner.parent_run_id, summary)
+    summary = summary.set_index("arm")
     logged = client.download_artifacts(runner.parent_run_id, naming.SUMMARY_ARTIFACT, str(tmp_path))
     assert pd.read_csv(logged).set_index("arm").equals(pd.read_csv(io.StringIO(summary.reset_index().to_csv(
         index=False))).set_index("arm"))
@@ -194,3 +197,48 @@ def test_summary_csv_and_the_report_count_the_same_runs(tmp_path, tracking_uri):
                                                                               "no_batch_norm": 0}
     for arm in summary.index:  # the same runs: the report's per-image accuracy is the runs' mean accuracy
         assert report.loc[arm, "test_accuracy_mean"] == pytest.approx(summary.loc[arm, "test_accuracy_mean"])
+    parent = client.get_run(runner.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["n/baseline"] == 3 and parent.data.metrics["n_failed/no_dropout"] == 1
+    assert compare.study_summary(plan.study.name).equals(summary.reset_index())  # the study's own baseline
+
+
+def test_cells_that_reuse_a_run_read_the_store_once_per_round_and_once_per_import(tmp_path, tracking_uri,
+                                                                                monkeypatch):
+    # constant_lr trains what baseline trains at 2 epochs, so its cells reuse the baseline's runs. Those are in the
+    # store already: the worker's round and the import only log reusing runs (no training).
+    from mlflow.tracking import MlflowClient
+
+    from mnist_ablation import naming, store
+    from mnist_ablation.ablation import StudyRunner
+    from mnist_ablation.offline_import import import_offline
+
+    client = MlflowClient()
+    data = SimpleNamespace(source="nowhere", checksums=CHECKSUMS)
+    labels = np.random.default_rng(0).integers(0, 10, 100)
+    cell_runs, queries = store.cell_runs, []
+
+    def counted_cell_runs(*args, **kwargs):
+        queries.append(args)
+        return cell_runs(*args, **kwargs)
+
+    monkeypatch.setattr(store, "cell_runs", counted_cell_runs)
+    for seeds, route in (((0, 1, 2), "worker"), ((3, 4, 5), "import")):
+        plan = _plan(arms=["baseline", "constant_lr"], seeds=seeds)
+        runner = StudyRunner(plan, data, tracking_uri, f"sqlite:///{tmp_path / 'optuna.db'}")
+        for seed in seeds:
+            source = _log_cell(client, runner.experiment_id, runner.parent_run_id, plan, "baseline", seed, "FINISHED",
+                               labels >= 0, labels, 1_700_000_000_000 + seed, tmp_path)
+            client.log_dict(source, {"machine": {}}, naming.ENVIRONMENT_ARTIFACT)  # a reusing run copies these
+            client.log_metric(source, "val_accuracy", 0.99)
+        queries.clear()
+        if route == "worker":
+            outcome = runner.run_worker()
+            assert (outcome.reused, outcome.ran, outcome.failed) == (3, 0, 0)
+        else:
+            assert import_offline(runner, tmp_path / "no-offline-cells") == (3, 0, [])
+        assert len(queries) == 1, f"{route}: {len(queries)} reads of the study's cell runs for 3 reusing cells"
+    runs = cell_runs(plan.study.name, all_sweeps=True).set_index("run_name")
+    for seed in range(6):
+        assert runs.loc[f"constant_lr-seed{seed}", "reuses_run"] == runs.loc[f"baseline-seed{seed}", "run_id"]
+        assert runs.loc[f"constant_lr-seed{seed}", "test_accuracy"] == 1.0

@@ -13,7 +13,7 @@ import pandas as pd
 from .. import naming, stats, store, tracking
 from ..errors import StudyError
 from ..redaction import redact
-from ..studies import STUDIES
+from ..studies import STUDIES, baseline_arm_of
 from ..sweep import usable_runs
 
 HISTORY_METRICS = ("accuracy", "val_accuracy", "loss", "val_loss")
@@ -64,12 +64,6 @@ class StudyData:
         return configs
 
 
-def _baseline_arm(study: str, definition: dict | None) -> str:
-    if definition and definition.get("baseline_arm"):
-        return definition["baseline_arm"]
-    return STUDIES[study].baseline_arm if study in STUDIES else "baseline"
-
-
 def gather_study(study: str, tracking_uri: str | None = None, predictions: bool = True,
                  histories: bool = True) -> StudyData:
     """Read a study's runs (all statuses), definition, metric histories and test predictions from the store."""
@@ -88,7 +82,7 @@ def gather_study(study: str, tracking_uri: str | None = None, predictions: bool 
         planned = pd.DataFrame([{"arm": c["arm"], "seed": int(c["seed"])} for c in definition["cells"]])
     counted = usable_runs(runs)  # the one rule for which run of a cell counts
     finished = counted.usable
-    data = StudyData(study, redact(uri), parent.info.run_id, definition, _baseline_arm(study, definition), runs,
+    data = StudyData(study, redact(uri), parent.info.run_id, definition, baseline_arm_of(study, definition), runs,
                      finished, planned, unusable=counted.unusable)
     data.environment = _environment(data)
     if histories and len(finished):
