@@ -133,8 +133,9 @@ def check_tracking_uri(uri: str, timeout: float = CONNECT_TIMEOUT_SECONDS) -> No
             response.raise_for_status()
         except requests.RequestException as error:
             raise TrackingError(redact(
-                f"MLflow tracking server at {shown_tracking_uri(uri)} is not reachable ({type(error).__name__}: {error}). "
-                f"Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another --tracking-uri."
+                f"MLflow tracking server at {shown_tracking_uri(uri)} is not reachable ({type(error).__name__}: "
+                f"{error}). Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another "
+                "--tracking-uri."
             )) from None
     elif scheme == "sqlite":
         directory = store_directory(uri)
