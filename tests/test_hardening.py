@@ -14,6 +14,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -381,9 +382,15 @@ def test_the_explorer_never_answers_with_the_password(tmp_path, failing_tracking
         assert PASSWORD not in answer.text and quote(PASSWORD, safe="") not in answer.text and "***" in answer.text
 
 
+def _error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
 @pytest.mark.slow
 def test_no_command_prints_or_stores_the_password_of_a_failing_tracking_server(tmp_path, failing_tracking_server,
                                                                             data_dir):
+    """Every command against a server that answers each request with an MLflow error: one redacted ``error:``
+    line naming the server, the request and the server's answer, no traceback, exit 1."""
     from urllib.parse import quote
 
     uri = f"http://alice:{quote(PASSWORD, safe='')}@{failing_tracking_server}"
@@ -397,15 +404,82 @@ def test_no_command_prints_or_stores_the_password_of_a_failing_tracking_server(t
         ("experiments.serve", "--study", "leave-one-out", "--port", str(_free_port())),
         ("experiments.tune", "--n-trials", "1", "--epochs", "1", "--train-subset", "100"),
     ]
-    for command in commands:
-        result = run_module(*command, "--tracking-uri", uri, env=env, cwd=tmp_path, check=False, timeout=180)
+
+    def run(command):  # each in its own directory: their local stores (queue, checkpoints) never race
+        cwd = tmp_path / command[0]
+        cwd.mkdir()
+        return run_module(*command, "--tracking-uri", uri, env=env, cwd=cwd, check=False, timeout=180)
+
+    # The seven start TensorFlow at once rather than one after another (45 s -> about half on 2 cores).
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        results = list(pool.map(run, commands))
+    shown = f"http://alice:***@{failing_tracking_server}"
+    for command, result in zip(commands, results, strict=True):
         output = result.stdout + result.stderr
-        assert result.returncode != 0, f"{command[0]} succeeded against a failing server"
-        assert "alice:***@127.0.0.1" in output, f"{command[0]} did not reach the server:\n{output[-3000:]}"
+        assert result.returncode == 1, f"{command[0]} exited {result.returncode}:\n{output[-3000:]}"
+        assert "Traceback" not in output, f"{command[0]} printed a traceback:\n{output[-3000:]}"
+        errors = _error_lines(output)
+        assert len(errors) == 1, f"{command[0]} did not print one error line:\n{output[-3000:]}"
+        assert errors[0].startswith(f"error: the MLflow tracking server {shown} refused the request to "), errors
+        assert "HTTP 400 INVALID_PARAMETER_VALUE: refused /api/2.0/mlflow/" in errors[0], errors
+        assert errors[0].endswith("check --tracking-uri / $MLFLOW_TRACKING_URI and the server's log "
+                                  "(MNIST_ABLATION_TRACEBACK=1 shows the traceback)"), errors
         for secret in (PASSWORD, quote(PASSWORD, safe=""), "Pw'd"):
             assert secret not in output, f"{command[0]} printed the password:\n{output[-3000:]}"
     # Nothing written locally (queue database, checkpoints, logs) holds it either.
     assert _grep_tree(tmp_path, "Pw'd") == [] and _grep_tree(tmp_path, quote(PASSWORD, safe="")) == []
+
+
+class _HealthOnly(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_is_gone_fails_in_one_line(tmp_path, data_dir):
+    """Nothing listening: the check before any work says so (exit 2). A server that answers the health check and
+    is gone by the first API call (stopped mid-command): the request's line, connection refused (exit 1)."""
+    from urllib.parse import quote
+
+    gone = http.server.HTTPServer(("127.0.0.1", 0), _HealthOnly)
+    gone_after_health = f"127.0.0.1:{gone.server_address[1]}"
+
+    def answer_once_and_stop():
+        gone.handle_request()
+        gone.server_close()
+
+    thread = threading.Thread(target=answer_once_and_stop, daemon=True)
+    thread.start()
+    not_listening = f"127.0.0.1:{_free_port()}"
+
+    def doctor(host):
+        uri = f"http://alice:{quote(PASSWORD, safe='')}@{host}"
+        cwd = tmp_path / host.replace(":", "-")
+        cwd.mkdir()
+        env = command_env(uri, data_dir, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+        return run_module("experiments.doctor", "--tracking-uri", uri, env=env, cwd=cwd, check=False, timeout=120)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        before_work, mid_command = pool.map(doctor, (not_listening, gone_after_health))
+    thread.join(timeout=5)
+    gone.server_close()
+    for result, status, words in (
+            (before_work, 2, f"error: MLflow tracking server at http://alice:***@{not_listening} is not reachable"),
+            (mid_command, 1, f"error: the MLflow tracking server http://alice:***@{gone_after_health} could not be "
+                             "reached for the request to list the experiments (POST /api/2.0/mlflow/experiments/"
+                             "search: connection refused, retried 0 times")):
+        output = result.stdout + result.stderr
+        assert result.returncode == status and "Traceback" not in output, output[-3000:]
+        assert len(_error_lines(output)) == 1 and _error_lines(output)[0].startswith(words), output[-3000:]
+        assert "Pw'd" not in output and quote(PASSWORD, safe="") not in output
+    assert time.monotonic() - started < 60
 
 
 def test_the_queue_records_failure_reasons_without_the_password(tmp_path):
