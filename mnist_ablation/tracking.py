@@ -322,10 +322,11 @@ def _one_line(text: object, limit: int = SERVER_MESSAGE_LENGTH) -> str:
 
 
 def _server_message(error: BaseException, response) -> str:
-    """What the server answered: its MLflow error code and message, else the start of its answer."""
+    """What the server answered, to follow "HTTP 400": " CODE: message" from an MLflow error, else ": " and the
+    start of its answer."""
     if isinstance(error, mlflow.exceptions.RestException):
         body = error.json if isinstance(error.json, dict) else {}
-        return _one_line(f"{body.get('error_code') or error.error_code}: {body.get('message', '')}")
+        return " " + _one_line(f"{body.get('error_code') or error.error_code}: {body.get('message', '')}")
     if response is None:
         return ""
     try:
@@ -333,8 +334,8 @@ def _server_message(error: BaseException, response) -> str:
     except ValueError:
         body = None
     if isinstance(body, dict) and body.get("error_code"):
-        return _one_line(f"{body['error_code']}: {body.get('message', '')}")
-    return _one_line(response.text or response.reason or "no answer body")
+        return " " + _one_line(f"{body['error_code']}: {body.get('message', '')}")
+    return ": " + _one_line(response.text or response.reason or "no answer body")
 
 
 def _no_answer(request_error) -> tuple[str, str]:
@@ -397,10 +398,10 @@ def server_failure(error: BaseException) -> str | None:
     label = f"the MLflow tracking server {server}"
     if response is not None and response.status_code < 400:
         return redact(f"{label} answered {what} with something other than MLflow's JSON ({where}HTTP "
-                      f"{response.status_code}: {_server_message(error, response)}); {TRACKING_SERVER_FIX}")
+                      f"{response.status_code}{_server_message(error, response)}); {TRACKING_SERVER_FIX}")
     if response is not None or isinstance(error, mlflow.exceptions.RestException):
         status = response.status_code if response is not None else error.get_http_status_code()
-        return redact(f"{label} refused {what} ({where}HTTP {status} {_server_message(error, response)}); "
+        return redact(f"{label} refused {what} ({where}HTTP {status}{_server_message(error, response)}); "
                       f"{TRACKING_SERVER_FIX}")
     kind, reason = _no_answer(request_error)
     retried = f"retried {MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} times (${MLFLOW_HTTP_REQUEST_MAX_RETRIES.name}"
