@@ -299,21 +299,16 @@ def _failed_request(error: BaseException):
 
 
 def _checked_response(error: BaseException):
-    """The ``requests.Response`` MLflow was checking when it raised ``error`` (its ``verify_rest_response``
-    raises a ``RestException`` that keeps neither the HTTP status nor the path): a local of the frame that raised
-    it, the innermost frame holding one."""
+    """The ``requests.Response`` MLflow was checking when it raised ``error``: the ``response`` argument of the
+    function that raised it (``verify_rest_response``, whose ``RestException`` keeps neither the HTTP status nor
+    the path), or None."""
     import requests
 
-    frames = []
-    traceback_entry = error.__traceback__
-    while traceback_entry is not None:
-        frames.append(traceback_entry.tb_frame)
-        traceback_entry = traceback_entry.tb_next
-    for frame in reversed(frames):
-        response = frame.f_locals.get("response")
-        if isinstance(response, requests.Response):
-            return response
-    return None
+    entry = error.__traceback__
+    while entry is not None and entry.tb_next is not None:
+        entry = entry.tb_next
+    response = entry.tb_frame.f_locals.get("response") if entry is not None else None
+    return response if isinstance(response, requests.Response) else None
 
 
 def _one_line(text: object, limit: int = SERVER_MESSAGE_LENGTH) -> str:
@@ -387,15 +382,18 @@ def server_failure(error: BaseException) -> str | None:
     if response is None and request_error is None:
         response = _checked_response(error)
     request = response.request if response is not None else getattr(request_error, "request", None)
-    server, what, where = shown_tracking_uri(), "a request", ""
+    label, what, where = f"the MLflow tracking server {shown_tracking_uri()}", "a request", ""
     if request is not None and request.url:
         parts = urlsplit(request.url)
-        if parts.netloc != urlsplit(mlflow.get_tracking_uri()).netloc:  # an artifact store elsewhere
-            server = redact(f"{parts.scheme}://{parts.netloc}")
+        if parts.netloc != urlsplit(mlflow.get_tracking_uri()).netloc:
+            if error is request_error:  # requests' own error, for another server than MLflow's: not ours to explain
+                return None
+            label = f"the server {redact(f'{parts.scheme}://{parts.netloc}')}"  # MLflow's artifact store elsewhere
         activity = _activity(request.method or "", parts.path)
         what = f"the request to {activity}" if activity else "a request"
         where = f"{request.method} {printable(parts.path)}: "
-    label = f"the MLflow tracking server {server}"
+    elif error is request_error:
+        return None
     if response is not None and response.status_code < 400:
         return redact(f"{label} answered {what} with something other than MLflow's JSON ({where}HTTP "
                       f"{response.status_code}{_server_message(error, response)}); {TRACKING_SERVER_FIX}")
