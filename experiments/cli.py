@@ -149,10 +149,28 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+# Set (to 1) to see the traceback under a tracking server's failure, which otherwise prints as one line.
+TRACEBACK_ENV = "MNIST_ABLATION_TRACEBACK"
+
+
+def _tracking_server_failure(error: Exception) -> str | None:
+    """The library's one line for a request the tracking server failed, or None (then it is a bug)."""
+    if "mlflow" not in sys.modules:  # nothing has talked to a tracking server
+        return None
+    try:
+        from mnist_ablation.tracking import server_failure
+
+        return server_failure(error)
+    except Exception:  # noqa: BLE001 - explaining must never hide the error: its traceback prints instead
+        return None
+
+
 def run_command(main: Callable[[], int]) -> None:
-    """Run a command's main; user errors print one clear line and exit 2, anything else is a bug (traceback,
-    exit 1). Whatever is printed has its credentials hidden: the secrets of every URL on the command line and
-    in the tracking environment variables are remembered first, so even a traceback quoting one shows ``***``."""
+    """Run a command's main; user errors print one clear line and exit 2, a request the MLflow tracking server
+    failed (an error answer, no answer) one line and exit 1 (with its traceback too when $MNIST_ABLATION_TRACEBACK
+    is 1), anything else is a bug (traceback, exit 1). Whatever is printed has its credentials hidden: the secrets
+    of every URL on the command line and in the tracking environment variables are remembered first, so even a
+    traceback quoting one shows ``***``."""
     import traceback
 
     from mnist_ablation.redaction import redact, remember_secret, remember_secrets
@@ -172,6 +190,12 @@ def run_command(main: Callable[[], int]) -> None:
         print("\ninterrupted: the current run was marked KILLED in MLflow; rerun the same command to resume.",
               file=sys.stderr)
         sys.exit(130)
-    except Exception:  # a bug, or a library failing in a way it does not explain: the traceback, redacted
-        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+    except Exception as error:  # a bug, or a library failing in a way it does not explain: the traceback, redacted
+        failure = _tracking_server_failure(error)
+        show_traceback = os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes")
+        if failure is None or show_traceback:
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        if failure is not None:
+            hint = "" if show_traceback else f" ({TRACEBACK_ENV}=1 shows the traceback)"
+            print(f"error: {redact(failure)}{hint}", file=sys.stderr)
         sys.exit(1)

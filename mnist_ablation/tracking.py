@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlparse, urlsplit, urlunsplit
 
 import keras
 import mlflow
@@ -62,7 +62,7 @@ from .naming import (
     TTA_PREDICTIONS_ARTIFACT,
 )
 from .plots import confusion_matrix_figure, training_curves_figure
-from .redaction import redact, remember_secrets
+from .redaction import MASK, printable, redact, remember_secrets
 from .sweep import predictions_frame, summary_metrics
 from .train import EPOCH_METRICS, RunResult, train
 
@@ -135,8 +135,9 @@ def check_tracking_uri(uri: str, timeout: float = CONNECT_TIMEOUT_SECONDS) -> No
             response.raise_for_status()
         except requests.RequestException as error:
             raise TrackingError(redact(
-                f"MLflow tracking server at {uri} is not reachable ({type(error).__name__}: {error}). "
-                f"Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another --tracking-uri."
+                f"MLflow tracking server at {shown_tracking_uri(uri)} is not reachable ({type(error).__name__}: "
+                f"{error}). Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another "
+                "--tracking-uri."
             )) from None
     elif scheme == "sqlite":
         directory = store_directory(uri)
@@ -240,6 +241,177 @@ def get_or_create_experiment(name: str, tags: Mapping[str, str] | None = None) -
         if existing is None:
             raise
         return existing.experiment_id
+
+
+# -- tracking server failures -------------------------------------------------------------------------
+
+# What a request to the tracking server does, by its REST path after ``/mlflow/``: the error line says what the
+# command was doing when the server failed it. A path not listed is named by the path alone.
+REQUEST_ACTIVITIES = {
+    "experiments/get-by-name": "look up an experiment", "experiments/get": "read an experiment",
+    "experiments/create": "create an experiment", "experiments/search": "list the experiments",
+    "runs/create": "start a run", "runs/get": "read a run", "runs/search": "search the runs",
+    "runs/update": "end a run", "runs/log-batch": "log params and metrics", "runs/log-metric": "log a metric",
+    "runs/log-parameter": "log a param", "runs/set-tag": "tag a run", "runs/log-inputs": "log the datasets",
+    "runs/log-outputs": "link a model to its run", "metrics/get-history": "read a metric history",
+    "artifacts/list": "list a run's artifacts", "logged-models": "log a model",
+}
+ARTIFACT_ACTIVITIES = {"PUT": "upload an artifact", "GET": "download an artifact", "DELETE": "delete an artifact"}
+SERVER_MESSAGE_LENGTH = 300  # characters of the server's message in the line (a server's traceback stays in its log)
+TRACKING_SERVER_FIX = "check --tracking-uri / $MLFLOW_TRACKING_URI and the server's log"
+
+
+def shown_tracking_uri(uri: str | None = None) -> str:
+    """``uri`` (default: the active tracking URI) as the user gave it, password hidden: for an http(s) server the
+    user MLflow sends (``$MLFLOW_TRACKING_USERNAME``, where ``use_tracking_uri`` moved it) goes back in front of
+    the host, with ``***`` for the password."""
+    uri = uri or mlflow.get_tracking_uri()
+    parsed = urlsplit(uri)
+    user = os.environ.get(TRACKING_USERNAME_ENV)
+    if parsed.scheme in ("http", "https") and user and "@" not in parsed.netloc:
+        password = f":{MASK}" if os.environ.get(TRACKING_PASSWORD_ENV) else ""
+        uri = urlunsplit(parsed._replace(netloc=f"{quote(user, safe='')}{password}@{parsed.netloc}"))
+    return redact(uri)
+
+
+def _exception_chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _failed_request(error: BaseException):
+    """The ``requests`` exception of a request that failed (``None`` where MLflow kept none, or ``error`` is
+    not a failed request), and whether ``error`` is one: MLflow's ``RestException`` (an error answered in
+    MLflow's JSON), the ``MlflowException`` its REST client raises for anything else ("API request to ...
+    failed ..."), or a ``requests`` exception (MLflow's artifact client raises ``requests.HTTPError`` as is)."""
+    import requests
+
+    if isinstance(error, requests.RequestException):
+        return error, True
+    if isinstance(error, mlflow.exceptions.RestException):
+        return None, True
+    if isinstance(error, mlflow.exceptions.MlflowException) and error.message.startswith("API request to"):
+        underlying = error.__cause__ or error.__context__  # MLflow raises it while handling the requests error
+        return (underlying if isinstance(underlying, requests.RequestException) else None), True
+    return None, False
+
+
+def _checked_response(error: BaseException):
+    """The ``requests.Response`` MLflow was checking when it raised ``error``: the ``response`` argument of the
+    function that raised it (``verify_rest_response``, whose ``RestException`` keeps neither the HTTP status nor
+    the path), or None."""
+    import requests
+
+    entry = error.__traceback__
+    while entry is not None and entry.tb_next is not None:
+        entry = entry.tb_next
+    response = entry.tb_frame.f_locals.get("response") if entry is not None else None
+    return response if isinstance(response, requests.Response) else None
+
+
+def _one_line(text: object, limit: int = SERVER_MESSAGE_LENGTH) -> str:
+    text = " ".join(str(text).split())
+    return printable(text if len(text) <= limit else text[:limit - 3] + "...")
+
+
+def _server_message(error: BaseException, response) -> str:
+    """What the server answered, to follow "HTTP 400": " CODE: message" from an MLflow error, else ": " and the
+    start of its answer."""
+    if isinstance(error, mlflow.exceptions.RestException):
+        body = error.json if isinstance(error.json, dict) else {}
+        return " " + _one_line(f"{body.get('error_code') or error.error_code}: {body.get('message', '')}")
+    if response is None:
+        return ""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("error_code"):
+        return " " + _one_line(f"{body['error_code']}: {body.get('message', '')}")
+    return ": " + _one_line(response.text or response.reason or "no answer body")
+
+
+def _no_answer(request_error) -> tuple[str, str]:
+    """(kind, reason) of a request that got no answer to read: "timeout", "status" (a 5xx on every try, which
+    MLflow's retries turn into "too many 503 error responses") or "unreachable" (refused, unknown host, reset)."""
+    import re
+
+    import requests
+    from urllib3.exceptions import MaxRetryError, NewConnectionError, ResponseError, TimeoutError
+
+    reason = request_error.args[0] if request_error is not None and request_error.args else request_error
+    if isinstance(reason, MaxRetryError):
+        reason = reason.reason
+    if isinstance(request_error, requests.exceptions.RetryError) or isinstance(reason, ResponseError):
+        status = re.search(r"\b(\d{3})\b", str(reason))
+        return "status", f"HTTP {status[1]}" if status else _one_line(reason)
+    if isinstance(request_error, requests.Timeout) or (isinstance(reason, TimeoutError)
+                                                       and not isinstance(reason, NewConnectionError)):
+        return "timeout", "timed out"
+    # The socket's own error says it best (connection refused, name or service not known, connection reset).
+    for error in _exception_chain(reason)[1:] if isinstance(reason, BaseException) else []:
+        if isinstance(error, OSError) and type(error).__module__ in ("builtins", "socket", "ssl"):
+            return "unreachable", _one_line(error.strerror or error).lower()
+    return "unreachable", _one_line(reason) if reason is not None else "no answer"
+
+
+def _activity(method: str, path: str) -> str:
+    if "/mlflow-artifacts/" in path:
+        return ARTIFACT_ACTIVITIES.get(method, "")
+    action = path.partition("/mlflow/")[2]
+    action = "logged-models" if action.startswith("logged-models") else "/".join(action.split("/")[:2])
+    return REQUEST_ACTIVITIES.get(action, "")
+
+
+def server_failure(error: BaseException) -> str | None:
+    """One line saying how the tracking server failed the request that ended a command, and what to check;
+    ``None`` when ``error`` is not a failed request (a bug keeps its traceback).
+
+    The line names the server (password as ``***``), what the command was doing (the request, by its REST
+    path), and the HTTP status with the server's error code and message, or why no answer came (connection
+    refused, a timeout, a 5xx on every retry). Everything in it is redacted and printable.
+    """
+    request_error, failed = _failed_request(error)
+    if not failed:
+        return None
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    response = getattr(request_error, "response", None)
+    if response is None and request_error is None:
+        response = _checked_response(error)
+    request = response.request if response is not None else getattr(request_error, "request", None)
+    label, what, where = f"the MLflow tracking server {shown_tracking_uri()}", "a request", ""
+    if request is not None and request.url:
+        parts = urlsplit(request.url)
+        if parts.netloc != urlsplit(mlflow.get_tracking_uri()).netloc:
+            if error is request_error:  # requests' own error, for another server than MLflow's: not ours to explain
+                return None
+            label = f"the server {redact(f'{parts.scheme}://{parts.netloc}')}"  # MLflow's artifact store elsewhere
+        activity = _activity(request.method or "", parts.path)
+        what = f"the request to {activity}" if activity else "a request"
+        where = f"{request.method} {printable(parts.path)}: "
+    elif error is request_error:
+        return None
+    if response is not None and response.status_code < 400:
+        return redact(f"{label} answered {what} with something other than MLflow's JSON ({where}HTTP "
+                      f"{response.status_code}{_server_message(error, response)}); {TRACKING_SERVER_FIX}")
+    if response is not None or isinstance(error, mlflow.exceptions.RestException):
+        status = response.status_code if response is not None else error.get_http_status_code()
+        return redact(f"{label} refused {what} ({where}HTTP {status}{_server_message(error, response)}); "
+                      f"{TRACKING_SERVER_FIX}")
+    kind, reason = _no_answer(request_error)
+    retried = f"retried {MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} times (${MLFLOW_HTTP_REQUEST_MAX_RETRIES.name}"
+    if kind == "timeout":
+        return redact(f"{label} did not answer {what} within {MLFLOW_HTTP_REQUEST_TIMEOUT.get()} s ({where}{reason}, "
+                      f"{retried}; ${MLFLOW_HTTP_REQUEST_TIMEOUT.name} sets the wait)); {TRACKING_SERVER_FIX}")
+    if kind == "status":
+        return redact(f"{label} failed {what} ({where}{reason}, {retried})); {TRACKING_SERVER_FIX}")
+    return redact(f"{label} could not be reached for {what} ({where}{reason}, {retried})); start it or "
+                  f"{TRACKING_SERVER_FIX}")
 
 
 def flatten_params(config: TrainConfig) -> dict[str, str]:

@@ -8,12 +8,15 @@ drives a real (tiny, failing) HTTP tracking server, and checks the answer is a 5
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import io
 import json
+import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -381,9 +384,15 @@ def test_the_explorer_never_answers_with_the_password(tmp_path, failing_tracking
         assert PASSWORD not in answer.text and quote(PASSWORD, safe="") not in answer.text and "***" in answer.text
 
 
+def _error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
 @pytest.mark.slow
 def test_no_command_prints_or_stores_the_password_of_a_failing_tracking_server(tmp_path, failing_tracking_server,
                                                                             data_dir):
+    """Every command against a server that answers each request with an MLflow error: one redacted ``error:``
+    line naming the server, the request and the server's answer, no traceback, exit 1."""
     from urllib.parse import quote
 
     uri = f"http://alice:{quote(PASSWORD, safe='')}@{failing_tracking_server}"
@@ -397,15 +406,199 @@ def test_no_command_prints_or_stores_the_password_of_a_failing_tracking_server(t
         ("experiments.serve", "--study", "leave-one-out", "--port", str(_free_port())),
         ("experiments.tune", "--n-trials", "1", "--epochs", "1", "--train-subset", "100"),
     ]
-    for command in commands:
-        result = run_module(*command, "--tracking-uri", uri, env=env, cwd=tmp_path, check=False, timeout=180)
+
+    def run(command):  # each in its own directory: their local stores (queue, checkpoints) never race
+        cwd = tmp_path / command[0]
+        cwd.mkdir()
+        return run_module(*command, "--tracking-uri", uri, env=env, cwd=cwd, check=False, timeout=180)
+
+    # Each spends most of its ~6 s of CPU importing TensorFlow: one per core at a time, not one after another.
+    with ThreadPoolExecutor(max_workers=min(len(commands), max(2, os.cpu_count() or 1))) as pool:
+        results = list(pool.map(run, commands))
+    shown = f"http://alice:***@{failing_tracking_server}"
+    for command, result in zip(commands, results, strict=True):
         output = result.stdout + result.stderr
-        assert result.returncode != 0, f"{command[0]} succeeded against a failing server"
-        assert "alice:***@127.0.0.1" in output, f"{command[0]} did not reach the server:\n{output[-3000:]}"
+        assert result.returncode == 1, f"{command[0]} exited {result.returncode}:\n{output[-3000:]}"
+        assert "Traceback" not in output, f"{command[0]} printed a traceback:\n{output[-3000:]}"
+        errors = _error_lines(output)
+        assert len(errors) == 1, f"{command[0]} did not print one error line:\n{output[-3000:]}"
+        assert errors[0].startswith(f"error: the MLflow tracking server {shown} refused the request to "), errors
+        assert "HTTP 400 INVALID_PARAMETER_VALUE: refused /api/2.0/mlflow/" in errors[0], errors
+        assert errors[0].endswith("check --tracking-uri / $MLFLOW_TRACKING_URI and the server's log "
+                                  "(MNIST_ABLATION_TRACEBACK=1 shows the traceback)"), errors
         for secret in (PASSWORD, quote(PASSWORD, safe=""), "Pw'd"):
             assert secret not in output, f"{command[0]} printed the password:\n{output[-3000:]}"
     # Nothing written locally (queue database, checkpoints, logs) holds it either.
     assert _grep_tree(tmp_path, "Pw'd") == [] and _grep_tree(tmp_path, quote(PASSWORD, safe="")) == []
+
+
+class _HealthOnly(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_is_gone_fails_in_one_line(tmp_path, data_dir):
+    """Nothing listening: the check before any work says so (exit 2). A server that answers the health check and
+    is gone by the first API call (stopped mid-command): the request's line, connection refused (exit 1), here
+    with $MNIST_ABLATION_TRACEBACK=1, so the (redacted) traceback comes first."""
+    from urllib.parse import quote
+
+    gone = http.server.HTTPServer(("127.0.0.1", 0), _HealthOnly)
+    gone_after_health = f"127.0.0.1:{gone.server_address[1]}"
+
+    def answer_once_and_stop():
+        gone.handle_request()
+        gone.server_close()
+
+    thread = threading.Thread(target=answer_once_and_stop, daemon=True)
+    thread.start()
+    not_listening = f"127.0.0.1:{_free_port()}"
+
+    def doctor(host, **extra):
+        uri = f"http://alice:{quote(PASSWORD, safe='')}@{host}"
+        cwd = tmp_path / host.replace(":", "-")
+        cwd.mkdir()
+        env = command_env(uri, data_dir, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10",
+                          **extra)
+        return run_module("experiments.doctor", "--tracking-uri", uri, env=env, cwd=cwd, check=False, timeout=120)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        before_work = pool.submit(doctor, not_listening)
+        mid_command = pool.submit(doctor, gone_after_health, MNIST_ABLATION_TRACEBACK="1")
+        before_work, mid_command = before_work.result(), mid_command.result()
+    thread.join(timeout=5)
+    gone.server_close()
+    output = before_work.stdout + before_work.stderr
+    assert before_work.returncode == 2 and "Traceback" not in output, output[-3000:]
+    reachable = f"error: MLflow tracking server at http://alice:***@{not_listening} is not reachable"
+    assert len(_error_lines(output)) == 1 and _error_lines(output)[0].startswith(reachable), output[-3000:]
+    output = mid_command.stdout + mid_command.stderr
+    assert mid_command.returncode == 1 and "Traceback" in output, output[-3000:]
+    assert len(_error_lines(output)) == 1 and output.strip().splitlines()[-1] == (
+        f"error: the MLflow tracking server http://alice:***@{gone_after_health} could not be reached for the request "
+        "to list the experiments (POST /api/2.0/mlflow/experiments/search: connection refused, retried 0 times "
+        "($MLFLOW_HTTP_REQUEST_MAX_RETRIES)); start it or check --tracking-uri / $MLFLOW_TRACKING_URI and the "
+        "server's log"), output[-3000:]
+    for output in (before_work.stdout + before_work.stderr, mid_command.stdout + mid_command.stderr):
+        assert "Pw'd" not in output and quote(PASSWORD, safe="") not in output
+    assert time.monotonic() - started < 60
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """Answers as the first path segment of the tracking URI says (``http://host/503``): MLflow JSON errors, a
+    proxy's HTML page, a web server that is not MLflow, or no answer within the client's timeout."""
+
+    def _answer(self):
+        kind = self.path.strip("/").split("/")[0]
+        if kind == "slow":
+            time.sleep(2)
+        status, body = {
+            "400": (400, json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad\nname \x1b[2J"})),
+            "503": (503, json.dumps({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"})),
+            "404-html": (404, "<html><body><h1>Not Found</h1></body></html>"),
+            "200-html": (200, "<html><body>a web page</body></html>"),
+        }.get(kind, (200, "{}"))
+        payload = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client gave up (timeout)
+            self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = _answer
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+@pytest.fixture()
+def answering_server(monkeypatch):
+    """An HTTP server answering as ``_Answers`` does, MLflow's client talking to it as alice (one try, 1 s)."""
+    import mlflow
+
+    from mnist_ablation.redaction import remember_secret
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    remember_secret(PASSWORD)  # as every command does first
+    previous = mlflow.get_tracking_uri()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    mlflow.set_tracking_uri(previous)
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("answer, words", [
+    ("400", "refused the request to look up an experiment (GET /400/api/2.0/mlflow/experiments/get-by-name: "
+            "HTTP 400 INVALID_PARAMETER_VALUE: bad name \\x1b[2J); check --tracking-uri"),
+    ("503", "failed the request to look up an experiment (GET /503/api/2.0/mlflow/experiments/get-by-name: "
+            "HTTP 503, retried 0 times ($MLFLOW_HTTP_REQUEST_MAX_RETRIES)); check --tracking-uri"),
+    ("404-html", "refused the request to look up an experiment (GET /404-html/api/2.0/mlflow/experiments/"
+                 "get-by-name: HTTP 404: <html><body><h1>Not Found</h1></body></html>); check --tracking-uri"),
+    ("200-html", "answered the request to look up an experiment with something other than MLflow's JSON (GET "
+                 "/200-html/api/2.0/mlflow/experiments/get-by-name: HTTP 200: <html><body>a web page"),
+    ("slow", "did not answer the request to look up an experiment within 1 s (GET /slow/api/2.0/mlflow/"
+             "experiments/get-by-name: timed out, retried 0 times"),
+])
+def test_a_failed_request_is_one_line_naming_the_server_the_request_and_the_answer(answering_server, answer,
+                                                                                  words):
+    import mlflow
+
+    from mnist_ablation.tracking import server_failure
+
+    mlflow.set_tracking_uri(f"http://{answering_server}/{answer}")
+    with pytest.raises(mlflow.exceptions.MlflowException) as raised:
+        mlflow.tracking.MlflowClient().get_experiment_by_name("mnist")
+    line = server_failure(raised.value)
+    assert line.startswith(f"the MLflow tracking server http://alice:***@{answering_server}/{answer} {words}"), line
+    assert "\n" not in line and "\x1b" not in line and "Pw'd" not in line
+
+
+def test_an_artifact_upload_the_server_refuses_names_the_upload(answering_server):
+    # MLflow's artifact client (mlflow-artifacts:/) raises requests' HTTPError, not an MlflowException.
+    import mlflow
+    import requests
+    from mlflow.utils.rest_utils import MlflowHostCreds, augmented_raise_for_status, http_request
+
+    from mnist_ablation.tracking import server_failure
+
+    mlflow.set_tracking_uri(f"http://{answering_server}/404-html")
+    response = http_request(MlflowHostCreds(mlflow.get_tracking_uri(), username="alice", password=PASSWORD),
+                            "/api/2.0/mlflow-artifacts/artifacts/1/run/artifacts/model.keras", "PUT", data=b"")
+    with pytest.raises(requests.HTTPError) as raised:
+        augmented_raise_for_status(response)
+    assert server_failure(raised.value) == (
+        f"the MLflow tracking server http://alice:***@{answering_server}/404-html refused the request to upload an "
+        "artifact (PUT /404-html/api/2.0/mlflow-artifacts/artifacts/1/run/artifacts/model.keras: HTTP 404: "
+        "<html><body><h1>Not Found</h1></body></html>); check --tracking-uri / $MLFLOW_TRACKING_URI and the "
+        "server's log")
+
+
+def test_errors_that_are_not_a_failed_request_keep_their_traceback(answering_server):
+    import mlflow
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    from mnist_ablation.tracking import server_failure
+
+    mlflow.set_tracking_uri(f"http://{answering_server}/400")
+    assert server_failure(ValueError("a bug")) is None
+    assert server_failure(MlflowException("Invalid metric name: 'a//b'")) is None  # MLflow's own check, no request
+    with pytest.raises(requests.ConnectionError) as raised:  # requests' own call to another server
+        requests.get(f"http://127.0.0.1:{_free_port()}/data.npz", timeout=5)
+    assert server_failure(raised.value) is None
 
 
 def test_the_queue_records_failure_reasons_without_the_password(tmp_path):
