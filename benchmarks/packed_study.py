@@ -3,9 +3,10 @@
     python -m benchmarks.packed_study [--study leave-one-out] [--arms A,B] [--packs 1,2] [--seeds 2]
                                       [--train-subset 12000] [--epochs 2] [--output FILE]
 
-Runs ``python -m experiments.ablate --study S --pack K`` once per K in ``--packs``, one after the other, each in a
-fresh store of its own (``--pack 1`` is today's route: one cell at a time on the default backend, TensorFlow;
-``--pack K`` trains K cells per process on Keras' JAX backend). The defaults are ``ablate --quick``'s size. For
+Runs ``python -m experiments.ablate --study S --pack K --no-report`` once per K in ``--packs``, one after the
+other, each in a fresh store of its own (``--pack 1`` is today's route: one cell at a time on the default backend,
+TensorFlow; ``--pack K`` trains K cells per process on Keras' JAX backend). The defaults are ``ablate --quick``'s
+size. For
 every route it records wall seconds, the cells trained and the cells that reuse an identical arm's run. Then it
 reads each packed route against today's with the project's own tests (``stats.compare_to_baseline`` on the
 per-image predictions: seeds and test images random, paired by seed, equivalence by TOST at the project's margin):
@@ -45,7 +46,7 @@ def ablate_command(args: argparse.Namespace, pack: int, store: Path) -> list[str
             *(["--arms", args.arms] if args.arms else []), "--pack", str(pack), "--seeds", str(args.seeds),
             "--train-subset", str(args.train_subset), "--epochs", str(args.epochs),
             "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--storage", f"sqlite:///{store / 'optuna.db'}",
-            "--output", str(store / "report")]
+            "--no-report"]  # the study's report is not what is compared: its own predictions are
 
 
 def _finite(value) -> float | None:
@@ -122,6 +123,11 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _write(result: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.packed_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", default="leave-one-out", help="a built-in study (default: %(default)s)")
@@ -147,7 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reading predictions, as commands do
     machine = machine_record()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    routes, correct = [], {}
+    result = {
+        "benchmark": "packed_study",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python -m benchmarks.packed_study " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "study": args.study,
+        "settings": {"arms": args.arms, "seeds": args.seeds, "train_subset": args.train_subset, "epochs": args.epochs,
+                     "packs": packs, "confidence": CONFIDENCE, "equivalence_margin": EQUIVALENCE_MARGIN},
+        "machine": machine,
+        "routes": [],
+        "comparisons": {},
+    }
+    correct = {}
     with tempfile.TemporaryDirectory(prefix="packed_study_") as tmp:
         for pack in packs:
             store = Path(tmp) / f"pack{pack}"
@@ -159,26 +176,17 @@ def main(argv: list[str] | None = None) -> int:
             done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
             wall = time.perf_counter() - started
             if done.returncode != 0:
-                raise SystemExit(f"--pack {pack} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+                raise SystemExit(f"--pack {pack} failed (exit {done.returncode}); the routes before it are in "
+                                 f"{args.output}:\n{done.stderr[-3000:]}")
             correct[pack], figures = route_figures(args.study, f"sqlite:///{store / 'mlflow.db'}")
-            routes.append({"route": _route(pack), "pack": pack, "wall_seconds": wall, **figures})
-        comparisons = {_route(pack): compare_routes(correct[1], correct[pack], _route(pack)) for pack in packs[1:]}
-    for row in routes:
-        row["wall_ratio_to_today"] = row["wall_seconds"] / routes[0]["wall_seconds"]
-    result = {
-        "benchmark": "packed_study",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python -m benchmarks.packed_study " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "study": args.study,
-        "settings": {"arms": args.arms, "seeds": args.seeds, "train_subset": args.train_subset, "epochs": args.epochs,
-                     "packs": packs, "confidence": CONFIDENCE, "equivalence_margin": EQUIVALENCE_MARGIN},
-        "machine": finish_machine_record(machine),
-        "routes": routes,
-        "comparisons": comparisons,
-    }
+            today = result["routes"][0]["wall_seconds"] if result["routes"] else wall
+            result["routes"].append({"route": _route(pack), "pack": pack, "wall_seconds": wall,
+                                     "wall_ratio_to_today": wall / today, **figures})
+            if pack != 1:
+                result["comparisons"][_route(pack)] = compare_routes(correct[1], correct[pack], _route(pack))
+            finish_machine_record(machine)
+            _write(result, args.output)  # after every route: a later failure keeps what was measured
     print(format_table(result))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0
 
