@@ -578,7 +578,7 @@ def _mlflow_epoch_logger() -> type:
         def on_epoch_end(self, epoch, logs=None):
             log_epoch_metrics(self.client, self.run_id, epoch, logs or {})
 
-    MlflowEpochLogger.__module__ = __name__
+    MlflowEpochLogger.__module__, MlflowEpochLogger.__qualname__ = __name__, "MlflowEpochLogger"
     return MlflowEpochLogger
 
 
