@@ -33,8 +33,8 @@ from . import naming, store, tracking
 from .config import FIELD_NAMES
 from .errors import StudyError
 from .redaction import redact_argv
+from .results import categorical_loss
 from .sweep import INDEX_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMNS, cell_key
-from .train import categorical_loss
 
 SELECTION_METRIC = "val_accuracy"  # the only quantity members are chosen by
 TIE_BREAK_METRIC = "val_loss"  # lower is better; then run_id, so the choice is deterministic

@@ -24,10 +24,11 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlparse, urlsplit, urlunsplit
 
-import keras
 import mlflow
 import numpy as np
 import pandas as pd
@@ -61,10 +62,12 @@ from .naming import (
     SUMMARY_ARTIFACT,
     TTA_PREDICTIONS_ARTIFACT,
 )
-from .plots import confusion_matrix_figure, training_curves_figure
 from .redaction import MASK, printable, redact, remember_secrets
+from .results import EPOCH_METRICS, RunResult
 from .sweep import predictions_frame, summary_metrics
-from .train import EPOCH_METRICS, RunResult, train
+
+if TYPE_CHECKING:
+    import keras
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 TRACKING_USERNAME_ENV, TRACKING_PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
@@ -549,16 +552,34 @@ def log_datasets(datasets: Mapping[str, MnistSplitDataset]) -> None:
                       tags_list=[None] * len(datasets))
 
 
-class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs the per-epoch metrics of a run as MLflow metrics with ``step=epoch``."""
+def __getattr__(name: str):
+    if name == "MlflowEpochLogger":
+        return _mlflow_epoch_logger()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(self, run_id: str):
-        super().__init__()
-        self.run_id = run_id
-        self.client = MlflowClient()
 
-    def on_epoch_end(self, epoch, logs=None):
-        log_epoch_metrics(self.client, self.run_id, epoch, logs or {})
+@cache
+def _mlflow_epoch_logger() -> type:
+    """``MlflowEpochLogger``, a Keras callback: made on first use, so importing tracking loads no Keras.
+
+    The commands that only read or log results (doctor, report, ensemble) import this module; Keras and
+    TensorFlow would add seconds to each of them.
+    """
+    import keras
+
+    class MlflowEpochLogger(keras.callbacks.Callback):
+        """Logs the per-epoch metrics of a run as MLflow metrics with ``step=epoch``."""
+
+        def __init__(self, run_id: str):
+            super().__init__()
+            self.run_id = run_id
+            self.client = MlflowClient()
+
+        def on_epoch_end(self, epoch, logs=None):
+            log_epoch_metrics(self.client, self.run_id, epoch, logs or {})
+
+    MlflowEpochLogger.__module__, MlflowEpochLogger.__qualname__ = __name__, "MlflowEpochLogger"
+    return MlflowEpochLogger
 
 
 def log_epoch_metrics(client: MlflowClient, run_id: str, epoch: int, values: Mapping[str, float]) -> None:
@@ -574,6 +595,8 @@ def log_result_artifacts(result: RunResult, title: str, input_example: np.ndarra
     The final metrics and the last epoch's per-epoch metrics are linked to the logged model (each to the
     dataset it was measured on), so the Models tab shows the run's final numbers.
     """
+    from .plots import confusion_matrix_figure, training_curves_figure
+
     predicted = result.test_probabilities.argmax(1)
     for name, figure in (
         ("plots/training_curves.png", training_curves_figure(result.history, title)),
@@ -744,6 +767,8 @@ def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEF
     Any exception ends the run FAILED with a ``failure_reason`` tag, and an interrupt ends it KILLED;
     the exception propagates. The checkpoint directory is removed only after the run is FINISHED.
     """
+    from .train import train
+
     run_id = _start_run(config, config.hash(data.checksums), experiment_name, run_name, tags, parent_run_id)
     if on_run_created is not None:
         on_run_created(run_id)
@@ -753,7 +778,7 @@ def run_training(config: TrainConfig, data: Mnist, *, experiment_name: str = DEF
         datasets = mnist_datasets(config, data.checksums, data.source,
                                   split_sizes(config, len(data.y_train), len(data.y_test)))
         log_datasets(datasets)
-        result = train(config, data, callbacks=[MlflowEpochLogger(run_id), *callbacks],
+        result = train(config, data, callbacks=[_mlflow_epoch_logger()(run_id), *callbacks],
                        checkpoint_dir=checkpoint_dir, verbose=verbose)
         # Epochs trained before a resume come from the checkpoint's history, so the curve is whole.
         for epoch in range(result.initial_epoch):
@@ -807,7 +832,7 @@ def run_training_pack(members: Sequence[PackMember], data: Mnist, *, experiment_
         client.log_dict(run_id, member.config.to_dict(), CONFIG_ARTIFACT)
         client.log_dict(run_id, environment_record(data.checksums, data.source), ENVIRONMENT_ARTIFACT)
     try:
-        callbacks = [[MlflowEpochLogger(run_id), *m.callbacks] for m, run_id in zip(members, run_ids, strict=True)]
+        callbacks = [[_mlflow_epoch_logger()(run_id), *m.callbacks] for m, run_id in zip(members, run_ids, strict=True)]
         results = train_pack([m.config for m in members], data, callbacks=callbacks,
                              checkpoint_dirs=[m.checkpoint_dir for m in members])
     except BaseException as error:

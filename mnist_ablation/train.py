@@ -18,7 +18,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -30,37 +29,14 @@ from .data import NUM_CLASSES, Mnist, Split, build_split
 from .model import build_model
 from .optimizers import build_optimizer
 from .pipelines import PIPELINES
+from .results import EPOCH_METRICS, RunResult, TrainingDiverged, categorical_loss  # their Keras-free home
 from .schedules import build_schedule
 
 logger = logging.getLogger(__name__)
-EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds")
 # Inference only (validation, test): BN and dropout are in inference mode, so the batch size changes no
 # prediction, bit for bit; it sets the activations held at once (~25 MB at 100, ~240 MB at 1000). The
 # validation loss is a mean of per-batch means, so its last bits depend on it.
 EVAL_BATCH_SIZE = 100
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
-@dataclass
-class RunResult:
-    """What one training run produced."""
-
-    config: TrainConfig
-    model: keras.Model
-    history: dict[str, list[float]]  # per-epoch metrics, EPOCH_METRICS keys, whole even when resumed
-    test_loss: float
-    test_accuracy: float
-    test_labels: np.ndarray  # (10000,)
-    test_probabilities: np.ndarray  # (10000, 10) float32
-    train_seconds: float  # wall time of the epochs trained in this process (incl. validation)
-    train_images_per_second: float
-    num_train_images: int
-    initial_epoch: int = 0  # > 0 when resumed from a checkpoint
-    tta_probabilities: np.ndarray | None = None  # when config.tta_views > 0
-    extra_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def on_tensorflow() -> bool:
@@ -295,13 +271,6 @@ def build_state(model: keras.Model, images: np.ndarray) -> None:
     run trains batch (epoch, step) at that step, resumed or not, and a packed member matches it.
     """
     model._symbolic_build(data_batch=(images[:1], np.zeros((1, NUM_CLASSES), np.float32)))
-
-
-def categorical_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    # Keras' categorical cross-entropy on probabilities: clip to [eps, 1 - eps], mean of -log p(true).
-    eps = keras.config.epsilon()
-    picked = np.clip(probabilities[np.arange(len(labels)), labels], eps, 1 - eps)
-    return float(-np.mean(np.log(picked)))
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:

@@ -67,6 +67,23 @@ def test_importing_the_light_modules_loads_no_framework():
     assert result.stdout.strip() == "[]", result.stdout
 
 
+# The commands that read or log results and never build, train, save or load a model, and the library modules
+# they run on: importing them must not load Keras or TensorFlow (about 5 s of every such command's start-up).
+WITHOUT_KERAS = ("experiments.doctor", "experiments.report", "experiments.ensemble", "experiments.ablate",
+                 "mnist_ablation.store", "mnist_ablation.sweep", "mnist_ablation.compare", "mnist_ablation.tracking",
+                 "mnist_ablation.doctor", "mnist_ablation.report", "mnist_ablation.ensemble",
+                 "mnist_ablation.ablation", "mnist_ablation.offline_import", "mnist_ablation.explorer",
+                 "mnist_ablation.results")
+
+
+def test_commands_that_train_no_model_load_no_keras():
+    probe = (f"import sys, {', '.join(WITHOUT_KERAS)}; "
+             "print(sorted(m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+
 def module_name(path: Path) -> str:
     parts = path.relative_to(REPO_ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

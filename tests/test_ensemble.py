@@ -86,6 +86,22 @@ def test_average_predictions_checks_the_images_match():
         ensemble.average_predictions([frame(np.array([1, 2, 3]), first), frame(np.array([1, 2, 4]), first)])
 
 
+
+def test_ensemble_loss_is_keras_categorical_cross_entropy():
+    # results.categorical_loss holds Keras' epsilon as a constant (the ensemble loads no Keras); it must stay Keras'.
+    import keras
+
+    from mnist_ablation.results import PROBABILITY_EPSILON, categorical_loss
+
+    labels = np.array([0, 1, 2, 3])
+    probabilities = np.full((4, 10), 0.1, dtype=np.float32)
+    probabilities[1] = np.eye(10, dtype=np.float32)[1]  # certain and right: clipped below 1
+    probabilities[2] = np.eye(10, dtype=np.float32)[5]  # certain and wrong: p(true) = 0, clipped to epsilon
+    expected = keras.losses.CategoricalCrossentropy()(np.eye(10, dtype=np.float32)[labels], probabilities)
+    assert keras.config.epsilon() == PROBABILITY_EPSILON
+    assert ensemble.categorical_loss is categorical_loss
+    np.testing.assert_allclose(categorical_loss(labels, probabilities), float(expected), rtol=1e-5)
+
 # -- a tiny real study, then the command -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,17 @@ def test_dataset_source_is_the_data_directory_or_keras_download(data_dir):
 
 # -- system metrics: MLflow's switch with and without psutil ---------------------------------------------
 
+def test_the_epoch_logger_is_a_keras_callback_made_on_first_use():
+    # tracking imports no Keras (doctor, report and ensemble import tracking); its callback class comes on first use.
+    import keras
+
+    logger_class = tracking.MlflowEpochLogger
+    assert issubclass(logger_class, keras.callbacks.Callback) and logger_class.__name__ == "MlflowEpochLogger"
+    assert tracking.MlflowEpochLogger is logger_class  # made once
+    with pytest.raises(AttributeError, match="no attribute 'EpochLogger'"):
+        tracking.EpochLogger  # noqa: B018 - the module's __getattr__ must refuse other names
+
+
 def test_missing_psutil_is_one_warning_and_no_system_metrics(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "psutil", None)
     monkeypatch.setattr(tracking, "_warned", set())
