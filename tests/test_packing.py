@@ -236,9 +236,9 @@ def test_offline_pack_groups_cells_that_share_a_model_structure():
 @pytest.mark.slow
 def test_offline_pack_saves_each_member_as_its_own_cell_and_imports_it_with_its_pack_tag(tmp_path, data_dir):
     pytest.importorskip("jax")
-    from helpers import run_module
-
     from mnist_ablation import offline
+
+    from helpers import run_module
 
     uri, cells = f"sqlite:///{tmp_path}/store.db", tmp_path / "cells"
     env = command_env(uri, data_dir)
