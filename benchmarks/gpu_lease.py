@@ -3,14 +3,15 @@
     python -m benchmarks.gpu_lease --cells DIR --stages FILE --out OUT [--cap-mib 44]
 
 Run by ``benchmarks/gpu_lease.sh`` as its last step (docs/gpu.md#a-15-minute-lease). It reads the cell folders
-``ablate --offline`` saved in ``--cells`` (their ``result.json`` and test probabilities; no Keras needed) and
-writes ``OUT/lease.json``: the stages (status, seconds, deadline) from ``--stages`` (one ``name status seconds
-deadline`` line each), the GPU, and per arm each member's test accuracy and per-epoch history with the arm's
-mean, standard deviation and ensemble accuracy (the members' test probabilities averaged). The cell folders
-travel back as tar files under ``OUT/cells/`` of at most 15 MiB each (the device tool returns files of up to
-16 MiB, eight in all): the complete cells, importable with ``ablate --import-offline``, while they fit in
-``--cap-mib``; past it a cell comes back without its model under ``results-only/`` (its figures, not
-importable). Unpack them here with ``tar -xf`` in one folder.
+``ablate --offline`` saved in ``--cells`` (their ``result.json`` and test probabilities; no Keras needed) and writes
+``OUT/lease.json``: the stages (status, seconds, deadline) from ``--stages`` (one ``name status seconds deadline``
+line each), the machine and its GPU, and per arm each member's test accuracy and per-epoch history with the arm's
+mean, standard deviation and ensemble accuracy (the members' test probabilities averaged). The cell folders travel
+back as tar files under ``OUT/cells/`` of at most 15 MiB each (the device tool returns files of up to 16 MiB, eight
+in all): the complete cells, importable with ``ablate --import-offline``, while they fit in ``--cap-mib``; past it a
+cell comes back without its model under ``results-only/`` (its figures, not importable). Unpack them here with ``tar
+-xf`` in one folder; ``lease.json`` is a result of this benchmark
+(``benchmarks/results/gpu_lease-<date>-<gpu>.json``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import gpus
+from benchmarks.common import Benchmark, Rendered, finish_machine_record, machine_record, number, table
 from mnist_ablation.offline import MODEL_FILE, RECORD_FILE
 
 PART_BYTES = 15 * 2**20  # one returned file: under the device tool's 16 MiB
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "gpu_lease",
         "date": date.today().isoformat(),
         "scale": args.scale,
-        "gpus": gpus(),
+        "command": "bash benchmarks/gpu_lease.sh",
+        "machine": finish_machine_record(machine_record()),
         "gpu": gpu_details(),
         "stages": read_stages(args.stages),
         "arms": arm_summaries(members),
@@ -164,6 +166,27 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['mean_test_accuracy']:.4f}, ensemble {summary['ensemble_test_accuracy']:.4f}")
     print(f"cells back: {len(complete)} complete, {len(light)} without their model, {len(left_out)} not returned")
     return 0
+
+
+def render_report(data: dict, out: Rendered) -> None:
+    out.tables.append(table(
+        ["arm", "seeds", "epochs", "mean test accuracy", "sd", "ensemble test accuracy"],
+        [[arm, len(a["seeds"]), ", ".join(map(str, a["epochs"])), number(a["mean_test_accuracy"], 4),
+          number(a["sd_test_accuracy"], 4), number(a["ensemble_test_accuracy"], 4)]
+         for arm, a in data.get("arms", {}).items()]))
+    stages = ", ".join(f"{s['stage']} {s['status']} ({s['seconds']} of {s['deadline_seconds']} s)"
+                       for s in data.get("stages", []))
+    out.lines.append(f"Scale {data.get('scale')}; GPU: {data.get('gpu') or 'none'}; "
+                     f"stages: {stages or 'none recorded'}. The ensemble averages the seeds' test probabilities; "
+                     "the lease's packing.json is in its own section.")
+
+
+REPORT = Benchmark(
+    key="gpu_lease", title="GPU lease", command="bash benchmarks/gpu_lease.sh", order=85,
+    about=("One prepared command for a 15-minute GPU lease (docs/gpu.md#a-15-minute-lease): the packing benchmark, "
+           "then the architecture study's no_pool arms trained offline as packs of their seeds, each stage under its "
+           "own deadline; per arm, the seeds' mean test accuracy and their ensemble's."),
+    render=render_report)
 
 
 if __name__ == "__main__":
