@@ -92,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="only run cells; skip the summary and the report (for extra workers)")
     parser.add_argument("--offline", metavar="DIR", default=None,
                         help="train the cells without MLflow or Optuna (any Keras backend, e.g. KERAS_BACKEND=jax), "
-                             "one folder per cell in DIR, --workers at a time; rerunning skips saved cells")
+                             "one folder per cell in DIR, --workers at a time (with --pack K, packs of up to K "
+                             "cells); rerunning skips saved cells")
     parser.add_argument("--import-offline", metavar="DIR", default=None,
                         help="log the cells saved by --offline in DIR into this study (same --study, --seeds, "
                              "--epochs, --train-subset, --set), then summarise as usual")
@@ -117,8 +118,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--workers {args.workers}: expected an integer >= 1")
     if args.pack < 1:
         parser.error(f"--pack {args.pack}: expected an integer >= 1 (1 = no packing)")
-    if args.pack > 1 and args.offline:
-        parser.error("--pack with --offline: packing logs into a tracking store; train offline with --pack 1")
     if args.pack > 1 and importlib.util.find_spec("jax") is None:
         parser.error(f"--pack {args.pack} needs JAX (Keras' JAX backend), which is not installed: "
                      'pip install -e ".[test]" (or ".[jax]") installs it; or use --pack 1')
@@ -224,7 +223,7 @@ def run_offline(study: Study, configs: dict[str, TrainConfig], args: argparse.Na
 
     started = time.perf_counter()
     trained, skipped, failures = offline.run_offline(study, configs, range(args.seeds), args.data_dir, args.offline,
-                                                     workers=args.workers, report=_print_flushed)
+                                                     workers=args.workers, report=_print_flushed, pack=args.pack)
     print(f"trained {trained} cell(s) in {time.perf_counter() - started:.0f} s ({skipped} already saved) into "
           f"{args.offline}; log them with: python -m experiments.ablate {study_flag(args)} --seeds {args.seeds} "
           f"--import-offline {args.offline} (plus the same --epochs/--train-subset/--set)")

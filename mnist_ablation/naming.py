@@ -16,6 +16,10 @@ defaults here without loading MLflow.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Sequence
+
 # -- names ------------------------------------------------------------------------------------------------
 
 ROLE_TAG = "mnist_ablation.role"
@@ -24,7 +28,7 @@ TRIAL_ROLE, BEST_RETRAIN_ROLE = "trial", "best_retrain"  # tuning studies
 STUDY_TAG, ARM_TAG, SEED_TAG, CONFIG_HASH_TAG = "study", "arm", "seed", "config_hash"
 FAILURE_REASON_TAG = "failure_reason"
 WORKER_TAG = "worker"
-PACK_TAG = "pack"  # on each member run of a packed pack: "<member>/<size>:<pack id>" (packed.py)
+PACK_TAG = "pack"  # on each member run of a packed pack: "<member>/<size>:<pack id>" (pack_labels)
 MEMBER_RUN_IDS_TAG = "member_run_ids"
 REUSES_RUN_TAG = "mnist_ablation.reuses_run"  # a cell run that is another cell's training run (identical arms)
 SWEEP_TAG = "mnist_ablation.sweep"  # a study's parent run: the digest of its sweep (arms, configs, seeds, rule)
@@ -80,3 +84,12 @@ def round_number(queue: str, name: str) -> int | None:
 
 def is_queue_round(optuna_study_name: str) -> bool:
     return optuna_study_name.startswith(QUEUE_PREFIX)
+
+
+def pack_labels(run_names: Sequence[str]) -> list[str]:
+    """The ``PACK_TAG`` of each member of one pack, in order: ``"<member>/<size>:<pack id>"``.
+
+    The pack id is drawn anew for every pack (a rerun of the same cells is another pack).
+    """
+    pack_id = hashlib.sha256("".join(run_names).encode() + os.urandom(8)).hexdigest()[:8]
+    return [f"{index + 1}/{len(run_names)}:{pack_id}" for index in range(len(run_names))]

@@ -8,7 +8,10 @@ tracked run has (params, per-epoch and final metrics, figures, predictions, conf
 the machine that trained it, the model). Nothing here imports MLflow, Optuna or TensorFlow.
 
 A cell's folder is written under a temporary name and renamed when complete, so a run that is killed
-leaves no folder that looks finished, and rerunning the command skips the cells already written.
+leaves no folder that looks finished, and rerunning the command skips the cells already written. With
+``pack`` > 1 (``--offline DIR --pack K``), cells that share a model structure train together as one pack
+(``packed.train_pack``, Keras on JAX), and each member is still saved as its own cell folder, checkpointed
+on its own and marked with the pack it trained in (the ``pack`` tag once imported).
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .config import TrainConfig, from_dict
+from .config import DEFAULT_PIPELINE, TrainConfig, from_dict, pack_signature
 from .data import Mnist, load_mnist
 from .environment import environment_record
 from .studies import Study
@@ -38,8 +41,11 @@ FORMAT_VERSION = 1
 logger = logging.getLogger(__name__)
 
 
-def save_result(result, directory: Path, cell: Cell, data: Mnist) -> Path:
-    """Write ``result`` (a ``train.RunResult`` of ``cell``) to ``directory``, atomically."""
+def save_result(result, directory: Path, cell: Cell, data: Mnist, pack: str | None = None) -> Path:
+    """Write ``result`` (a ``train.RunResult`` of ``cell``) to ``directory``, atomically.
+
+    ``pack``: the member's ``naming.PACK_TAG`` value when it trained in a pack (recorded as ``"pack"``).
+    """
     directory = Path(directory)
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -71,6 +77,8 @@ def save_result(result, directory: Path, cell: Cell, data: Mnist) -> Path:
         "keras_backend": keras.backend.backend(),
         "environment": environment_record(data.checksums, data.source),
     }
+    if pack is not None:
+        record["pack"] = pack
     (partial / RECORD_FILE).write_text(json.dumps(record, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(partial, directory)
@@ -145,14 +153,64 @@ def train_cell(cell: Cell, config: TrainConfig, data_dir: str | None, out: str, 
             "val_accuracy": result.history["val_accuracy"][-1], "seconds": time.perf_counter() - started}
 
 
+def train_pack_cells(cells: Sequence[Cell], configs: Sequence[TrainConfig], data_dir: str | None, out: str,
+                     data: Mnist | None = None, report: Callable[[str], None] | None = None) -> list[dict]:
+    """Train ``cells`` (at ``configs``) as one pack and save each member under ``out/cell.key``, as ``train_cell``.
+
+    One summary per member, in order: ``train_cell``'s, or ``{"key", "error"}`` for a member that failed (it
+    fails alone; the others are saved). Each member is checkpointed every epoch under ``out/.checkpoints/key``,
+    so a killed pack resumes every member from its own last epoch when the command is run again, packed or not.
+    Needs Keras on JAX (``KERAS_BACKEND=jax`` before Keras is imported).
+    """
+    from .naming import pack_labels
+    from .packed import train_pack
+
+    report = report or logger.info
+    data = data if data is not None else load_mnist(data_dir)
+    started = time.perf_counter()
+    checkpoints = [Path(out) / CHECKPOINTS / cell.key for cell in cells]
+    labels = pack_labels([cell.key for cell in cells])
+    report(f"pack of {len(cells)}: {', '.join(cell.key for cell in cells)}")
+    results = train_pack(configs, data, checkpoint_dirs=checkpoints, report=report)
+    summaries = []
+    for cell, result, checkpoint, label in zip(cells, results, checkpoints, labels, strict=True):
+        if isinstance(result, BaseException):
+            summaries.append({"key": cell.key, "error": f"{type(result).__name__}: {result}"})
+            continue
+        save_result(result, Path(out) / cell.key, cell, data, pack=label)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        summaries.append({"key": cell.key, "test_accuracy": result.test_accuracy,
+                          "val_accuracy": result.history["val_accuracy"][-1],
+                          "seconds": time.perf_counter() - started})
+    return summaries
+
+
+def pack_groups(cells: Sequence[Cell], config_of: Callable[[Cell], TrainConfig], pack: int) -> list[list[Cell]]:
+    """``cells`` in groups of at most ``pack`` that can train as one pack (``config.pack_signature``), in order of
+    first appearance; a cell that cannot pack (the ``seed_script`` pipeline), or any cell when ``pack`` is 1,
+    is a group of its own."""
+    groups: dict[str, list[list[Cell]]] = {}
+    for cell in cells:
+        config = config_of(cell)
+        key = pack_signature(config) if pack > 1 and config.pipeline == DEFAULT_PIPELINE else cell.key
+        chunks = groups.setdefault(key, [[]])
+        if len(chunks[-1]) == pack:
+            chunks.append([])
+        chunks[-1].append(cell)
+    return [chunk for chunks in groups.values() for chunk in chunks]
+
+
 def run_offline(study: Study, configs: Mapping[str, TrainConfig], seeds: Iterable[int], data_dir: str | None,
-                out: Path, workers: int = 1, report: Callable[[str], None] | None = None) -> tuple[int, int, list[str]]:
-    """Train every cell of the plan not yet saved under ``out``; ``workers`` cells at a time in their own processes.
+                out: Path, workers: int = 1, report: Callable[[str], None] | None = None,
+                pack: int = 1) -> tuple[int, int, list[str]]:
+    """Train every cell of the plan not yet saved under ``out``; ``workers`` at a time in their own processes.
 
     A cell whose arm trains exactly what another arm trains is not trained: ``--import-offline`` logs it as
-    reusing that cell's run. Returns (trained, skipped, failures). With several workers on one GPU, each JAX
-    process is told to allocate GPU memory as it needs it rather than take most of the card up front.
-    ``report`` gets one line per event (default: ``logging``); with workers it must be picklable (``print``).
+    reusing that cell's run. With ``pack`` > 1, up to ``pack`` cells that share a model structure train as one
+    pack (``train_pack_cells``; Keras on JAX), each saved as its own cell. Returns (trained, skipped, failures).
+    With several workers on one GPU, each JAX process is told to allocate GPU memory as it needs it rather than
+    take most of the card up front. ``report`` gets one line per event (default: ``logging``); with workers it
+    must be picklable (``print``).
     """
     report = report or logger.info
     data = load_mnist(data_dir)
@@ -168,30 +226,51 @@ def run_offline(study: Study, configs: Mapping[str, TrainConfig], seeds: Iterabl
            + (f"; {reusing} reuse an identical arm's cell" if reusing else ""))
     failures: list[str] = []
     trained = 0
-    if workers <= 1:
-        for cell in cells:
-            try:
-                report(_summary_line(train_cell(cell, plan.config_of(cell.arm, cell.seed), data_dir, str(out), data,
-                                                report)))
-                trained += 1
-            except Exception as error:  # noqa: BLE001 - one bad cell must not stop the others
-                failures.append(f"{cell.key}: {type(error).__name__}: {error}")
+    groups = pack_groups(cells, lambda cell: plan.config_of(cell.arm, cell.seed), pack)
+
+    def settle(group: Sequence[Cell], outcome) -> None:
+        nonlocal trained
+        if isinstance(outcome, BaseException):  # the group failed as a whole: each of its cells failed
+            outcome = [{"key": cell.key, "error": f"{type(outcome).__name__}: {outcome}"} for cell in group]
+        for summary in outcome if isinstance(outcome, list) else [outcome]:
+            if "error" in summary:
+                failures.append(f"{summary['key']}: {summary['error']}")
                 report(f"FAILED {failures[-1]}")
+            else:
+                trained += 1
+                report(_summary_line(summary))
+
+    def task(group: Sequence[Cell], threads: int | None, in_process: bool):
+        group_configs = [plan.config_of(cell.arm, cell.seed) for cell in group]
+        if threads is not None:  # a speed-only field (not in the config hash)
+            group_configs = [config.replace(threads=threads) for config in group_configs]
+        shared = data if in_process else None
+        if len(group) == 1:  # as the tracked runner: a pack of one trains unpacked
+            return train_cell, (group[0], group_configs[0], data_dir, str(out), shared, report)
+        return train_pack_cells, (group, group_configs, data_dir, str(out), shared, report)
+
+    if workers <= 1:
+        for group in groups:
+            function, arguments = task(group, None, in_process=True)
+            try:
+                settle(group, function(*arguments))
+            except Exception as error:  # noqa: BLE001 - one bad cell (or pack) must not stop the others
+                settle(group, error)
         return trained, skipped, failures
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    threads = max(1, (os.cpu_count() or 1) // workers)  # a speed-only field (not in the config hash)
+    threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")  # no fork after a backend started threads
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(train_cell, cell, plan.config_of(cell.arm, cell.seed).replace(threads=threads),
-                               data_dir, str(out), None, report): cell for cell in cells}
+        futures = {}
+        for group in groups:
+            function, arguments = task(group, threads, in_process=False)
+            futures[pool.submit(function, *arguments)] = group
         for future in concurrent.futures.as_completed(futures):
-            cell = futures[future]
+            group = futures[future]
             try:
-                report(_summary_line(future.result()))
-                trained += 1
+                settle(group, future.result())
             except Exception as error:  # noqa: BLE001
-                failures.append(f"{cell.key}: {type(error).__name__}: {error}")
-                report(f"FAILED {failures[-1]}")
+                settle(group, error)
     return trained, skipped, failures
 
 

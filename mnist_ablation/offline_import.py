@@ -41,9 +41,12 @@ def import_offline(runner: StudyRunner, directory: Path) -> tuple[int, int, list
         if cell.identity in finished:
             skipped += 1
             continue
+        extra = {naming.WORKER_TAG: record["environment"]["machine"]["hostname"]}
+        if record.get("pack"):  # trained as a member of a pack (--offline --pack K)
+            extra[naming.PACK_TAG] = str(record["pack"])
         tracked = tracking.log_offline_result(
             result, record, experiment_name=runner.experiment_name, run_name=cell.key,
-            tags=runner.cell_tags(cell, {naming.WORKER_TAG: record["environment"]["machine"]["hostname"]}),
+            tags=runner.cell_tags(cell, extra),
             parent_run_id=runner.parent_run_id, input_example=runner.data.x_test[:1],
         )
         imported += 1

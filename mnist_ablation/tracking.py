@@ -812,16 +812,16 @@ def run_training_pack(members: Sequence[PackMember], data: Mnist, *, experiment_
     own run FAILED with its ``failure_reason`` and comes back as its exception, the others are logged as usual.
     An interrupt ends every member's run KILLED. System metrics are not sampled for packed runs.
     """
-    from .naming import PACK_TAG
+    from .naming import PACK_TAG, pack_labels
     from .packed import train_pack
 
     experiment_id = get_or_create_experiment(experiment_name)
-    pack_id = hashlib.sha256("".join(m.run_name for m in members).encode() + os.urandom(8)).hexdigest()[:8]
+    labels = pack_labels([m.run_name for m in members])
     client = MlflowClient()
     run_ids = []
-    for index, member in enumerate(members):
+    for member, label in zip(members, labels, strict=True):
         tags = {CONFIG_HASH_TAG: member.config.hash(data.checksums), SEED_TAG: str(member.config.seed),
-                **dict(member.tags), PACK_TAG: f"{index + 1}/{len(members)}:{pack_id}"}
+                **dict(member.tags), PACK_TAG: label}
         if parent_run_id:
             tags[PARENT_RUN_TAG] = parent_run_id
         run_id = client.create_run(experiment_id, run_name=member.run_name, tags=tags).info.run_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,31 @@ def test_commands_that_train_no_model_load_no_keras():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_the_gpu_lease_path_imports_without_tensorflow_mlflow_optuna_or_pydantic():
+    # The GPU machine of a lease (benchmarks/gpu_lease.sh) has JAX and Keras' wheels but none of these: every module
+    # the lease runs must import, and the offline packed command parse, with them absent (``sys.modules[name] =
+    # None`` is how Python marks a module missing: importing it fails, ``find_spec`` answers None).
+    pytest.importorskip("jax")
+    lease_modules = ("experiments.ablate", "experiments.cli", "mnist_ablation.offline", "mnist_ablation.packed",
+                     "mnist_ablation.train", "mnist_ablation.sweep", "benchmarks.packing", "benchmarks.gpu_lease")
+    probe = (
+        "import sys\n"
+        "for name in ('tensorflow', 'mlflow', 'optuna', 'pydantic'):\n"
+        "    sys.modules[name] = None\n"
+        f"import {', '.join(lease_modules)}\n"
+        "from experiments import ablate, cli\n"
+        "cli._quiet_libraries()\n"
+        "args = ablate.parse_args(['--study', 'architecture', '--offline', 'cells', '--pack', '5'])\n"
+        "import keras\n"
+        "print(keras.backend.backend(), args.pack)\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["jax", "5"]
 
 
 def module_name(path: Path) -> str:

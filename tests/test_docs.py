@@ -121,7 +121,7 @@ def test_every_benchmark_describes_its_section_and_writes_the_one_machine_record
                      if p.stem not in ("__init__", "report", "common", "seed_script"))
     assert [key for key in benchmark_report.SECTIONS if key != "other"] == [
         "speed", "study_throughput", "layer_profile", "pruning", "serve_latency", "accuracy", "parity", "packing",
-        "packed_study", "step_ceiling"]
+        "packed_study", "step_ceiling", "gpu_lease"]
     assert set(benchmark_report.SECTIONS) - {"other"} == set(modules)  # one REPORT per benchmark module
     # Only common.py knows how to read the machine: no benchmark writes its own load averages or CPU fields.
     for module in modules:

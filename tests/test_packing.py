@@ -214,3 +214,51 @@ def test_a_pack_killed_mid_run_resumes_every_member_from_its_own_checkpoint(tmp_
         history = MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
         assert sorted(m.step for m in history) == [0, 1, 2]
     assert not list(store.glob("checkpoints/*/state.json")), "finished runs' checkpoints are removed"
+
+
+# -- ablate --offline --pack: packed cells saved as folders, imported as their own runs ----------------------------
+
+
+def test_offline_pack_groups_cells_that_share_a_model_structure():
+    from mnist_ablation.offline import pack_groups
+    from mnist_ablation.studies import SEED_SCRIPT
+    from mnist_ablation.sweep import Cell
+
+    configs = {"a": BASELINE, "b": BASELINE.replace(augmentation=False), "c": BASELINE.replace(batch_norm=False),
+               "s": BASELINE.replace(pipeline=SEED_SCRIPT)}
+    cells = [Cell(arm, seed, f"{arm}{seed}") for seed in range(2) for arm in configs]
+    groups = pack_groups(cells, lambda cell: configs[cell.arm], pack=3)
+    assert [[c.key for c in g] for g in groups] == [["a-seed0", "b-seed0", "a-seed1"], ["b-seed1"],
+                                                    ["c-seed0", "c-seed1"], ["s-seed0"], ["s-seed1"]]
+    assert [len(g) for g in pack_groups(cells, lambda cell: configs[cell.arm], pack=1)] == [1] * 8
+
+
+@pytest.mark.slow
+def test_offline_pack_saves_each_member_as_its_own_cell_and_imports_it_with_its_pack_tag(tmp_path, data_dir):
+    pytest.importorskip("jax")
+    from mnist_ablation import offline
+
+    from helpers import run_module
+
+    uri, cells = f"sqlite:///{tmp_path}/store.db", tmp_path / "cells"
+    env = command_env(uri, data_dir)
+    trained = run_module("experiments.ablate", *PACK_STUDY, "--pack", "2", "--offline", str(cells), env=env,
+                         cwd=tmp_path)
+    assert "pack of 2: baseline-seed0, baseline-seed1" in trained.stdout
+    saved = offline.saved_cells(cells)
+    assert [path.name for path in saved] == ["baseline-seed0", "baseline-seed1"]
+    records = [offline.load_result(path)[1] for path in saved]
+    assert [r["pack"].split(":")[0] for r in records] == ["1/2", "2/2"]
+    assert len({r["pack"].split(":")[1] for r in records}) == 1  # one pack
+    assert all(r["keras_backend"] == "jax" and r["seed"] == i for i, r in enumerate(records))
+    assert not any((cells / offline.CHECKPOINTS).glob("*/*")), "a saved member's checkpoint is removed"
+    again = run_module("experiments.ablate", *PACK_STUDY, "--pack", "2", "--offline", str(cells), env=env,
+                       cwd=tmp_path)
+    assert "0 cell(s) to train, 2 already saved" in again.stdout  # nothing trained twice
+
+    run_module("experiments.ablate", *PACK_STUDY, "--import-offline", str(cells), env=env, cwd=tmp_path)
+    runs = _cells(uri)
+    assert sorted(runs) == ["baseline-seed0", "baseline-seed1"]
+    for name, record in zip(sorted(runs), records, strict=True):
+        assert runs[name]["status"] == "FINISHED" and runs[name]["tags"]["pack"] == record["pack"]
+        assert runs[name]["tags"]["trained_offline"] == "true"
