@@ -198,7 +198,7 @@ def render_report(data: dict, out: Rendered) -> None:
     settings = data.get("settings", {})
     out.tables.append(section_table(
         ["route", "wall seconds", "× today", "cells trained", "cells reusing an identical arm's run",
-         "s / trained cell"],
+         "s a trained cell's run lasts (a pack's members run together)"],
         [[row["route"], number(row.get("wall_seconds"), 0), number(row.get("wall_ratio_to_today"), 2),
           row.get("cells_trained"), row.get("cells_reusing"), number(row.get("trained_cell_seconds_mean"), 1)]
          for row in data.get("routes", [])]))

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import Benchmark, Rendered, finish_machine_record, machine_record, number, table
+from benchmarks.common import Benchmark, Rendered, finish_machine_record, machine_record, number, spread, table
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "step_ceiling.json"
 
@@ -121,10 +121,11 @@ def render_report(data: dict, out: Rendered) -> None:
         if "error" in row:
             rows.append([row["backend"], "failed: " + row["error"]] + [""] * len(sizes))
             continue
-        rates = row.get("images_per_second", {})
-        rows.append([row["backend"], *(number(rates.get(b), 0) for b in sizes),
+        rates, each = row.get("images_per_second", {}), row.get("images_per_second_each_repeat", {})
+        rows.append([row["backend"], *(spread({"median": rates.get(b), "min": min(each[b]), "max": max(each[b])}, 0)
+                                       if each.get(b) else number(rates.get(b), 0) for b in sizes),
                      number(rates[sizes[0]] / reference, 2) if reference and sizes[0] in rates else "—"])
-    out.tables.append(table(["backend", *(f"images/s at batch {b}" for b in sizes),
+    out.tables.append(table(["backend", *(f"images/s at batch {b} (median [min-max])" for b in sizes),
                              f"× TensorFlow at batch {sizes[0] if sizes else '?'}"], rows))
     settings = data.get("settings", {})
     out.lines.append(f"{settings.get('images', 0):,} random images per timed epoch, the median of "
