@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from . import naming, store, tracking
-from .config import DEFAULT_PIPELINE, TrainConfig, pack_signature
+from .config import TrainConfig, pack_group_key
 from .data import Mnist, load_mnist
 from .redaction import redact, redact_argv
 from .storage import default_storage_url, open_storage
@@ -243,12 +243,11 @@ class StudyRunner:
     def train(self, claims: Sequence[Claim], outcome: WorkerOutcome) -> list:
         """Train the claimed cells, each into its own MLflow child run: per claim, (run id, test accuracy,
         validation accuracy) or the exception that failed it. Claims whose configs can pack
-        (``config.pack_signature``) train together as one pack when ``pack`` > 1; the others one at a time."""
+        (``config.pack_group_key``) train together as one pack when ``pack`` > 1; the others one at a time."""
         groups: dict[str, list[Claim]] = {}
         for claim in claims:
             config = self.plan.config_of(claim.cell.arm, claim.cell.seed)
-            key = pack_signature(config) if self.pack > 1 and config.pipeline == DEFAULT_PIPELINE else claim.cell.key
-            groups.setdefault(key, []).append(claim)
+            groups.setdefault(pack_group_key(config, self.pack) or claim.cell.key, []).append(claim)
         results: dict[int, object] = {}
         try:
             for group in groups.values():

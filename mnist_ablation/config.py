@@ -355,6 +355,12 @@ def pack_signature(config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def pack_group_key(config: TrainConfig, pack: int) -> str | None:
+    """The key that groups ``config``'s cell with others into packs of ``pack``: its ``pack_signature``, or None
+    where it trains alone (``pack`` is 1, or its pipeline is not the trainer's: the seed script never packs)."""
+    return pack_signature(config) if pack > 1 and config.pipeline == DEFAULT_PIPELINE else None
+
+
 def check_packable(configs: Sequence[TrainConfig]) -> None:
     """Raise ConfigError naming the first field that differs between ``configs`` and cannot differ in a pack."""
     if not configs:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_PIPELINE, TrainConfig, from_dict, pack_signature
+from .config import TrainConfig, from_dict, pack_group_key
 from .data import Mnist, load_mnist
 from .environment import environment_record
 from .studies import Study
@@ -186,14 +186,12 @@ def train_pack_cells(cells: Sequence[Cell], configs: Sequence[TrainConfig], data
 
 
 def pack_groups(cells: Sequence[Cell], config_of: Callable[[Cell], TrainConfig], pack: int) -> list[list[Cell]]:
-    """``cells`` in groups of at most ``pack`` that can train as one pack (``config.pack_signature``), in order of
+    """``cells`` in groups of at most ``pack`` that can train as one pack (``config.pack_group_key``), in order of
     first appearance; a cell that cannot pack (the ``seed_script`` pipeline), or any cell when ``pack`` is 1,
     is a group of its own."""
     groups: dict[str, list[list[Cell]]] = {}
     for cell in cells:
-        config = config_of(cell)
-        key = pack_signature(config) if pack > 1 and config.pipeline == DEFAULT_PIPELINE else cell.key
-        chunks = groups.setdefault(key, [[]])
+        chunks = groups.setdefault(pack_group_key(config_of(cell), pack) or cell.key, [[]])
         if len(chunks[-1]) == pack:
             chunks.append([])
         chunks[-1].append(cell)
