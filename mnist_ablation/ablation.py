@@ -280,8 +280,6 @@ class StudyRunner:
                 checkpoint_dir=self.checkpoint_root / cell.config_hash, callbacks=self._claim_callbacks(claim, label),
                 verbose=0, on_run_created=lambda run_id: self.queue.record_run_id(claim, run_id),
             )
-        except KeyboardInterrupt:
-            raise
         except Exception as error:  # noqa: BLE001 - one bad cell (a TrainingDiverged, say) must not stop the study
             return error
         return tracked.run_id, tracked.result.test_accuracy, tracked.result.history["val_accuracy"][-1]
@@ -298,8 +296,6 @@ class StudyRunner:
         try:
             outcomes = tracking.run_training_pack(members, self.data, experiment_name=self.experiment_name,
                                                   parent_run_id=self._parent_run_id)
-        except KeyboardInterrupt:
-            raise
         except Exception as error:  # noqa: BLE001 - the pack failed as a whole: each of its cells failed
             return [error] * len(claims)
         return [outcome if isinstance(outcome, BaseException) else
