@@ -161,6 +161,11 @@ class Benchmark:
 # -- formatting ------------------------------------------------------------------------------------------------
 
 
+def finite(value: Any) -> float | None:
+    """``value`` as a float, or None where it is missing, NaN or infinite (what a result file stores as null)."""
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
 def is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,7 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import Benchmark, Rendered, finish_machine_record, machine_record, number, p_value, points
+from benchmarks.common import (
+    Benchmark,
+    Rendered,
+    finish_machine_record,
+    finite,
+    machine_record,
+    number,
+    p_value,
+    points,
+)
 from benchmarks.common import table as section_table
 from mnist_ablation.defaults import CONFIDENCE, EQUIVALENCE_MARGIN
 
@@ -49,10 +57,6 @@ def ablate_command(args: argparse.Namespace, pack: int, store: Path) -> list[str
             "--no-report"]  # the study's report is not what is compared: its own predictions are
 
 
-def _finite(value) -> float | None:
-    return float(value) if value is not None and math.isfinite(float(value)) else None
-
-
 def route_figures(study: str, tracking_uri: str):
     """One route's store: per trained cell and test image whether it was right, and the route's figures.
 
@@ -66,7 +70,7 @@ def route_figures(study: str, tracking_uri: str):
     correct = store.prediction_correctness(trained[["run_id", "arm", "seed"]])
     return correct, {
         "cells": len(runs), "cells_trained": len(trained), "cells_reusing": len(runs) - len(trained),
-        "trained_cell_seconds_mean": _finite(seconds.mean()) if len(seconds) else None,
+        "trained_cell_seconds_mean": finite(seconds.mean()) if len(seconds) else None,
         "test_accuracy_mean": {arm: float(g["test_accuracy"].astype(float).mean())
                                for arm, g in runs.groupby("arm", sort=False)},
     }
@@ -79,9 +83,9 @@ def _comparison(correct, label: str) -> dict:
                                     equivalence_margin=EQUIVALENCE_MARGIN).iloc[0]
     return {
         "cells": label, "n_pairs": int(row["n_pairs"]),
-        "delta": _finite(row["delta"]), "delta_ci_low": _finite(row["delta_ci_low"]),
-        "delta_ci_high": _finite(row["delta_ci_high"]), "p_value": _finite(row["p_value"]),
-        "equivalence_p_value": _finite(row["equivalence_p_value"]), "ci_width_floor": _finite(row["ci_width_floor"]),
+        "delta": finite(row["delta"]), "delta_ci_low": finite(row["delta_ci_low"]),
+        "delta_ci_high": finite(row["delta_ci_high"]), "p_value": finite(row["p_value"]),
+        "equivalence_p_value": finite(row["equivalence_p_value"]), "ci_width_floor": finite(row["ci_width_floor"]),
     }
 
 

@@ -34,6 +34,7 @@ from benchmarks.common import (
     Benchmark,
     Rendered,
     finish_machine_record,
+    finite,
     machine_record,
     mean_std_percent,
     number,
@@ -86,11 +87,6 @@ def _relative_uri(uri: str) -> str:
     return "sqlite:///" + uri[len(prefix):] if uri.startswith(prefix) else uri
 
 
-def _finite(value) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def summarise(tracking_uri: str) -> dict:
     """Per-arm figures and the seed_script-versus-baseline comparison from the study's finished cells."""
     from mnist_ablation import compare, stats, store
@@ -106,7 +102,7 @@ def summarise(tracking_uri: str) -> dict:
             "n_seeds": int(group["seed"].nunique()),
             "seeds": sorted(int(seed) for seed in group["seed"]),
             "test_accuracy_mean": float(accuracy.mean()),
-            "test_accuracy_std": _finite(accuracy.std(ddof=1)) if len(accuracy) > 1 else None,
+            "test_accuracy_std": finite(accuracy.std(ddof=1)) if len(accuracy) > 1 else None,
             "test_accuracy_per_seed": {int(s): float(a) for s, a in zip(group["seed"], accuracy)},
             "val_accuracy_mean": float(group["val_accuracy"].astype(float).mean()),
             "train_seconds_mean": float(group["train_seconds"].astype(float).mean()),
@@ -120,25 +116,25 @@ def summarise(tracking_uri: str) -> dict:
     comparison = None
     if row is not None:
         n_images = int(correct["image"].nunique())
-        standard_error = _finite(row["standard_error"])
+        standard_error = finite(row["standard_error"])
         image_part = math.sqrt(row["image_variance"] / n_images) if math.isfinite(row["image_variance"]) else None
         comparison = {
             "arm": SEED_SCRIPT_ARM, "baseline": BASELINE_ARM, "n_pairs": int(row["n_pairs"]), "n_images": n_images,
-            "delta": _finite(row["delta"]),
-            "delta_ci_low": _finite(row["delta_ci_low"]), "delta_ci_high": _finite(row["delta_ci_high"]),
-            "confidence": CONFIDENCE, "p_value": _finite(row["p_value"]),
-            "equivalence_margin": EQUIVALENCE_MARGIN, "equivalence_p_value": _finite(row["equivalence_p_value"]),
+            "delta": finite(row["delta"]),
+            "delta_ci_low": finite(row["delta_ci_low"]), "delta_ci_high": finite(row["delta_ci_high"]),
+            "confidence": CONFIDENCE, "p_value": finite(row["p_value"]),
+            "equivalence_margin": EQUIVALENCE_MARGIN, "equivalence_p_value": finite(row["equivalence_p_value"]),
             "standard_error": standard_error,
-            "seed_variance": _finite(row["seed_variance"]), "image_variance": _finite(row["image_variance"]),
-            "residual_variance": _finite(row["residual_variance"]),
+            "seed_variance": finite(row["seed_variance"]), "image_variance": finite(row["image_variance"]),
+            "residual_variance": finite(row["residual_variance"]),
             # The standard error's two parts: what more seeds shrink, and the test set's floor.
             "standard_error_image_part": image_part,
             "standard_error_seed_part": (math.sqrt(max(standard_error ** 2 - image_part ** 2, 0.0))
                                          if standard_error is not None and image_part is not None else None),
-            "ci_width_floor": _finite(row["ci_width_floor"]),
-            "delta_ci_low_this_test_set": _finite(row["delta_ci_low_this_test_set"]),
-            "delta_ci_high_this_test_set": _finite(row["delta_ci_high_this_test_set"]),
-            "p_value_this_test_set": _finite(row["p_value_this_test_set"]),
+            "ci_width_floor": finite(row["ci_width_floor"]),
+            "delta_ci_low_this_test_set": finite(row["delta_ci_low_this_test_set"]),
+            "delta_ci_high_this_test_set": finite(row["delta_ci_high_this_test_set"]),
+            "p_value_this_test_set": finite(row["p_value_this_test_set"]),
         }
     return {"arms": arms, "comparison": comparison}
 
@@ -165,13 +161,13 @@ def compare_protocols(split_uri: str, test_uri: str) -> dict:
         "arm": "validation_test (all 60,000 training images, the test set as validation data: the seed's protocol)",
         "n_pairs": int(row["n_pairs"]),
         "test_accuracy_mean": {arm: float(m) for arm, m in means.mean().items()},
-        "test_accuracy_std": {arm: _finite(s) for arm, s in means.std(ddof=1).items()},
-        "delta": _finite(row["delta"]), "delta_ci_low": _finite(row["delta_ci_low"]),
-        "delta_ci_high": _finite(row["delta_ci_high"]), "p_value": _finite(row["p_value"]),
-        "equivalence_p_value": _finite(row["equivalence_p_value"]), "ci_width_floor": _finite(row["ci_width_floor"]),
-        "delta_ci_low_this_test_set": _finite(row["delta_ci_low_this_test_set"]),
-        "delta_ci_high_this_test_set": _finite(row["delta_ci_high_this_test_set"]),
-        "p_value_this_test_set": _finite(row["p_value_this_test_set"]),
+        "test_accuracy_std": {arm: finite(s) for arm, s in means.std(ddof=1).items()},
+        "delta": finite(row["delta"]), "delta_ci_low": finite(row["delta_ci_low"]),
+        "delta_ci_high": finite(row["delta_ci_high"]), "p_value": finite(row["p_value"]),
+        "equivalence_p_value": finite(row["equivalence_p_value"]), "ci_width_floor": finite(row["ci_width_floor"]),
+        "delta_ci_low_this_test_set": finite(row["delta_ci_low_this_test_set"]),
+        "delta_ci_high_this_test_set": finite(row["delta_ci_high_this_test_set"]),
+        "p_value_this_test_set": finite(row["p_value_this_test_set"]),
     }
 
 
